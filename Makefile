@@ -1,0 +1,31 @@
+# Two commands: `make demo` (the EPI comparison on real data) and `make test`.
+# Both create or reuse a virtualenv in .venv and install the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The full suite, slow tests included (they use the real model and data).
+test: install
+	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/epi-jax compare --config configs/smollm2_multitask.py --workdir runs/demo \
+	  --methods full,multi_stage,static,epi --seeds 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,15 @@
+"""epi_jax: Evolving Parameter Isolation (EPI) for multi-task fine-tuning in JAX.
+
+The method lives in ``epi_jax.method`` and is re-exported here::
+
+  tx = optax.chain(epi_jax.epi_transform(0.01, 100), optax.adamw(1e-4))
+  tx = epi_jax.isolate(optax.adamw(1e-4), 0.01, 100)   # truly frozen
+  tx = epi_jax.epi_adamw(1e-4, isolation_ratio=0.01, update_interval=100)
+"""
+
+from epi_jax.method import (EPIState, IsolateState, epi_adamw, epi_state,
+                            epi_transform, isolate)
+
+__version__ = "0.1.0"
+__all__ = ["EPIState", "IsolateState", "epi_adamw", "epi_state",
+           "epi_transform", "isolate"]

@@ -1,0 +1,445 @@
+"""Evolving Parameter Isolation (EPI) as optax gradient transformations.
+
+Two forms share one state and one refresh rule:
+
+* ``epi_transform``: chain-first. ``optax.chain(epi_transform(...), adamw)``
+  zeroes the *gradients* of isolated entries. Cheap and composable, but a
+  stateful optimizer after it still moves isolated weights (Adam momentum,
+  decoupled weight decay).
+* ``isolate(inner, ...)``: a wrapper. Importance comes from the raw
+  gradients, ``inner`` runs as usual, and its *final* updates are zeroed at
+  isolated entries, so isolated weights are bit-for-bit frozen.
+
+See ``EPI_SPEC.md`` (shared with the project) for the default semantics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from epi_jax.method import selection
+
+IMPORTANCES = ("grad_sq", "grad_abs", "taylor")
+NORMALIZATIONS = ("layer_mean", "layer_max", "none")
+SELECTIONS = ("global", "layer")
+MODES = ("evolving", "static", "none")
+
+Eligible = Union[None, Any, Callable[[str], bool]]
+# Threshold bits resolved per pass of the selection: 15 thresholds compared per
+# read of the scores, 8 reads per refresh (see selection.kth_largest_bits).
+_BITS_PER_PASS = 4
+
+
+class EPIState(NamedTuple):
+  """State of EPI. Per-parameter fields are pytrees shaped like the params.
+
+  Attributes:
+    count: number of updates applied so far (int32).
+    importance: EMA of the importance score s(g), per parameter.
+    mask: True where the parameter is isolated (frozen), per parameter.
+    first_mask: the mask of the first refresh (only with
+      ``track_first_mask=True``; an empty tuple otherwise).
+    num_refreshes: refreshes done so far (int32).
+    isolated_fraction: isolated entries / eligible entries (float32).
+    num_flipped: entries whose mask changed at the last refresh (float32).
+    jaccard_prev: Jaccard overlap of the last mask with the one before it.
+    jaccard_first: Jaccard overlap of the last mask with the first mask
+      (-1 when not tracked).
+    threshold: normalized-score threshold of the last global selection.
+  """
+  count: chex.Array
+  importance: optax.Updates
+  mask: optax.Updates
+  first_mask: Any
+  num_refreshes: chex.Array
+  isolated_fraction: chex.Array
+  num_flipped: chex.Array
+  jaccard_prev: chex.Array
+  jaccard_first: chex.Array
+  threshold: chex.Array
+
+
+class IsolateState(NamedTuple):
+  """State of ``isolate``: EPI's state beside the wrapped optimizer's."""
+  epi: EPIState
+  inner: optax.OptState
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _validate(isolation_ratio, update_interval, ema_decay, warmup_steps,
+              importance, normalization, selection_, mode, bits_per_pass):
+  # Traced values (from inject_hyperparams) are checked where they are set.
+  if _is_number(isolation_ratio) and not 0.0 <= isolation_ratio <= 1.0:
+    raise ValueError(f"isolation_ratio must be in [0, 1], got {isolation_ratio}.")
+  if _is_number(update_interval) and (update_interval < 1
+                                      or int(update_interval) != update_interval):
+    raise ValueError(f"update_interval must be an integer >= 1, got {update_interval}.")
+  if _is_number(ema_decay) and not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+  if warmup_steps is not None and _is_number(warmup_steps) and (
+      warmup_steps < 0 or int(warmup_steps) != warmup_steps):
+    raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps}.")
+  for name, value, allowed in (("importance", importance, IMPORTANCES),
+                               ("normalization", normalization, NORMALIZATIONS),
+                               ("selection", selection_, SELECTIONS),
+                               ("mode", mode, MODES)):
+    if value not in allowed:
+      raise ValueError(f"Unknown {name}={value!r}; expected one of {allowed}.")
+  if not isinstance(bits_per_pass, int) or not 1 <= bits_per_pass <= 8:
+    raise ValueError(f"bits_per_pass must be an int in [1, 8], got {bits_per_pass}.")
+
+
+def path_str(path) -> str:
+  """'a/b/0/kernel' for a jax key path: what ``eligible`` predicates receive."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _eligible_tree(eligible: Eligible, params) -> Any:
+  """A pytree of Python bools shaped like params."""
+  if eligible is None:
+    return jax.tree.map(lambda _: True, params)
+  if callable(eligible) and not isinstance(eligible, (dict, list, tuple)):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: bool(eligible(path_str(p))), params)
+  params_struct = jax.tree.structure(params)
+  try:
+    elig_struct = jax.tree.structure(eligible)
+  except Exception as e:  # pragma: no cover - defensive
+    raise ValueError(f"eligible is not a pytree: {e}") from e
+  if elig_struct != params_struct:
+    raise ValueError(
+        "eligible does not match the params: expected a pytree of bools with "
+        f"structure {params_struct}, got {elig_struct}.")
+  leaves = jax.tree.leaves(eligible)
+  for leaf in leaves:
+    if not isinstance(leaf, (bool, jnp.bool_)) and not (
+        hasattr(leaf, "dtype") and leaf.shape == () and leaf.dtype == bool):
+      raise ValueError(f"eligible leaves must be Python bools, got {leaf!r}.")
+  return jax.tree.map(bool, eligible)
+
+
+def _score(importance: str, g, p):
+  g = g.astype(jnp.float32)
+  if importance == "grad_sq":
+    return g * g
+  if importance == "grad_abs":
+    return jnp.abs(g)
+  if p is None:
+    raise ValueError("importance='taylor' needs params: pass params to update().")
+  return jnp.abs(g * p.astype(jnp.float32))
+
+
+def _normalize(normalization: str, imp):
+  imp = imp.astype(jnp.float32)
+  tiny = jnp.finfo(jnp.float32).tiny
+  if normalization == "layer_mean":
+    return imp / (jnp.mean(imp) + tiny)
+  if normalization == "layer_max":
+    return imp / (jnp.max(imp) + tiny)
+  return imp
+
+
+def _mask_count(masks) -> selection._Count:
+  total = selection.count_from_int(0)
+  for m in jax.tree.leaves(masks):
+    total = selection._add(total, selection._split(jnp.sum(m, dtype=jnp.int32)))
+  return total
+
+
+def _jaccard(a, b) -> jax.Array:
+  inter = selection.count_to_float(_mask_count(jax.tree.map(jnp.logical_and, a, b)))
+  union = selection.count_to_float(_mask_count(jax.tree.map(jnp.logical_or, a, b)))
+  return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+
+
+class _Core:
+  """The shared importance-and-mask machinery of both forms."""
+
+  def __init__(self, isolation_ratio, update_interval, ema_decay, warmup_steps,
+               importance, normalization, selection_, mode, eligible,
+               track_first_mask, importance_dtype, bits_per_pass):
+    _validate(isolation_ratio, update_interval, ema_decay, warmup_steps,
+              importance, normalization, selection_, mode, bits_per_pass)
+    self.ratio = isolation_ratio
+    self.interval = update_interval
+    self.decay = ema_decay
+    self.warmup = update_interval if warmup_steps is None else warmup_steps
+    self.importance = importance
+    self.normalization = normalization
+    self.selection = selection_
+    self.mode = mode
+    self.eligible = eligible
+    self.track_first_mask = track_first_mask
+    self.importance_dtype = jnp.dtype(importance_dtype or jnp.float32)
+    self.bits_per_pass = bits_per_pass
+
+  def init(self, params) -> EPIState:
+    elig = _eligible_tree(self.eligible, params)
+    n_eligible = sum(int(p.size) for p, e in zip(jax.tree.leaves(params),
+                                                 jax.tree.leaves(elig)) if e)
+    if n_eligible == 0 and self.mode != "none":
+      raise ValueError("No parameter is eligible for isolation: check `eligible`.")
+    # tree.map over params: every per-parameter field inherits their sharding.
+    importance = jax.tree.map(
+        lambda p: jnp.zeros_like(p, dtype=self.importance_dtype), params)
+    mask = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
+    first_mask = (jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
+                  if self.track_first_mask else ())
+    # Distinct scalars (not one shared array): donated state needs distinct buffers.
+    zero = lambda: jnp.zeros([], jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
+    return EPIState(
+        count=jnp.zeros([], jnp.int32), importance=importance, mask=mask,
+        first_mask=first_mask, num_refreshes=jnp.zeros([], jnp.int32),
+        isolated_fraction=zero(), num_flipped=zero(), jaccard_prev=zero(),
+        jaccard_first=jnp.full([], 0.0 if self.track_first_mask else -1.0, jnp.float32),
+        threshold=zero())
+
+  def _select(self, importance, elig) -> tuple[Any, jax.Array]:
+    """New mask from the importance: top-k of layer-normalized scores."""
+    imp_leaves, treedef = jax.tree.flatten(importance)
+    elig_leaves = jax.tree.leaves(elig)
+    bits = [selection.score_bits(_normalize(self.normalization, imp))
+            if e else None for imp, e in zip(imp_leaves, elig_leaves)]
+    if self.selection == "global":
+      n = sum(int(imp.size) for imp, e in zip(imp_leaves, elig_leaves) if e)
+      k = selection.topk_count(self.ratio, n)
+      thr = selection.kth_largest_bits([b for b in bits if b is not None], k,
+                                       self.bits_per_pass)
+      thrs = [thr] * len(bits)
+    else:  # per-leaf top-p
+      thrs = [selection.kth_largest_bits(
+                  [b], selection.topk_count(self.ratio, int(b.size)),
+                  self.bits_per_pass) if b is not None else None for b in bits]
+      thr = jnp.int32(0)
+    masks = [b >= t if b is not None else jnp.zeros_like(imp, dtype=jnp.bool_)
+             for b, t, imp in zip(bits, thrs, imp_leaves)]
+    threshold = jax.lax.bitcast_convert_type(jnp.maximum(thr, 0), jnp.float32)
+    return jax.tree.unflatten(treedef, masks), threshold
+
+  def update(self, grads, state: EPIState, params) -> EPIState:
+    """Importance EMA, then (on schedule) a refresh of the mask."""
+    elig = _eligible_tree(self.eligible, grads)
+    decay = jnp.asarray(self.decay, jnp.float32)
+    finite = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    params_or_none = params if params is not None else jax.tree.map(lambda _: None, grads)
+
+    def ema(imp, g, p):
+      new = decay * imp.astype(jnp.float32) + (1.0 - decay) * _score(self.importance, g, p)
+      # A step with a non-finite gradient leaves the importance unchanged.
+      return jnp.where(finite, new, imp.astype(jnp.float32)).astype(imp.dtype)
+
+    if params is None:
+      importance = jax.tree.map(lambda i, g: ema(i, g, None), state.importance, grads)
+    else:
+      importance = jax.tree.map(ema, state.importance, grads, params_or_none)
+
+    step = state.count + 1  # t + 1, with t the update count before this update.
+    warmup = jnp.asarray(self.warmup, jnp.int32)
+    interval = jnp.asarray(self.interval, jnp.int32)
+    scheduled = (step >= warmup) & (jnp.mod(step - warmup, interval) == 0)
+    if self.mode == "evolving":
+      do_refresh = scheduled
+    elif self.mode == "static":
+      do_refresh = scheduled & (state.num_refreshes == 0)
+    else:
+      do_refresh = jnp.bool_(False)
+
+    def refresh(state: EPIState) -> EPIState:
+      mask, threshold = self._select(importance, elig)
+      n_elig = selection.count_to_float(selection.count_from_int(
+          sum(int(m.size) for m, e in zip(jax.tree.leaves(mask),
+                                          jax.tree.leaves(elig)) if e)))
+      isolated = selection.count_to_float(_mask_count(mask))
+      flipped = selection.count_to_float(_mask_count(
+          jax.tree.map(jnp.not_equal, mask, state.mask)))
+      first = state.num_refreshes == 0
+      jaccard_prev = jnp.where(first, 1.0, _jaccard(mask, state.mask))
+      if self.track_first_mask:
+        first_mask = jax.tree.map(lambda new, old: jnp.where(first, new, old),
+                                  mask, state.first_mask)
+        jaccard_first = _jaccard(mask, first_mask)
+      else:
+        first_mask, jaccard_first = state.first_mask, state.jaccard_first
+      return state._replace(
+          mask=mask, first_mask=first_mask,
+          num_refreshes=state.num_refreshes + 1,
+          isolated_fraction=isolated / jnp.maximum(n_elig, 1.0),
+          num_flipped=flipped, jaccard_prev=jaccard_prev.astype(jnp.float32),
+          jaccard_first=jnp.asarray(jaccard_first, jnp.float32),
+          threshold=threshold)
+
+    if self.mode == "none":
+      new_state = state
+    else:
+      new_state = jax.lax.cond(do_refresh, refresh, lambda s: s, state)
+    return new_state._replace(count=optax.safe_increment(state.count),
+                              importance=importance)
+
+
+def _apply_mask(updates, mask):
+  return jax.tree.map(lambda u, m: jnp.where(m, jnp.zeros_like(u), u), updates, mask)
+
+
+_OPTIONS_DOC = """
+  Args:
+    isolation_ratio: fraction p of eligible entries isolated at each refresh,
+      in [0, 1]; ``k = floor(p * N_eligible)``. May be injected with
+      ``optax.inject_hyperparams`` (then k is computed from the traced value).
+    update_interval: refresh period T in steps (>= 1). Each refresh costs
+      about 8 reads of the importance.
+    ema_decay: importance EMA decay beta in [0, 1): ``I <- beta I + (1-beta) s(g)``.
+      May be injected.
+    warmup_steps: W, the first refresh happens at step W (1-based); refreshes
+      at steps ``W, W+T, W+2T, ...``. Defaults to T. Nothing is isolated before.
+    importance: score s(g): ``"grad_sq"`` (g^2, diagonal empirical Fisher,
+      default), ``"grad_abs"`` (|g|) or ``"taylor"`` (|g * theta|; needs params).
+    normalization: per-leaf normalization before selection: ``"layer_mean"``
+      (divide by the leaf's mean score, default), ``"layer_max"`` or ``"none"``.
+    selection: ``"global"`` top-k over all eligible entries (default) or
+      ``"layer"`` (top-p within each leaf).
+    mode: ``"evolving"`` (EPI: refresh every T steps, default), ``"static"``
+      (mask chosen at the first refresh and frozen for good: the
+      static-isolation baseline) or ``"none"`` (track importance, isolate
+      nothing).
+    eligible: which leaves may be isolated: None (all), a pytree of bools
+      shaped like the params, or a predicate on the path string
+      (e.g. ``lambda path: "norm" not in path``). Ineligible leaves are never
+      isolated and are not counted in N.
+    track_first_mask: keep the first refresh's mask to report the Jaccard
+      overlap with it (``jaccard_first``). Costs one bool per parameter.
+    importance_dtype: dtype of the importance EMA (None: float32). With
+      ``optax.inject_hyperparams`` pass it as a string or in ``static_args``.
+"""
+
+
+def epi_transform(isolation_ratio: float, update_interval: int,
+                  ema_decay: float = 0.99, *, warmup_steps: Optional[int] = None,
+                  importance: str = "grad_sq", normalization: str = "layer_mean",
+                  selection: str = "global", mode: str = "evolving",
+                  eligible: Eligible = None, track_first_mask: bool = False,
+                  importance_dtype=None,
+                  ) -> optax.GradientTransformationExtraArgs:
+  """EPI, chain-first form: zeroes the incoming updates of isolated entries.
+
+  Use it first in a chain: ``optax.chain(epi_transform(...), optax.adamw(lr))``.
+  It keeps the importance EMA and the isolation mask in its state (an
+  ``EPIState``), computed from the updates it receives (the raw gradients
+  when it comes first).
+
+  Warning: this masks the *gradients*. A stateful optimizer after it still
+  moves isolated weights: Adam's momentum carries earlier gradients, and
+  decoupled weight decay shrinks every weight. For truly frozen isolated
+  weights use the wrapper form ``isolate(inner, ...)`` (or ``epi_adamw``).
+  """
+  core = _Core(isolation_ratio, update_interval, ema_decay, warmup_steps,
+               importance, normalization, selection, mode, eligible,
+               track_first_mask, importance_dtype, _BITS_PER_PASS)
+
+  def init_fn(params):
+    return core.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    state = core.update(updates, state, params)
+    return _apply_mask(updates, state.mask), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
+            update_interval: int, ema_decay: float = 0.99, *,
+            warmup_steps: Optional[int] = None, importance: str = "grad_sq",
+            normalization: str = "layer_mean", selection: str = "global",
+            mode: str = "evolving", eligible: Eligible = None,
+            track_first_mask: bool = False, importance_dtype=None,
+            ) -> optax.GradientTransformationExtraArgs:
+  """EPI, wrapper form: isolated weights do not move at all.
+
+  Importance is computed from the raw gradients; ``inner`` (e.g. AdamW)
+  runs on the gradients as usual, and its final updates, weight decay
+  included, are zeroed where the mask is True. An isolated weight is
+  bit-for-bit unchanged while isolated and moves again once released (its
+  ``inner`` statistics kept tracking the gradients meanwhile).
+  """
+  core = _Core(isolation_ratio, update_interval, ema_decay, warmup_steps,
+               importance, normalization, selection, mode, eligible,
+               track_first_mask, importance_dtype, _BITS_PER_PASS)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return IsolateState(epi=core.init(params), inner=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    epi = core.update(updates, state.epi, params)
+    inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    return _apply_mask(inner_updates, epi.mask), IsolateState(epi=epi, inner=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+epi_transform.__doc__ += _OPTIONS_DOC
+isolate.__doc__ += _OPTIONS_DOC
+
+
+def epi_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
+              b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-4,
+              mask=None, *, isolation_ratio: float = 0.01,
+              update_interval: int = 100, ema_decay: float = 0.99,
+              **epi_options) -> optax.GradientTransformationExtraArgs:
+  """AdamW wrapped by ``isolate``: the EPI optimizer most users want.
+
+  ``learning_rate`` ... ``mask`` are ``optax.adamw``'s; the EPI options are
+  those of ``isolate``.
+  """
+  return isolate(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                             weight_decay=weight_decay, mask=mask),
+                 isolation_ratio, update_interval, ema_decay, **epi_options)
+
+
+def epi_state(opt_state) -> EPIState:
+  """The ``EPIState`` found anywhere inside a (nested) optimizer state.
+
+  Works through chains, ``isolate``, ``MultiSteps``, ``inject_hyperparams``
+  and the state of a ``flax.nnx.Optimizer`` (pass ``optimizer.opt_state``).
+  Raises ``ValueError`` when there is none or more than one.
+  """
+  found = []
+
+  def visit(x):
+    if isinstance(x, EPIState):
+      found.append(x)
+      return
+    if isinstance(x, nnx.Variable):
+      return visit(x.get_value())
+    if isinstance(x, dict) or isinstance(x, nnx.State):
+      for v in x.values():
+        visit(v)
+    elif isinstance(x, (tuple, list)):
+      for v in x:
+        visit(v)
+
+  visit(opt_state)
+  if not found:
+    raise ValueError("No EPIState in this optimizer state: was it built with "
+                     "epi_transform / isolate / epi_adamw?")
+  if len(found) > 1:
+    raise ValueError(f"Found {len(found)} EPIStates; expected exactly one.")
+  return found[0]

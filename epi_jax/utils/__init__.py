@@ -1,0 +1,1 @@
+"""Small shared utilities (paths, cached assets from PyPI packages)."""
