@@ -2,7 +2,7 @@
 
 from epi_jax.method.isolation import (EPIState, IsolateState, epi_adamw,
                                       epi_state, epi_transform, isolate,
-                                      path_str)
+                                      path_str, unpacked_mask)
 
 __all__ = ["EPIState", "IsolateState", "epi_adamw", "epi_state",
-           "epi_transform", "isolate", "path_str"]
+           "epi_transform", "isolate", "path_str", "unpacked_mask"]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from epi_jax.method import selection
+from epi_jax.method import compact, selection
 
 IMPORTANCES = ("grad_sq", "grad_abs", "taylor")
 NORMALIZATIONS = ("layer_mean", "layer_max", "none")
@@ -42,9 +42,13 @@ class EPIState(NamedTuple):
   Attributes:
     count: number of updates applied so far (int32).
     importance: EMA of the importance score s(g), per parameter.
-    mask: True where the parameter is isolated (frozen), per parameter.
+    mask: True where the parameter is isolated (frozen), per parameter: a
+      bool array shaped like the parameter, or with ``packed_mask=True`` its
+      bits packed into uint8 along the last axis (see ``compact``); use
+      ``unpacked_mask(state)`` for a bool mask in either case.
     first_mask: the mask of the first refresh (only with
-      ``track_first_mask=True``; an empty tuple otherwise).
+      ``track_first_mask=True``; an empty tuple otherwise). Packed like
+      ``mask``.
     num_refreshes: refreshes done so far (int32).
     isolated_fraction: isolated entries / eligible entries (float32).
     num_flipped: entries whose mask changed at the last refresh (float32).
@@ -157,16 +161,38 @@ def _normalize(normalization: str, imp):
 
 
 def _mask_count(masks) -> selection._Count:
+  """Set entries of a tree of bool or packed (uint8) masks."""
   total = selection.count_from_int(0)
   for m in jax.tree.leaves(masks):
-    total = selection._add(total, selection._split(jnp.sum(m, dtype=jnp.int32)))
+    n = (compact.popcount(m) if m.dtype == jnp.uint8
+         else jnp.sum(m, dtype=jnp.int32))
+    total = selection._add(total, selection._split(n))
   return total
 
 
+# Bitwise ops act on bool and packed masks alike.
 def _jaccard(a, b) -> jax.Array:
-  inter = selection.count_to_float(_mask_count(jax.tree.map(jnp.logical_and, a, b)))
-  union = selection.count_to_float(_mask_count(jax.tree.map(jnp.logical_or, a, b)))
+  inter = selection.count_to_float(_mask_count(jax.tree.map(jnp.bitwise_and, a, b)))
+  union = selection.count_to_float(_mask_count(jax.tree.map(jnp.bitwise_or, a, b)))
   return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+
+
+def _importance_dtype(importance_dtype):
+  if importance_dtype is None:
+    return jnp.dtype(jnp.float32)
+  if isinstance(importance_dtype, jax.core.Tracer) or (
+      hasattr(importance_dtype, "shape") and hasattr(importance_dtype, "dtype")):
+    raise ValueError(
+        "importance_dtype is an array, not a dtype: with optax.inject_hyperparams "
+        "pass it as a string ('bfloat16') or list it in static_args.")
+  try:
+    dtype = jnp.dtype(importance_dtype)
+  except TypeError as e:
+    raise ValueError(f"Unknown importance_dtype={importance_dtype!r}.") from e
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(
+        f"importance_dtype must be float32 or bfloat16, got {importance_dtype!r}.")
+  return dtype
 
 
 class _Core:
@@ -174,7 +200,8 @@ class _Core:
 
   def __init__(self, isolation_ratio, update_interval, ema_decay, warmup_steps,
                importance, normalization, selection_, mode, eligible,
-               track_first_mask, importance_dtype, bits_per_pass):
+               track_first_mask, importance_dtype, bits_per_pass,
+               packed_mask=False):
     _validate(isolation_ratio, update_interval, ema_decay, warmup_steps,
               importance, normalization, selection_, mode, bits_per_pass)
     self.ratio = isolation_ratio
@@ -187,8 +214,19 @@ class _Core:
     self.mode = mode
     self.eligible = eligible
     self.track_first_mask = track_first_mask
-    self.importance_dtype = jnp.dtype(importance_dtype or jnp.float32)
+    self.importance_dtype = _importance_dtype(importance_dtype)
     self.bits_per_pass = bits_per_pass
+    if not isinstance(packed_mask, bool):
+      raise ValueError(f"packed_mask must be a bool, got {packed_mask!r}.")
+    self.packed = packed_mask
+
+  def _empty_mask(self, p):
+    m = jnp.zeros_like(p, dtype=jnp.bool_)
+    return compact.pack(m) if self.packed else m
+
+  def store_mask(self, mask):
+    """A bool mask tree in the state's storage format."""
+    return jax.tree.map(compact.pack, mask) if self.packed else mask
 
   def init(self, params) -> EPIState:
     elig = _eligible_tree(self.eligible, params)
@@ -199,8 +237,8 @@ class _Core:
     # tree.map over params: every per-parameter field inherits their sharding.
     importance = jax.tree.map(
         lambda p: jnp.zeros_like(p, dtype=self.importance_dtype), params)
-    mask = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
-    first_mask = (jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.bool_), params)
+    mask = jax.tree.map(self._empty_mask, params)
+    first_mask = (jax.tree.map(self._empty_mask, params)
                   if self.track_first_mask else ())
     # Distinct scalars (not one shared array): donated state needs distinct buffers.
     zero = lambda: jnp.zeros([], jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
@@ -241,15 +279,19 @@ class _Core:
         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     params_or_none = params if params is not None else jax.tree.map(lambda _: None, grads)
 
-    def ema(imp, g, p):
+    def ema(leaf, imp, g, p):
       new = decay * imp.astype(jnp.float32) + (1.0 - decay) * _score(self.importance, g, p)
+      if imp.dtype == jnp.bfloat16:
+        new = compact.stochastic_round_bf16(new, state.count, leaf)
       # A step with a non-finite gradient leaves the importance unchanged.
-      return jnp.where(finite, new, imp.astype(jnp.float32)).astype(imp.dtype)
+      return jnp.where(finite, new.astype(imp.dtype), imp)
 
-    if params is None:
-      importance = jax.tree.map(lambda i, g: ema(i, g, None), state.importance, grads)
-    else:
-      importance = jax.tree.map(ema, state.importance, grads, params_or_none)
+    imp_leaves, treedef = jax.tree.flatten(state.importance)
+    g_leaves = treedef.flatten_up_to(grads)
+    p_leaves = (treedef.flatten_up_to(params) if params is not None
+                else [None] * len(imp_leaves))
+    importance = jax.tree.unflatten(treedef, [
+        ema(i, *args) for i, args in enumerate(zip(imp_leaves, g_leaves, p_leaves))])
 
     step = state.count + 1  # t + 1, with t the update count before this update.
     warmup = jnp.asarray(self.warmup, jnp.int32)
@@ -264,12 +306,13 @@ class _Core:
 
     def refresh(state: EPIState) -> EPIState:
       mask, threshold = self._select(importance, elig)
+      mask = self.store_mask(mask)
       n_elig = selection.count_to_float(selection.count_from_int(
-          sum(int(m.size) for m, e in zip(jax.tree.leaves(mask),
+          sum(int(i.size) for i, e in zip(jax.tree.leaves(importance),
                                           jax.tree.leaves(elig)) if e)))
       isolated = selection.count_to_float(_mask_count(mask))
       flipped = selection.count_to_float(_mask_count(
-          jax.tree.map(jnp.not_equal, mask, state.mask)))
+          jax.tree.map(jnp.bitwise_xor, mask, state.mask)))
       first = state.num_refreshes == 0
       jaccard_prev = jnp.where(first, 1.0, _jaccard(mask, state.mask))
       if self.track_first_mask:
@@ -295,7 +338,11 @@ class _Core:
 
 
 def _apply_mask(updates, mask):
-  return jax.tree.map(lambda u, m: jnp.where(m, jnp.zeros_like(u), u), updates, mask)
+  def apply(u, m):
+    if m.dtype == jnp.uint8:  # packed: unpacked here, fused into the select
+      m = compact.unpack(m, u.shape)
+    return jnp.where(m, jnp.zeros_like(u), u)
+  return jax.tree.map(apply, updates, mask)
 
 
 _OPTIONS_DOC = """
@@ -325,8 +372,16 @@ _OPTIONS_DOC = """
       isolated and are not counted in N.
     track_first_mask: keep the first refresh's mask to report the Jaccard
       overlap with it (``jaccard_first``). Costs one bool per parameter.
-    importance_dtype: dtype of the importance EMA (None: float32). With
+    importance_dtype: dtype of the importance EMA: None (float32) or
+      ``jnp.bfloat16`` / ``"bfloat16"`` (2 bytes per parameter instead of 4).
+      The bf16 EMA is computed in float32 and stochastically rounded to bf16
+      (deterministic hash of index and step, no RNG state), so increments
+      smaller than bf16's resolution are kept on average. With
       ``optax.inject_hyperparams`` pass it as a string or in ``static_args``.
+    packed_mask: store the mask (and ``first_mask``) as bits, 8 per uint8
+      along each leaf's last axis (1/8 byte per parameter instead of 1);
+      unpacked inside the masked update. ``state.mask`` then holds the
+      packed bytes: read it with ``unpacked_mask(state)``.
 """
 
 
@@ -335,7 +390,7 @@ def epi_transform(isolation_ratio: float, update_interval: int,
                   importance: str = "grad_sq", normalization: str = "layer_mean",
                   selection: str = "global", mode: str = "evolving",
                   eligible: Eligible = None, track_first_mask: bool = False,
-                  importance_dtype=None,
+                  importance_dtype=None, packed_mask: bool = False,
                   ) -> optax.GradientTransformationExtraArgs:
   """EPI, chain-first form: zeroes the incoming updates of isolated entries.
 
@@ -351,7 +406,7 @@ def epi_transform(isolation_ratio: float, update_interval: int,
   """
   core = _Core(isolation_ratio, update_interval, ema_decay, warmup_steps,
                importance, normalization, selection, mode, eligible,
-               track_first_mask, importance_dtype, _BITS_PER_PASS)
+               track_first_mask, importance_dtype, _BITS_PER_PASS, packed_mask)
 
   def init_fn(params):
     return core.init(params)
@@ -370,6 +425,7 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
             normalization: str = "layer_mean", selection: str = "global",
             mode: str = "evolving", eligible: Eligible = None,
             track_first_mask: bool = False, importance_dtype=None,
+            packed_mask: bool = False,
             ) -> optax.GradientTransformationExtraArgs:
   """EPI, wrapper form: isolated weights do not move at all.
 
@@ -381,7 +437,7 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
   """
   core = _Core(isolation_ratio, update_interval, ema_decay, warmup_steps,
                importance, normalization, selection, mode, eligible,
-               track_first_mask, importance_dtype, _BITS_PER_PASS)
+               track_first_mask, importance_dtype, _BITS_PER_PASS, packed_mask)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -443,3 +499,16 @@ def epi_state(opt_state) -> EPIState:
   if len(found) > 1:
     raise ValueError(f"Found {len(found)} EPIStates; expected exactly one.")
   return found[0]
+
+
+def unpacked_mask(state) -> Any:
+  """The isolation mask as a bool pytree shaped like the params.
+
+  ``state`` is an ``EPIState`` or any optimizer state that ``epi_state``
+  accepts. Works with ``packed_mask`` on or off (the shapes come from the
+  importance, which always has the params' shapes).
+  """
+  s = state if isinstance(state, EPIState) else epi_state(state)
+  return jax.tree.map(
+      lambda m, imp: compact.unpack(m, imp.shape) if m.dtype == jnp.uint8 else m,
+      s.mask, s.importance)

@@ -1,0 +1,105 @@
+"""Compact EPI state: bit-packed masks and a bf16 importance EMA.
+
+Packed masks hold 8 mask entries per ``uint8`` along the *last* axis: a
+``(..., n)`` leaf is stored as ``(..., ceil(n / 8))``, bit ``j`` of byte ``i``
+being entry ``8 i + j``; padding bits are 0. Leading axes keep their shape, so
+a leaf sharded over its leading axes stays sharded the same way, and a last
+axis sharded into pieces of a multiple of 8 entries packs shard by shard.
+Scalars are stored as ``(1,)``.
+
+The bf16 EMA is updated in float32 and rounded back to bf16 *stochastically*:
+a round-to-nearest bf16 EMA (8 significant bits) would drop every increment
+below 2**-9 of the current value, e.g. most of the ``(1 - beta) s`` term at
+``beta = 0.99`` once the EMA has grown. Stochastic rounding keeps the stored
+value unbiased. Its random bits are a hash of (element index, step count,
+leaf number), so they are deterministic, need no RNG state, and are computed
+elementwise from ``iota`` (no communication on sharded leaves).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+BITS = 8  # mask entries per stored byte
+
+
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the packed mask of a leaf of ``shape``."""
+  if not shape:
+    return (1,)
+  return tuple(shape[:-1]) + (-(-shape[-1] // BITS),)
+
+
+def pack(mask: jax.Array) -> jax.Array:
+  """Bool mask ``(..., n)`` -> uint8 ``(..., ceil(n/8))``, little-endian bits."""
+  if mask.ndim == 0:
+    mask = mask[None]
+  n = mask.shape[-1]
+  pad = (-n) % BITS
+  if pad:
+    mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)])
+  m = mask.reshape(mask.shape[:-1] + (-1, BITS)).astype(jnp.uint8)
+  weights = jnp.left_shift(jnp.uint8(1), jnp.arange(BITS, dtype=jnp.uint8))
+  # Distinct bits: the sum is an OR, and stays below 256.
+  return jnp.sum(m * weights, axis=-1, dtype=jnp.uint8)
+
+
+def unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint8 ``(..., ceil(n/8))`` -> bool mask of ``shape`` (inverse of ``pack``)."""
+  shifts = jnp.arange(BITS, dtype=jnp.uint8)
+  bits = jnp.right_shift(packed[..., None], shifts) & jnp.uint8(1)
+  flat = bits.reshape(packed.shape[:-1] + (packed.shape[-1] * BITS,))
+  n = shape[-1] if shape else 1
+  if flat.shape[-1] != n:
+    flat = flat[..., :n]
+  return flat.reshape(shape).astype(jnp.bool_)
+
+
+def popcount(packed: jax.Array) -> jax.Array:
+  """Number of set bits of a packed mask (int32 scalar; < 2**31 per leaf)."""
+  return jnp.sum(jax.lax.population_count(packed), dtype=jnp.int32)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finalizer: a cheap, well-mixed integer hash."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major element index (uint32, wrapping) built from per-axis iotas."""
+  idx = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return idx
+
+
+def stochastic_round_bf16(x: jax.Array, count: jax.Array, salt: int) -> jax.Array:
+  """float32 -> bfloat16, rounding up with probability = the dropped fraction.
+
+  For finite non-negative ``x`` (importance scores). ``count`` (int32 scalar)
+  and ``salt`` (a Python int, e.g. the leaf number) select the random bits.
+  """
+  x = x.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  seed = _fmix32(count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+                 + jnp.uint32((salt * 0x632BE5AB) % 2**32))
+  noise = _fmix32(_flat_index(x.shape) ^ seed) >> 16
+  rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+  rounded = jnp.where(jnp.isfinite(x), rounded, bits)  # inf/NaN: plain cast
+  # Finite values have 16 low zero bits here: the cast to bf16 is exact.
+  return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+def num_bytes(tree) -> int:
+  """Total bytes of the arrays in a pytree."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
