@@ -1,0 +1,12 @@
+"""The multi-task SFT trainer (see ``TRAINER_API.md``).
+
+  result = train(config, workdir)            # resumes from workdir/checkpoints
+  model, tokenizer, config = load_run(workdir, snapshot=None)
+"""
+
+from epi_jax.training.config import default_config, validate
+from epi_jax.training.trainer import (TrainResult, is_finished, list_snapshots, load_config,
+                                      load_run, train)
+
+__all__ = ["TrainResult", "default_config", "is_finished", "list_snapshots", "load_config",
+           "load_run", "train", "validate"]

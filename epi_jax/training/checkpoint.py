@@ -1,0 +1,140 @@
+"""Checkpoints of the full train state and the data iterator (orbax).
+
+Layout: ``WORKDIR/checkpoints/<step>/{state,data}`` managed by an orbax
+``CheckpointManager`` (saves are atomic: written to a temporary directory
+and renamed when complete; the last ``keep`` are kept, older ones removed
+only after a newer save has completed). ``state`` holds params, optimizer
+state (EPI state included), step and RNG; ``data`` holds the iterator state
+as JSON. Params-only snapshots for evaluation live in
+``WORKDIR/snapshots/<step>``.
+
+A checkpoint that fails to restore is reported, moved to
+``WORKDIR/checkpoints_corrupt/`` (never deleted) and the previous one is
+tried.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _pkey(k: str) -> str:
+  return k.replace("/", ".")
+
+
+def to_storable(state: dict[str, Any]) -> dict[str, Any]:
+  """The train state as nested dicts of arrays with plain string keys."""
+  opt_leaves = jax.tree.leaves(state["opt_state"])
+  return {"step": state["step"], "rng": state["rng"],
+          "params": {_pkey(k): v for k, v in state["params"].items()},
+          "opt_state": {f"{i:05d}": v for i, v in enumerate(opt_leaves)}}
+
+
+def from_storable(stored: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+  """Inverse of :func:`to_storable`, with the structure of ``like``."""
+  treedef = jax.tree.structure(like["opt_state"])
+  n = treedef.num_leaves
+  if len(stored["opt_state"]) != n:
+    raise ValueError(f"checkpoint has {len(stored['opt_state'])} optimizer leaves, "
+                     f"this optimizer has {n} (different method or options?)")
+  opt = jax.tree.unflatten(treedef, [stored["opt_state"][f"{i:05d}"] for i in range(n)])
+  return {"step": stored["step"], "rng": stored["rng"], "opt_state": opt,
+          "params": {k: stored["params"][_pkey(k)] for k in like["params"]}}
+
+
+class Checkpointer:
+  """Saves and restores train state + data iterator state under ``workdir``."""
+
+  def __init__(self, workdir, keep: int, async_save: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self.directory = self.workdir / "checkpoints"
+    self._keep, self._async = keep, async_save
+    self._mngr = self._manager()
+
+  def _manager(self):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self._keep, create=True, enable_async_checkpointing=self._async)
+    return ocp.CheckpointManager(self.directory.absolute(), options=options,
+                                 item_names=("state", "data"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def save(self, step: int, state, data_state: dict[str, Any]) -> None:
+    """Saves (asynchronously when enabled); a failed save raises, nothing is deleted."""
+    if step in self._mngr.all_steps():
+      return
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(to_storable(state)),
+        data=ocp.args.JsonSave(data_state)), force=True)
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def restore_latest(self, abstract_state) -> tuple[Any, dict[str, Any], int] | None:
+    """``(state, data_state, step)`` of the newest restorable checkpoint, or None.
+
+    ``abstract_state``: the train state as ``jax.ShapeDtypeStruct`` with shardings.
+    """
+    target = to_storable(abstract_state)
+    for step in sorted(self._mngr.all_steps(), reverse=True):
+      try:
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return from_storable(out["state"], abstract_state), dict(out["data"]), step
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"[epi_jax] checkpoint {self.directory / str(step)} failed to restore "
+              f"({type(e).__name__}: {str(e)[:300]}); trying the previous one",
+              file=sys.stderr)
+        self._quarantine(step)
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    if jax.process_index() == 0:
+      dest = self.workdir / "checkpoints_corrupt"
+      dest.mkdir(exist_ok=True)
+      src = self.directory / str(step)
+      if src.exists():
+        shutil.move(str(src), str(dest / f"{step}-{int(time.time())}"))
+    self._mngr.close()
+    self._mngr = self._manager()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def save_snapshot(workdir, step: int, params: dict[str, Any]) -> None:
+  """Params-only snapshot ``WORKDIR/snapshots/<step>`` (synchronous, atomic)."""
+  path = (pathlib.Path(workdir) / "snapshots" / str(step)).absolute()
+  if path.exists():
+    return
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, {_pkey(k): v for k, v in params.items()})
+
+
+def load_snapshot(workdir, step: int, shapes: dict[str, Any]) -> dict[str, Any]:
+  """The params of snapshot ``step`` on the default device."""
+  path = (pathlib.Path(workdir) / "snapshots" / str(step)).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"No snapshot {path}")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {_pkey(k): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev)
+            for k, v in shapes.items()}
+  with ocp.StandardCheckpointer() as ckptr:
+    stored = ckptr.restore(path, target)
+  return {k: stored[_pkey(k)] for k in shapes}
+
+
+def list_snapshots(workdir) -> list[int]:
+  d = pathlib.Path(workdir) / "snapshots"
+  if not d.is_dir():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())

@@ -1,0 +1,249 @@
+"""Trainer configuration: defaults, and validation before anything runs.
+
+A config file (``configs/NAME.py``) defines ``get_config()`` returning an
+``ml_collections.ConfigDict``; it starts from :func:`default_config` and changes
+what it needs. :func:`validate` checks every field (unknown fields, types and
+values) and returns a resolved copy; training never starts on a bad config.
+See ``TRAINER_API.md`` for the meaning of each field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from epi_jax.data import ALL_CONFIGS, TASKS
+from epi_jax.method.isolation import IMPORTANCES, NORMALIZATIONS, SELECTIONS
+
+METHODS = ("full", "multi_stage", "static", "epi")
+DTYPES = ("float32", "bfloat16")
+INITS = ("pretrained", "random")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the trainer knows, with its default."""
+  c = ml_collections.ConfigDict()
+  c.method = "epi"                 # full | multi_stage | static | epi
+  c.seed = 0
+  c.total_steps = 100              # multi_stage: <= 0 means the sum of stage steps
+  c.log_every = 10
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.snapshot_steps = ()            # params-only snapshots for evaluation
+  c.progress_bar = True
+  c.async_checkpointing = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "tiny"
+  c.model.init = "random"          # pretrained | random
+  c.model.param_dtype = "float32"  # master weights
+  c.model.compute_dtype = "float32"
+  c.model.remat = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.mixture = {t: 1.0 for t in TASKS}
+  c.data.stages = [
+      {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0}, "steps": 50},
+      {"mixture": {"logiqa": 1.0, "alpaca": 1.0, "chat": 1.0}, "steps": 50},
+  ]
+  c.data.batch_size = 8
+  c.data.seq_len = 128
+  c.data.packing = True
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.raw_dir = config_dict.placeholder(str)
+  c.data.max_examples_per_task = config_dict.placeholder(int)
+  # Where the data is neither prepared nor preparable (no raw files), train on
+  # a small built-in stand-in instead of failing (for tests and demos).
+  c.data.allow_standin = False
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 10
+  c.optimizer.min_lr_ratio = 0.1
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0      # <= 0: no clipping
+  c.optimizer.grad_accum_steps = 1
+
+  c.epi = ml_collections.ConfigDict()
+  c.epi.isolation_ratio = 0.01
+  c.epi.update_interval = 100
+  c.epi.ema_decay = 0.99
+  c.epi.warmup_steps = config_dict.placeholder(int)
+  c.epi.importance = "grad_sq"
+  c.epi.normalization = "layer_mean"
+  c.epi.selection = "global"
+  c.epi.exclude = ("norm",)        # substrings of param paths never isolated
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # -1: the remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c
+
+
+def _check_fields(config, defaults, prefix=""):
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in defaults:
+      raise ValueError(f"Unknown config field {name!r}; known fields here: "
+                       f"{sorted(defaults.keys())}")
+    if isinstance(defaults[key], ml_collections.ConfigDict) and name != "data.mixture":
+      if not hasattr(config[key], "keys"):
+        raise ValueError(f"Config field {name!r} must be a group of fields")
+      _check_fields(config[key], defaults[key], name + ".")
+
+
+def _fill_defaults(config, defaults, prefix=""):
+  for key in defaults.keys():
+    if key not in config:
+      config[key] = copy.deepcopy(defaults[key])
+    elif (isinstance(defaults[key], ml_collections.ConfigDict)
+          and f"{prefix}{key}" != "data.mixture"):
+      _fill_defaults(config[key], defaults[key], f"{prefix}{key}.")
+
+
+def _need(cond: bool, field: str, value: Any, what: str):
+  if not cond:
+    raise ValueError(f"Invalid config.{field}={value!r}: {what}")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _as_dict(x):
+  return {k: _as_dict(v) for k, v in x.items()} if hasattr(x, "items") else x
+
+
+def _check_mixture(mix, field):
+  _need(hasattr(mix, "items") and len(mix) > 0, field, mix,
+        "must be a non-empty dict task -> weight")
+  for task, w in mix.items():
+    _need(task in ALL_CONFIGS, f"{field}.{task}", w, f"unknown task; known: {list(ALL_CONFIGS)}")
+    _need(_is_num(w) and w >= 0, f"{field}.{task}", w, "weight must be a number >= 0")
+  _need(sum(mix.values()) > 0, field, dict(mix), "needs a positive weight")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks ``config`` and returns a resolved, unlocked copy.
+
+  Raises:
+    ValueError: naming the first unknown field or invalid value.
+  """
+  defaults = default_config()
+  _check_fields(config, defaults)
+  c = ml_collections.ConfigDict(_as_dict(config))
+  _fill_defaults(c, defaults)
+
+  _need(c.method in METHODS, "method", c.method, f"expected one of {METHODS}")
+  _need(_is_int(c.seed), "seed", c.seed, "must be an int")
+  for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    _need(_is_int(c[f]) and c[f] >= 1, f, c[f], "must be an int >= 1")
+  snaps = c.snapshot_steps
+  _need(isinstance(snaps, (tuple, list)) and all(_is_int(s) and s >= 0 for s in snaps),
+        "snapshot_steps", snaps, "must be a tuple of ints >= 0")
+  c.snapshot_steps = tuple(sorted(set(int(s) for s in snaps)))
+
+  m = c.model
+  _need(isinstance(m.name, str) and m.name, "model.name", m.name, "must be a non-empty str")
+  _need(m.init in INITS, "model.init", m.init, f"expected one of {INITS}")
+  _need(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"expected one of {DTYPES}")
+  _need(m.compute_dtype in DTYPES, "model.compute_dtype", m.compute_dtype,
+        f"expected one of {DTYPES}")
+  _need(isinstance(m.remat, bool), "model.remat", m.remat, "must be a bool")
+
+  d = c.data
+  _check_mixture(d.mixture, "data.mixture")
+  stages = list(d.stages or [])
+  if c.method == "multi_stage":
+    _need(len(stages) > 0, "data.stages", stages, "method 'multi_stage' needs stages")
+  for i, st in enumerate(stages):
+    _need(hasattr(st, "keys") and set(st.keys()) <= {"mixture", "steps"} and "steps" in st,
+          f"data.stages[{i}]", st, "must be a dict with 'mixture' and 'steps'")
+    _check_mixture(st.get("mixture", d.mixture), f"data.stages[{i}].mixture")
+    _need(_is_int(st["steps"]) and st["steps"] >= 1, f"data.stages[{i}].steps",
+          st["steps"], "must be an int >= 1")
+  d.stages = [{"mixture": _as_dict(st.get("mixture", d.mixture)), "steps": int(st["steps"])}
+              for st in stages]
+  for f in ("batch_size", "seq_len"):
+    _need(_is_int(d[f]) and d[f] >= 1, f"data.{f}", d[f], "must be an int >= 1")
+  _need(isinstance(d.packing, bool), "data.packing", d.packing, "must be a bool")
+  _need(d.max_examples_per_task is None or d.max_examples_per_task >= 1,
+        "data.max_examples_per_task", d.max_examples_per_task, "must be None or >= 1")
+
+  if c.method == "multi_stage":
+    total = sum(st["steps"] for st in d.stages)
+    if c.total_steps <= 0:
+      c.total_steps = total
+    _need(c.total_steps == total, "total_steps", c.total_steps,
+          f"method 'multi_stage' needs total_steps == sum of data.stages steps ({total}), "
+          "or total_steps <= 0 to derive it")
+  _need(_is_int(c.total_steps) and c.total_steps >= 1, "total_steps", c.total_steps,
+        "must be an int >= 1")
+
+  o = c.optimizer
+  _need(_is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate",
+        o.learning_rate, "must be > 0")
+  _need(_is_int(o.warmup_steps) and 0 <= o.warmup_steps <= c.total_steps,
+        "optimizer.warmup_steps", o.warmup_steps, "must be an int in [0, total_steps]")
+  _need(_is_num(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
+        o.min_lr_ratio, "must be in [0, 1]")
+  _need(_is_num(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
+        o.weight_decay, "must be >= 0")
+  for f in ("b1", "b2"):
+    _need(_is_num(o[f]) and 0 <= o[f] < 1, f"optimizer.{f}", o[f], "must be in [0, 1)")
+  _need(_is_num(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
+  _need(_is_num(o.clip_norm), "optimizer.clip_norm", o.clip_norm, "must be a number")
+  _need(_is_int(o.grad_accum_steps) and o.grad_accum_steps >= 1,
+        "optimizer.grad_accum_steps", o.grad_accum_steps, "must be an int >= 1")
+  _need(d.batch_size % o.grad_accum_steps == 0, "optimizer.grad_accum_steps",
+        o.grad_accum_steps, f"must divide data.batch_size={d.batch_size}")
+
+  e = c.epi
+  _need(_is_num(e.isolation_ratio) and 0 <= e.isolation_ratio <= 1, "epi.isolation_ratio",
+        e.isolation_ratio, "must be in [0, 1]")
+  _need(_is_int(e.update_interval) and e.update_interval >= 1, "epi.update_interval",
+        e.update_interval, "must be an int >= 1")
+  _need(_is_num(e.ema_decay) and 0 <= e.ema_decay < 1, "epi.ema_decay", e.ema_decay,
+        "must be in [0, 1)")
+  _need(e.warmup_steps is None or (_is_int(e.warmup_steps) and e.warmup_steps >= 0),
+        "epi.warmup_steps", e.warmup_steps, "must be None or an int >= 0")
+  _need(e.importance in IMPORTANCES, "epi.importance", e.importance, f"expected one of {IMPORTANCES}")
+  _need(e.normalization in NORMALIZATIONS, "epi.normalization", e.normalization,
+        f"expected one of {NORMALIZATIONS}")
+  _need(e.selection in SELECTIONS, "epi.selection", e.selection, f"expected one of {SELECTIONS}")
+  _need(isinstance(e.exclude, (tuple, list)) and all(isinstance(s, str) for s in e.exclude),
+        "epi.exclude", e.exclude, "must be a tuple of str")
+  e.exclude = tuple(e.exclude)
+
+  for f in ("data", "fsdp", "tensor"):
+    v = c.mesh[f]
+    _need(_is_int(v) and (v >= 1 or v == -1), f"mesh.{f}", v, "must be an int >= 1 or -1")
+  _need([c.mesh[f] for f in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh", c.mesh.to_dict(),
+        "at most one axis may be -1")
+  return c
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """The config saved in ``config.json`` (tuples come back as tuples)."""
+  raw = json.loads(text)
+  raw["snapshot_steps"] = tuple(raw.get("snapshot_steps", ()))
+  raw.setdefault("epi", {})["exclude"] = tuple(raw.get("epi", {}).get("exclude", ()))
+  c = ml_collections.ConfigDict(raw)
+  _fill_defaults(c, default_config())
+  return c

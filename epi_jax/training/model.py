@@ -1,0 +1,123 @@
+"""The model as the trainer sees it: a flat dict of params plus a way back to a Llama.
+
+Params are kept as ``{'layers/0/attn/q/kernel': array, ...}`` (paths joined
+with '/'), which is what EPI's ``eligible`` predicates, the per-layer
+statistics and the checkpoints use as names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from epi_jax.model import ByteTokenizer, Llama, get_config, load_pretrained
+from epi_jax.model.config import ModelConfig, config_names
+from epi_jax.training import sharding
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _key(path) -> str:
+  return "/".join(str(p) for p in path)
+
+
+@dataclasses.dataclass
+class ModelSpec:
+  """What is needed to rebuild a Llama from flat params.
+
+  Attributes:
+    config: the model's ``ModelConfig``.
+    graphdef: the nnx graph definition.
+    paths: flat key -> nnx path tuple.
+    axes: flat key -> logical axis names.
+    shapes: flat key -> ``jax.ShapeDtypeStruct``.
+  """
+  config: ModelConfig
+  graphdef: Any
+  paths: dict[str, tuple]
+  axes: dict[str, tuple]
+  shapes: dict[str, jax.ShapeDtypeStruct]
+
+  def bind(self, params: dict[str, jax.Array]) -> Llama:
+    """A Llama whose params are ``params`` (works inside jit)."""
+    return nnx.merge(self.graphdef, nnx.from_flat_state(
+        [(self.paths[k], v) for k, v in params.items()]))
+
+
+def spec_for(config: ModelConfig) -> ModelSpec:
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  paths, axes, shapes = {}, {}, {}
+  for path, var in nnx.to_flat_state(state):
+    k = _key(path)
+    paths[k] = tuple(path)
+    axes[k] = tuple(var.get_metadata().get("out_sharding") or ())
+    v = var.get_value()
+    shapes[k] = jax.ShapeDtypeStruct(v.shape, v.dtype)
+  return ModelSpec(config, graphdef, paths, axes, shapes)
+
+
+def flat_params(model: Llama) -> dict[str, jax.Array]:
+  _, state = nnx.split(model)
+  return {_key(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+
+
+def _is_random(mc) -> bool:
+  return mc.init == "random"
+
+
+def model_config(mc) -> ModelConfig | None:
+  """The ModelConfig of a random-init model (None for pretrained ones)."""
+  if not _is_random(mc):
+    return None
+  if mc.name.lower() not in config_names():
+    raise ValueError(f"config.model.name={mc.name!r} with init='random' must be one of "
+                     f"{config_names()}")
+  return get_config(mc.name, param_dtype=_DTYPES[mc.param_dtype],
+                    dtype=_DTYPES[mc.compute_dtype], remat=mc.remat)
+
+
+def build(mc, seed: int, mesh=None):
+  """Builds the model from ``config.model``, placed on ``mesh`` when given.
+
+  Params are created directly with their shardings (random init under jit
+  with ``out_shardings``; pretrained tensors placed one at a time), so no
+  device ever holds a full copy of a sharded parameter.
+
+  Returns:
+    ``(spec, params, tokenizer)``.
+  """
+  if _is_random(mc):
+    cfg = model_config(mc)
+    spec = spec_for(cfg)
+    shardings = (sharding.param_shardings(mesh, spec.shapes, spec.axes)
+                 if mesh is not None else None)
+
+    def init():
+      return flat_params(Llama(cfg, rngs=nnx.Rngs(seed)))
+
+    params = jax.jit(init, out_shardings=shardings)()
+    return spec, params, ByteTokenizer()
+
+  def per_var(slot, var):
+    del slot
+    axes = tuple(var.get_metadata().get("out_sharding") or ())
+    shape = var.get_value().shape
+    return NamedSharding(mesh, sharding.logical_to_spec(axes, shape, mesh))
+
+  model, tokenizer, cfg = load_pretrained(
+      mc.name, param_dtype=_DTYPES[mc.param_dtype], dtype=_DTYPES[mc.compute_dtype],
+      shardings=per_var if mesh is not None else None)
+  if mc.remat:
+    cfg = dataclasses.replace(cfg, remat=True)
+  return spec_for(cfg), flat_params(model), tokenizer
+
+
+def load_for_eval(mc):
+  """``(spec, params, tokenizer)`` on the default device (pretrained: its weights)."""
+  return build(mc, seed=0, mesh=None)

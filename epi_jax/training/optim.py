@@ -1,0 +1,68 @@
+"""The optimizer of each method, as one optax transformation.
+
+* ``full`` and ``multi_stage``: AdamW (``clip_by_global_norm`` first), with
+  a linear warmup + cosine learning-rate schedule.
+* ``static``: the same AdamW wrapped by ``epi_jax.isolate(mode='static')``:
+  the mask chosen at the first refresh stays frozen.
+* ``epi``: ``epi_jax.isolate(mode='evolving', track_first_mask=True)``.
+
+Clipping sits *inside* the EPI wrapper, so the importance EMA is computed
+from the raw (unclipped) gradients: the importance measures the loss's
+sensitivity, and a clipping factor that changes from step to step would only
+rescale it by step. AdamW sees the clipped gradients, exactly as in ``full``,
+so the only difference between the methods is the isolation.
+Weight decay applies to matrices (ndim >= 2) only, not to norm scales or
+biases.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+import epi_jax
+
+
+def schedule(config) -> optax.Schedule:
+  """Warmup (linear from 0) then cosine decay to ``lr * min_lr_ratio``."""
+  o = config.optimizer
+  lr = float(o.learning_rate)
+  warmup = int(o.warmup_steps)
+  decay_steps = max(int(config.total_steps), warmup + 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+      decay_steps=decay_steps, end_value=lr * float(o.min_lr_ratio))
+
+
+def _adamw(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  adamw = optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                      weight_decay=o.weight_decay,
+                      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+  if o.clip_norm and o.clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
+  return adamw
+
+
+def eligible_fn(config):
+  """EPI's eligibility predicate: no path containing a ``config.epi.exclude`` substring."""
+  exclude = tuple(config.epi.exclude)
+  return lambda path: not any(s in path for s in exclude)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """The optax transformation of ``config.method`` (see the module docstring)."""
+  inner = _adamw(config)
+  if config.method in ("full", "multi_stage"):
+    return inner
+  e = config.epi
+  return epi_jax.isolate(
+      inner, e.isolation_ratio, e.update_interval, e.ema_decay,
+      warmup_steps=e.warmup_steps, importance=e.importance,
+      normalization=e.normalization, selection=e.selection,
+      mode="static" if config.method == "static" else "evolving",
+      eligible=eligible_fn(config), track_first_mask=config.method == "epi")
+
+
+def is_epi(config) -> bool:
+  return config.method in ("static", "epi")

@@ -1,0 +1,127 @@
+"""The one place that decides how things are laid out over the device mesh.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with the
+params' ``embed`` dimension sharded, ZeRO-3 style) and ``tensor`` (Megatron
+style: vocab, heads and MLP dimensions split). The batch is sharded over
+``('data', 'fsdp')``.
+
+Every parameter is placed by its logical axis names (the model's
+``out_sharding`` metadata) through :data:`LOGICAL_AXIS_RULES`; every optimizer
+state leaf shaped like a parameter (Adam moments, EPI importance and masks)
+gets exactly that parameter's sharding; scalars are replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+# Logical axis name of the model -> mesh axis (None: not sharded).
+LOGICAL_AXIS_RULES = (
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("embed", "fsdp"),
+    ("norm", None),
+)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with a -1 resolved to the remaining devices.
+
+  Raises:
+    ValueError: when the axes do not fit ``num_devices``.
+  """
+  shape = [int(mesh_config[a]) for a in MESH_AXES]
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    if num_devices % rest:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices "
+                       f"are not divisible by {rest}")
+    shape[shape.index(-1)] = num_devices // rest
+  if math.prod(shape) > num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} "
+                     f"devices, only {num_devices} available")
+  return tuple(shape)
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A ``jax.make_mesh`` over the first ``data*fsdp*tensor`` devices.
+
+  Using fewer devices than available is allowed on one process (e.g. a
+  1-device reference run); multi-process runs must use all of them.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_config, len(devices))
+  n = math.prod(shape)
+  if n < len(devices) and jax.process_count() > 1:
+    raise ValueError(f"config.mesh uses {n} of {len(devices)} devices; multi-process "
+                     "runs must use all devices")
+  return jax.make_mesh(shape, MESH_AXES, devices=devices[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int],
+                    mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> P:
+  """The PartitionSpec of an array with logical ``axes`` and ``shape``.
+
+  A dimension not divisible by its mesh axis size is left unsharded (e.g. 9
+  heads of SmolLM2-135M on tensor=2), and a mesh axis is used at most once.
+  """
+  if not axes:
+    return P()
+  table = dict(rules)
+  used, spec = set(), []
+  for name, dim in zip(axes, shape):
+    mesh_axis = table.get(name) if name is not None else None
+    if name is not None and name not in table:
+      raise ValueError(f"Logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+    if (mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1
+        or dim % mesh.shape[mesh_axis]):
+      spec.append(None)
+    else:
+      spec.append(mesh_axis)
+      used.add(mesh_axis)
+  return P(*spec)
+
+
+def param_shardings(mesh, shapes: Mapping[str, Any], axes: Mapping[str, Any]
+                    ) -> dict[str, NamedSharding]:
+  """``{path: NamedSharding}`` for the flat params ``{path: array-like}``."""
+  return {k: NamedSharding(mesh, logical_to_spec(axes.get(k), v.shape, mesh))
+          for k, v in shapes.items()}
+
+
+def state_shardings(abstract_state, param_shapes: Mapping[str, Any],
+                    params_sharding: Mapping[str, NamedSharding], mesh):
+  """Shardings for a train-state pytree whose per-param leaves sit under params' keys.
+
+  A leaf is per-parameter when the last dict key on its path names a
+  parameter and its shape equals that parameter's; it then gets the
+  parameter's sharding. Everything else (counters, scalars) is replicated.
+  """
+  rep = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    for key in reversed(path):
+      name = getattr(key, "key", None)
+      if isinstance(name, str) and name in params_sharding:
+        same = tuple(leaf.shape) == tuple(param_shapes[name].shape)
+        return params_sharding[name] if same else rep
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

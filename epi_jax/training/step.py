@@ -1,0 +1,105 @@
+"""The jit-compiled train step (one optimizer update per call).
+
+The train state is a dict ``{'step', 'params', 'opt_state', 'rng'}`` (donated:
+updated in place). The loss is the token-level cross-entropy in float32,
+averaged over the loss-masked (assistant) tokens of the *global* batch; with
+gradient accumulation the batch is split into micro-batches whose summed
+losses are divided by the global token count, so accumulating gives the
+same gradient as one big batch (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from epi_jax.data import ALL_CONFIGS
+from epi_jax.method.isolation import epi_state
+from epi_jax.training import optim, sharding
+
+NUM_TASKS = len(ALL_CONFIGS)
+
+
+def loss_sums(spec, params, batch):
+  """``(sum of CE over masked tokens, (per-task CE sums, per-task token counts))``."""
+  model = spec.bind(params)
+  logits = model(batch["inputs"], positions=batch["positions"],
+                 segment_ids=batch["segment_ids"]).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  w = batch["loss_mask"].astype(jnp.float32)
+  # task_ids of padding are -1: one_hot gives a zero row.
+  per_task = jax.nn.one_hot(batch["task_ids"], NUM_TASKS, dtype=jnp.float32) * w[..., None]
+  return jnp.sum(ce * w), (jnp.einsum("blt,bl->t", per_task, ce), per_task.sum((0, 1)))
+
+
+def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
+                    state_shardings) -> Callable[[Any, Any], tuple[Any, dict]]:
+  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state.
+
+  ``metrics`` holds device scalars: ``loss`` (token mean), ``task_loss_sum`` and
+  ``task_tokens`` (per task, for windowed per-task means), ``tokens``,
+  ``grad_norm`` (before clipping), ``lr``, and for EPI methods the EPI state's
+  statistics.
+  """
+  accum = int(config.optimizer.grad_accum_steps)
+  lr_fn = optim.schedule(config)
+  use_epi = optim.is_epi(config)
+
+  def grads_and_sums(params, batch, denom):
+    def f(p, b):
+      s, aux = loss_sums(spec, p, b)
+      return s / denom, (s, aux)
+    return jax.grad(f, has_aux=True)(params, batch)
+
+  def train_step(state, batch):
+    params = state["params"]
+    denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    if accum == 1:
+      grads, (loss_sum, (tl, tt)) = grads_and_sums(params, batch, denom)
+    else:
+      # Micro-batch j takes rows j, j+A, ...: every device keeps its share.
+      def split(x):
+        b = x.shape[0]
+        x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, P(None, sharding.BATCH_AXES, *[None] * (x.ndim - 2))))
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, mb):
+        g, (s, (tl, tt)) = grads_and_sums(params, mb, denom)
+        acc_g, acc_s, acc_tl, acc_tt = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_s + s, acc_tl + tl, acc_tt + tt), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([NUM_TASKS], jnp.float32),
+              jnp.zeros([NUM_TASKS], jnp.float32))
+      (grads, loss_sum, tl, tt), _ = jax.lax.scan(body, init, micro)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+    new_state = {"step": state["step"] + 1, "params": new_params,
+                 "opt_state": opt_state, "rng": rng}
+    metrics = {"loss": loss_sum / denom, "task_loss_sum": tl, "task_tokens": tt,
+               "tokens": jnp.sum(batch["loss_mask"] > 0), "grad_norm": grad_norm,
+               "lr": lr_fn(state["step"])}
+    if use_epi:
+      e = epi_state(opt_state)
+      metrics.update(isolated_fraction=e.isolated_fraction, num_flipped=e.num_flipped,
+                     jaccard_prev=e.jaccard_prev, jaccard_first=e.jaccard_first,
+                     num_refreshes=e.num_refreshes)
+    return new_state, metrics
+
+  return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def per_layer_isolated(opt_state) -> dict[str, jax.Array]:
+  """``{param path: isolated fraction}`` of the current EPI mask."""
+  mask = epi_state(opt_state).mask
+  return {k: jnp.mean(m.astype(jnp.float32)) for k, m in mask.items()}

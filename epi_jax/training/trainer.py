@@ -1,0 +1,300 @@
+"""The training loop: ``train``, and reading finished runs back (``load_run``).
+
+``train(config, workdir)`` builds the mesh, model, optimizer and data,
+restores the newest checkpoint in ``workdir`` if there is one (params,
+optimizer/EPI state, step, RNG and the data iterator's position, so the
+continued run is identical to an uninterrupted one), then trains to
+``config.total_steps``, writing metrics, checkpoints and snapshots. SIGTERM
+or SIGINT stops it after the current step with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from epi_jax.training import checkpoint as ckpt_lib
+from epi_jax.training import config as cfg_lib
+from epi_jax.training import inputs
+from epi_jax.training import metrics as metrics_lib
+from epi_jax.training import model as model_lib
+from epi_jax.training import optim, sharding
+from epi_jax.training import step as step_lib
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What ``train`` returns.
+
+  Attributes:
+    model: the nnx Llama with the final (or, when interrupted, current) params.
+    tokenizer: its tokenizer.
+    step: the last completed step.
+    workdir: the run directory.
+    interrupted: stopped early (signal or ``stop_after``) with a checkpoint.
+    params: the flat params ``{path: array}`` behind ``model``.
+    state: the full train state ``{'step', 'params', 'opt_state', 'rng'}``.
+  """
+  model: Any
+  tokenizer: Any
+  step: int
+  workdir: pathlib.Path
+  interrupted: bool = False
+  params: Any = None
+  state: Any = None
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop checks it after every step."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.signum = signum
+    print(f"\n[epi_jax] got signal {signum}: checkpointing after this step",
+          file=sys.stderr)
+
+  def should_stop(self) -> bool:
+    local = self.signum is not None
+    if jax.process_count() > 1:  # all processes stop at the same step
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+    return local
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _refresh_scheduled(config, step: int, num_refreshes: int) -> bool:
+  if not optim.is_epi(config):
+    return False
+  t = config.epi.update_interval
+  w = t if config.epi.warmup_steps is None else config.epi.warmup_steps
+  if step < w or (step - w) % t:
+    return False
+  return config.method == "epi" or num_refreshes == 0
+
+
+def _window_record(step, window, config, elapsed, timed_steps, compile_s):
+  host = jax.device_get(window)
+  rec = {"step": step, "loss": float(np.mean([m["loss"] for m in host]))}
+  tl = np.sum([m["task_loss_sum"] for m in host], axis=0)
+  tt = np.sum([m["task_tokens"] for m in host], axis=0)
+  for i, task in enumerate(step_lib.ALL_CONFIGS):
+    if tt[i] > 0:
+      rec[f"loss/{task}"] = float(tl[i] / tt[i])
+  last = host[-1]
+  rec.update(lr=float(last["lr"]), grad_norm=float(last["grad_norm"]),
+             loss_tokens=int(sum(int(m["tokens"]) for m in host)))
+  if timed_steps > 0:
+    step_time = elapsed / timed_steps
+    rec.update(step_time=step_time,
+               tokens_per_s=config.data.batch_size * config.data.seq_len / step_time)
+  if compile_s is not None:
+    rec["first_step_s"] = compile_s
+  if optim.is_epi(config):
+    for k in ("isolated_fraction", "num_flipped", "jaccard_prev", "jaccard_first"):
+      rec[k] = float(last[k])
+    rec["num_refreshes"] = int(last["num_refreshes"])
+  return rec
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=list))
+  tmp.replace(path)
+
+
+def _init_fn(config, tx):
+  rng0 = jax.random.key_data(jax.random.key(config.seed))
+
+  def init_state(params):
+    return {"step": jnp.zeros([], jnp.int32), "params": params,
+            "opt_state": tx.init(params), "rng": rng0}
+
+  return init_state
+
+
+def abstract_state(config, mesh):
+  """``(abstract train state, its shardings)`` without allocating anything.
+
+  For checking that a large config fits (random-init model names only).
+  """
+  config = cfg_lib.validate(config)
+  spec = model_lib.spec_for(model_lib.model_config(config.model))
+  tx = optim.make_optimizer(config)
+  p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
+  abstract = jax.eval_shape(_init_fn(config, tx), spec.shapes)
+  return abstract, sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
+
+
+def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
+  """Trains (or resumes) one run in ``workdir``; see the module docstring.
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` (validated here first).
+    workdir: the run directory (created).
+    stop_after: stop with a checkpoint once this global step is reached
+      (simulates a kill in tests); None trains to ``total_steps``.
+  """
+  t_start = time.time()
+  config = cfg_lib.validate(config)
+  workdir = pathlib.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg_lib.to_json(config))
+  mesh = sharding.make_mesh(config.mesh)
+  bs_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.data.batch_size % (bs_shards * config.optimizer.grad_accum_steps):
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
+                     f"grad_accum_steps x data x fsdp = "
+                     f"{config.optimizer.grad_accum_steps} x {bs_shards}")
+  data_kwargs = inputs.ensure_data(config)
+  spec, params, tokenizer = model_lib.build(config.model, config.seed, mesh)
+  tx = optim.make_optimizer(config)
+  p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
+  init_state = _init_fn(config, tx)
+  abstract = jax.eval_shape(init_state, params)
+  st_shard = sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
+  it = inputs.make_iterator(config, tokenizer, data_kwargs)
+  restored = None
+  if ckpt.all_steps():
+    restored = ckpt.restore_latest(jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_shard))
+  if restored is not None:
+    state, data_state, step = restored
+    it.set_state(data_state)
+    del params
+    if is_main:
+      print(f"[epi_jax] resumed from step {step}", file=sys.stderr)
+  else:
+    step = 0
+    state = jax.jit(init_state, in_shardings=(p_shard,), out_shardings=st_shard,
+                    donate_argnums=0)(params)
+  total = config.total_steps
+  num_refreshes = (int(step_lib.epi_state(state["opt_state"]).num_refreshes)
+                   if optim.is_epi(config) else 0)
+
+  train_step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
+  per_layer = jax.jit(step_lib.per_layer_isolated) if optim.is_epi(config) else None
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=step,
+                                     total_steps=total,
+                                     progress_bar=config.progress_bar)
+  interrupted = False
+  window, t_window, timed, compile_s, first = [], time.perf_counter(), 0, None, True
+  try:
+    with _StopFlag() as stop:
+      while step < total:
+        if stop_after is not None and step >= stop_after:
+          interrupted = True
+          break
+        try:
+          batch = next(it)
+        except StopIteration:
+          raise ValueError(f"the data ran out at step {step} of {total} "
+                           "(data.stages shorter than total_steps?)") from None
+        state, m = train_step(state, inputs.to_global(batch, mesh))
+        step += 1
+        window.append(m)
+        if first:  # the first step compiles: timed separately
+          jax.block_until_ready(m)
+          compile_s = time.perf_counter() - t_window
+          t_window, first = time.perf_counter(), False
+        else:
+          timed += 1
+        if _refresh_scheduled(config, step, num_refreshes):
+          n = int(m["num_refreshes"])
+          if n > num_refreshes:
+            num_refreshes = n
+            layers = jax.device_get(per_layer(state["opt_state"]))
+            writer.refresh({"step": step, "num_refreshes": n,
+                            **{k: float(m[k]) for k in ("isolated_fraction", "num_flipped",
+                                                         "jaccard_prev", "jaccard_first")},
+                            "per_layer": {k: float(v) for k, v in layers.items()}})
+        if step % config.log_every == 0 or step == total:
+          jax.block_until_ready(m)
+          elapsed = time.perf_counter() - t_window
+          writer.log(_window_record(step, window, config, elapsed, timed, compile_s))
+          window, t_window, timed, compile_s = [], time.perf_counter(), 0, None
+        writer.advance()
+        if step in config.snapshot_steps and step != total:
+          ckpt_lib.save_snapshot(workdir, step, state["params"])
+        if step % config.checkpoint_every == 0 or step == total:
+          ckpt.save(step, state, it.get_state())
+        if stop.should_stop():
+          interrupted = True
+          break
+    if interrupted:
+      ckpt.save(step, state, it.get_state())
+    else:
+      ckpt.save(step, state, it.get_state())
+      ckpt_lib.save_snapshot(workdir, step, state["params"])
+    ckpt.wait()
+  finally:
+    writer.close()
+    ckpt.close()
+  if not interrupted and is_main:
+    _write_json(workdir / "DONE", {"step": step, "wall_time_s": time.time() - t_start})
+  return TrainResult(model=spec.bind(state["params"]), tokenizer=tokenizer, step=step,
+                     workdir=workdir, interrupted=interrupted, params=state["params"],
+                     state=state)
+
+
+def is_finished(workdir) -> bool:
+  """Whether the run in ``workdir`` completed (``DONE`` exists)."""
+  return (pathlib.Path(workdir) / "DONE").exists()
+
+
+def list_snapshots(workdir) -> list[int]:
+  """Steps with a params-only snapshot, sorted."""
+  return ckpt_lib.list_snapshots(workdir)
+
+
+def load_config(workdir):
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"No config.json in {workdir}: not a training run directory")
+  return cfg_lib.from_json(path.read_text())
+
+
+def load_run(workdir, snapshot: int | None = None):
+  """``(model, tokenizer, config)`` of a run's snapshot (default: the final one)."""
+  config = load_config(workdir)
+  snaps = list_snapshots(workdir)
+  if not snaps:
+    raise FileNotFoundError(f"No snapshots in {workdir}/snapshots")
+  if snapshot is None:
+    snapshot = snaps[-1]
+  if snapshot not in snaps:
+    raise FileNotFoundError(f"No snapshot {snapshot} in {workdir}; have {snaps}")
+  if config.model.init == "random":
+    tokenizer, spec = model_lib.ByteTokenizer(), model_lib.spec_for(
+        model_lib.model_config(config.model))
+  else:
+    spec, _, tokenizer = model_lib.load_for_eval(config.model)
+  params = ckpt_lib.load_snapshot(workdir, snapshot, spec.shapes)
+  return spec.bind(params), tokenizer, config
