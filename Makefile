@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,8 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Performance suite (CPU here; on a machine with a GPU: make bench BENCH_ARGS="--device gpu").
+BENCH_ARGS ?=
+bench: install
+	$(PY) benchmarks/run.py --out benchmarks/results.json $(BENCH_ARGS)

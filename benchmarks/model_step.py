@@ -4,7 +4,7 @@ Each measurement runs in its own subprocess so that its peak RSS
 (``ru_maxrss``) is its own. Usage::
 
   python benchmarks/model_step.py [--batch 4] [--seq 256] [--dtype float32]
-      [--remat] [--steps 3]
+      [--remat] [--steps 3] [--opt full|epi|epi_compact]
 """
 
 from __future__ import annotations
@@ -51,7 +51,14 @@ def worker(what: str, args) -> dict:
     dt = (time.perf_counter() - t0) / args.steps
     result.update(forward_s=dt, tokens_per_s=args.batch * args.seq / dt)
   else:
-    opt = nnx.Optimizer(model, optax.adamw(1e-5), wrt=nnx.Param)
+    if args.opt == "full":
+      tx = optax.adamw(1e-5)
+    else:
+      import epi_jax
+      compact = (dict(importance_dtype=jnp.bfloat16, packed_mask=True)
+                 if args.opt == "epi_compact" else {})
+      tx = epi_jax.epi_adamw(1e-5, isolation_ratio=0.01, update_interval=100, **compact)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt, tokens):
@@ -84,6 +91,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
   p.add_argument("--worker", choices=("load", "forward", "step"))
+  p.add_argument("--opt", default="full", choices=("full", "epi", "epi_compact"),
+                 help="optimizer of the step: adamw, epi_adamw, epi_adamw bf16+packed")
   args = p.parse_args(argv)
   if args.worker:
     print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)

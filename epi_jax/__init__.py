@@ -8,8 +8,8 @@ The method lives in ``epi_jax.method`` and is re-exported here::
 """
 
 from epi_jax.method import (EPIState, IsolateState, epi_adamw, epi_state,
-                            epi_transform, isolate)
+                            epi_transform, isolate, unpacked_mask)
 
 __version__ = "0.1.0"
 __all__ = ["EPIState", "IsolateState", "epi_adamw", "epi_state",
-           "epi_transform", "isolate"]
+           "epi_transform", "isolate", "unpacked_mask"]

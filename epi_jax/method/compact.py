@@ -103,3 +103,16 @@ def num_bytes(tree) -> int:
   """Total bytes of the arrays in a pytree."""
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def dequantize_with_tiebreak(imp: jax.Array, salt: int) -> jax.Array:
+  """bf16 importance -> float32 with the 16 dropped bits filled by a fixed hash.
+
+  Keeps the order of distinct bf16 values and breaks ties inside one bf16
+  value pseudo-randomly, so the top-k selection takes exactly k entries
+  instead of dropping a whole group of equal values at the threshold.
+  """
+  bits = jax.lax.bitcast_convert_type(imp.astype(jnp.float32), jnp.uint32)
+  low = _fmix32(_flat_index(imp.shape) ^ jnp.uint32((salt * 0x27D4EB2F + 1) % 2**32)) >> 16
+  filled = jax.lax.bitcast_convert_type(bits | low, jnp.float32)
+  return jnp.where(jnp.isfinite(filled) & (imp > 0), filled, imp.astype(jnp.float32))

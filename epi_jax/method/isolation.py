@@ -31,9 +31,10 @@ SELECTIONS = ("global", "layer")
 MODES = ("evolving", "static", "none")
 
 Eligible = Union[None, Any, Callable[[str], bool]]
-# Threshold bits resolved per pass of the selection: 15 thresholds compared per
-# read of the scores, 8 reads per refresh (see selection.kth_largest_bits).
-_BITS_PER_PASS = 4
+# Threshold bits resolved per pass of the selection (see
+# selection.kth_largest_bits). 1 (bisection, 31 cheap passes) measured 5-10x
+# faster on CPU than 4 (8 passes of 15 compares each): BENCHMARKS.md.
+_BITS_PER_PASS = 1
 
 
 class EPIState(NamedTuple):
@@ -253,6 +254,9 @@ class _Core:
     """New mask from the importance: top-k of layer-normalized scores."""
     imp_leaves, treedef = jax.tree.flatten(importance)
     elig_leaves = jax.tree.leaves(elig)
+    if self.importance_dtype == jnp.bfloat16:
+      imp_leaves = [compact.dequantize_with_tiebreak(imp, i)
+                    for i, imp in enumerate(imp_leaves)]
     bits = [selection.score_bits(_normalize(self.normalization, imp))
             if e else None for imp, e in zip(imp_leaves, elig_leaves)]
     if self.selection == "global":
@@ -351,7 +355,7 @@ _OPTIONS_DOC = """
       in [0, 1]; ``k = floor(p * N_eligible)``. May be injected with
       ``optax.inject_hyperparams`` (then k is computed from the traced value).
     update_interval: refresh period T in steps (>= 1). Each refresh costs
-      about 8 reads of the importance.
+      about 31 reads of the importance (a bisection).
     ema_decay: importance EMA decay beta in [0, 1): ``I <- beta I + (1-beta) s(g)``.
       May be injected.
     warmup_steps: W, the first refresh happens at step W (1-based); refreshes
