@@ -81,11 +81,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.epi.selection = "global"
   c.epi.exclude = ("norm",)        # substrings of param paths never isolated
 
+  # Evaluation settings, read by `epi-jax compare` / `epi-jax evaluate` and
+  # validated there (epi_jax.evaluation.compare); the trainer ignores them.
+  c.eval = ml_collections.ConfigDict()
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # -1: the remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   return c
+
+
+# Groups whose keys are not fixed here: task weights, and eval settings that
+# the evaluation package validates.
+_FREE_GROUPS = ("data.mixture", "eval")
 
 
 def _check_fields(config, defaults, prefix=""):
@@ -94,7 +103,7 @@ def _check_fields(config, defaults, prefix=""):
     if key not in defaults:
       raise ValueError(f"Unknown config field {name!r}; known fields here: "
                        f"{sorted(defaults.keys())}")
-    if isinstance(defaults[key], ml_collections.ConfigDict) and name != "data.mixture":
+    if isinstance(defaults[key], ml_collections.ConfigDict) and name not in _FREE_GROUPS:
       if not hasattr(config[key], "keys"):
         raise ValueError(f"Config field {name!r} must be a group of fields")
       _check_fields(config[key], defaults[key], name + ".")
@@ -105,7 +114,7 @@ def _fill_defaults(config, defaults, prefix=""):
     if key not in config:
       config[key] = copy.deepcopy(defaults[key])
     elif (isinstance(defaults[key], ml_collections.ConfigDict)
-          and f"{prefix}{key}" != "data.mixture"):
+          and f"{prefix}{key}" not in _FREE_GROUPS):
       _fill_defaults(config[key], defaults[key], f"{prefix}{key}.")
 
 

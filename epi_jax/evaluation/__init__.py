@@ -1,0 +1,27 @@
+"""Evaluation: per-task metrics, forgetting, drift analysis and the method comparison.
+
+* :func:`evaluate` scores a model on the five tasks (GSM8K exact match,
+  LogiQA option log-likelihood accuracy, held-out loss for the open tasks).
+* :mod:`~epi_jax.evaluation.metrics`: answer extraction and the normalized
+  average score; :mod:`~epi_jax.evaluation.forgetting`: forgetting arithmetic;
+  :mod:`~epi_jax.evaluation.drift`: mask-drift metrics and plots;
+  :mod:`~epi_jax.evaluation.compare`: ``epi-jax compare``.
+"""
+
+from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, LOSS_TASKS, TASKS,
+                                         eval_gsm8k, eval_logiqa, eval_loss, evaluate,
+                                         option_logprobs, pick_option, select_examples,
+                                         sequence_logprob, sequence_nll, token_logprobs)
+from epi_jax.evaluation.forgetting import forgetting_table, sequential_ab, stage_transfer
+from epi_jax.evaluation.metrics import (PRIMARY_METRIC, exact_match,
+                                        extract_gsm8k_answer, gsm8k_match,
+                                        normalize_number, normalized_scores)
+
+__all__ = [
+    "DEFAULT_NUM_EXAMPLES", "LOSS_TASKS", "PRIMARY_METRIC", "TASKS", "eval_gsm8k",
+    "eval_logiqa", "eval_loss", "evaluate", "exact_match", "extract_gsm8k_answer",
+    "forgetting_table", "gsm8k_match", "normalize_number",
+    "normalized_scores", "option_logprobs", "pick_option", "select_examples",
+    "sequence_logprob", "sequence_nll", "sequential_ab", "stage_transfer",
+    "token_logprobs",
+]

@@ -1,0 +1,187 @@
+"""``epi-jax compare`` and ``epi-jax evaluate``.
+
+  epi-jax compare --config configs/NAME.py --workdir DIR \\
+      --methods full,multi_stage,static,epi --seeds N \\
+      [--config.FIELD=VALUE ...] [--eval.FIELD=VALUE ...]
+  epi-jax evaluate --workdir RUN [--snapshot N] [--eval.FIELD=VALUE ...]
+  epi-jax evaluate --model smollm2-135m-instruct [--eval.FIELD=VALUE ...]
+
+``--config.FIELD=VALUE`` overrides a trainer field (ml_collections
+``config_flags``). ``--eval.FIELD=VALUE`` overrides an eval setting (see
+:func:`epi_jax.evaluation.compare.eval_defaults`), on top of the config's
+``eval`` group when it has one: ``--eval.num_examples=8`` (all tasks),
+``--eval.num_examples.gsm8k=8``, ``--eval.tasks=gsm8k,logiqa``,
+``--eval.snapshots=final``. Values are Python literals, else strings.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import sys
+
+from epi_jax.evaluation import compare as cmp
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def split_eval_args(argv) -> tuple[list[str], dict]:
+  """Separates ``--eval.FIELD=VALUE`` flags from the rest; returns ``(rest, overrides)``."""
+  rest, overrides = [], {}
+  it = iter(argv)
+  for arg in it:
+    if not arg.startswith("--eval."):
+      rest.append(arg)
+      continue
+    body = arg[len("--eval."):]
+    if "=" in body:
+      key, value = body.split("=", 1)
+    else:
+      key, value = body, next(it, None)
+      if value is None:
+        raise ValueError(f"{arg}: missing value")
+    overrides[key] = _literal(value)
+  return rest, overrides
+
+
+def apply_eval_overrides(settings: dict, overrides: dict) -> dict:
+  """Applies ``{'num_examples.gsm8k': 8, 'tasks': 'a,b', ...}`` to eval settings."""
+  settings = json.loads(json.dumps(settings))
+  for key, value in overrides.items():
+    path = key.split(".")
+    if path[0] not in settings:
+      raise ValueError(f"Unknown eval setting {key!r}; known: {sorted(settings)}")
+    if path[0] == "tasks" and isinstance(value, str):
+      value = [t for t in value.split(",") if t]
+    if path[0] == "num_examples" and len(path) == 1 and isinstance(value, int):
+      value = {t: value for t in settings["num_examples"]}
+    if len(path) == 1:
+      settings[path[0]] = value
+    elif len(path) == 2 and path[0] == "num_examples":
+      settings["num_examples"][path[1]] = value
+    else:
+      raise ValueError(f"Unknown eval setting {key!r}")
+  return settings
+
+
+def _parse_compare(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Training config file.", flag_values=fv,
+                                  lock_config=False)
+  flags.DEFINE_string("workdir", None, "Comparison directory.", flag_values=fv)
+  flags.DEFINE_string("methods", ",".join(cmp.METHODS), "Comma-separated methods.",
+                      flag_values=fv)
+  flags.DEFINE_integer("seeds", 1, "Number of seeds per method.", flag_values=fv)
+  # config_flags discovers the --config.FIELD overrides in sys.argv, so make
+  # it match argv when called programmatically (tests).
+  saved, sys.argv = sys.argv, ["epi-jax compare"] + list(argv)
+  try:
+    fv(sys.argv)
+  finally:
+    sys.argv = saved
+  return fv
+
+
+def compare_main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  usage = ("usage: epi-jax compare --config configs/NAME.py --workdir DIR "
+           "--methods full,multi_stage,static,epi --seeds N "
+           "[--config.FIELD=VALUE ...] [--eval.FIELD=VALUE ...]")
+  if any(a in ("-h", "--help") for a in argv):
+    print(usage + "\n\n" + (__doc__ or ""))
+    return 0
+  try:
+    rest, overrides = split_eval_args(argv)
+    fv = _parse_compare(rest)
+    if fv.config is None or not fv.workdir:
+      raise ValueError("--config and --workdir are required")
+    config = fv.config
+    train_cfg, settings = cmp.split_eval_config(config)
+    settings = apply_eval_overrides(settings, overrides)
+    with config.unlocked():
+      config.eval = settings
+    methods = [m for m in fv.methods.split(",") if m]
+  except Exception as e:  # pylint: disable=broad-except
+    if type(e).__name__ not in ("Error", "IllegalFlagValueError", "UnrecognizedFlagError",
+                                "ValueError", "FileNotFoundError", "AttributeError",
+                                "TypeError", "KeyError"):
+      raise
+    print(f"epi-jax compare: {e}\n{usage}", file=sys.stderr)
+    return 2
+  del train_cfg
+  try:
+    cmp.compare(config, fv.workdir, methods=methods, seeds=fv.seeds)
+  except ValueError as e:
+    print(f"epi-jax compare: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def evaluate_main(argv=None) -> int:
+  """``epi-jax evaluate``: prints one snapshot's (or a pretrained model's) metrics as JSON."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    rest, overrides = split_eval_args(argv)
+  except ValueError as e:
+    print(f"epi-jax evaluate: {e}", file=sys.stderr)
+    return 2
+  parser = argparse.ArgumentParser(prog="epi-jax evaluate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", help="a training run directory")
+  parser.add_argument("--snapshot", type=int, default=None,
+                      help="step of the snapshot (default: the final one)")
+  parser.add_argument("--model", help="evaluate a pretrained model instead of a run")
+  parser.add_argument("--data_dir", default=None, help="prepared data (default: the run's)")
+  parser.add_argument("--output", default=None, help="also write the JSON here")
+  args = parser.parse_args(rest)
+  if bool(args.workdir) == bool(args.model):
+    print("epi-jax evaluate: give exactly one of --workdir RUN or --model NAME",
+          file=sys.stderr)
+    return 2
+  try:
+    settings = apply_eval_overrides(cmp.eval_defaults(), overrides)
+  except ValueError as e:
+    print(f"epi-jax evaluate: {e}", file=sys.stderr)
+    return 2
+  if args.model:
+    from epi_jax.model import load_pretrained  # pylint: disable=g-import-not-at-top
+    model, tok, _ = load_pretrained(args.model)
+    data_kwargs = {"data_dir": args.data_dir}
+    out = cmp.run_eval(model, tok, settings, data_kwargs, log=_err)
+  else:
+    from epi_jax.training import list_snapshots, load_config, load_run  # pylint: disable=g-import-not-at-top
+    run = pathlib.Path(args.workdir)
+    config = load_config(run)
+    data_kwargs = ({"data_dir": args.data_dir} if args.data_dir
+                   else cmp.eval_data(config, settings["tasks"]))
+    snaps = list_snapshots(run)
+    step = args.snapshot if args.snapshot is not None else (snaps[-1] if snaps else None)
+    if step is None or step not in snaps:
+      print(f"epi-jax evaluate: no snapshot {step} in {run}; have {snaps}", file=sys.stderr)
+      return 2
+
+    def compute():
+      model, tok, _ = load_run(run, snapshot=step)
+      return cmp.run_eval(model, tok, settings, data_kwargs, log=_err)
+    key = cmp._eval_key(settings)  # pylint: disable=protected-access
+    # Its own cache file per settings, so it never evicts compare's step_<N>.json.
+    out = cmp._cached(run / "eval" / f"step_{step}_{key}.json", key, compute)  # pylint: disable=protected-access
+    out = {"step": step, **out}
+  text = json.dumps(out, indent=1)
+  print(text)
+  if args.output:
+    pathlib.Path(args.output).write_text(text)
+  return 0
+
+
+def _err(msg: str):
+  print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,481 @@
+"""The method comparison: train every method and seed, evaluate, aggregate, plot.
+
+``compare(config, workdir, methods=..., seeds=N)`` (``epi-jax compare``):
+
+1. For seed ``k`` in ``0..N-1`` (training seed ``config.seed + k``) and each
+   method, trains into ``workdir/<method>/seed<k>/`` with
+   :func:`epi_jax.training.train`, skipping finished runs. Every method gets
+   the same data, steps and seeds; with a stage schedule the stage ends are
+   added to ``snapshot_steps`` of every method, so that every task is
+   evaluated after every stage.
+2. Evaluates the base model once (``workdir/base_eval.json``) and each run's
+   snapshots (``eval.snapshots='all'``) or only its final one (``'final'``);
+   results are cached per snapshot in ``<run>/eval/step_<N>.json`` together
+   with the eval settings, so reruns only evaluate what is new.
+3. Writes ``workdir/results.json`` (layout below), ``workdir/results.md`` (the
+   tables) and ``workdir/plots/*.png``; returns the results.
+
+``results.json``::
+
+  {"config": ..., "seeds": [...], "eval": {...}, "base": {task: metrics},
+   "methods": {method: {
+       "tasks": {task: {"metric", "mean", "std", "values"}},
+       "normalized": {task | "average": {"mean", "std"}},
+       "average": {"mean", "std"},             # normalized average (base = 100)
+       "forgetting": {task | "mean": {"mean", "std"}},  # normalized points
+       "stage_transfer": {...},                # multi_stage only
+       "drift": {...},                         # methods with EPI refreshes
+       "runs": [...], "eval_seconds": [...]}}}
+
+The eval settings come from ``config.eval`` (see :func:`eval_defaults`); the
+trainer does not know that group, so it is split off before training.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from epi_jax.evaluation import drift as drift_lib
+from epi_jax.evaluation import forgetting as fg
+from epi_jax.evaluation import metrics
+from epi_jax.evaluation.evaluate import DEFAULT_NUM_EXAMPLES, TASKS, evaluate
+
+METHODS = ("full", "multi_stage", "static", "epi")
+
+
+def eval_defaults() -> dict[str, Any]:
+  """The ``config.eval`` fields and their defaults.
+
+  tasks: tasks to evaluate. num_examples: ``{task: n}`` (or an int for all).
+  max_new_tokens: GSM8K generation budget. batch_size: eval rows per batch.
+  generate_batch_size: GSM8K prompts per generation batch.
+  seq_len: longest scored sequence (LogiQA: twice that). sample_seed: None for
+  the first N test examples, an int for a fixed random subset.
+  logiqa_normalize: 'sum' or 'mean' option log-likelihood. snapshots: 'all'
+  (every snapshot, for forgetting) or 'final'. split: the split evaluated.
+  """
+  return {"tasks": list(TASKS), "num_examples": dict(DEFAULT_NUM_EXAMPLES),
+          "max_new_tokens": 160, "batch_size": 8, "generate_batch_size": 16, "seq_len": 512,
+          "sample_seed": None, "logiqa_normalize": "sum", "snapshots": "all",
+          "split": "test"}
+
+
+def _plain(x):
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def split_eval_config(config) -> tuple[Any, dict[str, Any]]:
+  """``(trainer config without 'eval', resolved eval settings)``."""
+  config = copy.deepcopy(config)
+  settings = eval_defaults()
+  if "eval" in config:
+    given = _plain(config["eval"])
+    unknown = sorted(set(given) - set(settings))
+    if unknown:
+      raise ValueError(f"Unknown config field(s) eval.{unknown}; known: {sorted(settings)}")
+    if isinstance(given.get("num_examples"), Mapping):
+      given["num_examples"] = {**settings["num_examples"], **given["num_examples"]}
+    settings.update(given)
+    with config.unlocked() if hasattr(config, "unlocked") else _null():
+      del config["eval"]
+  if settings["snapshots"] not in ("all", "final"):
+    raise ValueError(f"config.eval.snapshots={settings['snapshots']!r}: expected 'all' or 'final'")
+  unknown = [t for t in settings["tasks"] if t not in TASKS]
+  if unknown:
+    raise ValueError(f"config.eval.tasks has unknown task(s) {unknown}; known: {list(TASKS)}")
+  return config, settings
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _eval_key(settings: Mapping) -> str:
+  keep = {k: v for k, v in settings.items() if k != "snapshots"}
+  return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _stage_ends(config) -> list[int]:
+  return [int(x) for x in np.cumsum([st["steps"] for st in (config.data.stages or [])])]
+
+
+def _stage_tasks(config) -> list[list[str]]:
+  return [[t for t, w in st["mixture"].items() if w > 0] for st in config.data.stages]
+
+
+# ----------------------------------------------------------------------------
+# Evaluation data (prepared TFDS data, or the trainer's stand-in).
+
+def standin_eval_examples(sources: Mapping[str, Sequence[Mapping]]) -> dict[str, list[dict]]:
+  """Turns the trainer's synthetic "a + b = c." examples into eval examples."""
+  out = {}
+  for task, items in sources.items():
+    exs = []
+    for e in items:
+      ex = copy.deepcopy(dict(e))
+      answer = metrics.extract_gsm8k_answer(ex["messages"][-1]["content"]) or "0"
+      if task == "gsm8k":
+        ex["final_answer"] = answer
+      elif task == "logiqa":
+        n = int(answer)
+        ex["options"] = [str(n + d) for d in (0, 1, -1, 2)]
+        ex["answer"] = 0
+      exs.append(ex)
+    out[task] = exs
+  return out
+
+
+def eval_data(config, tasks) -> dict[str, Any]:
+  """``evaluate`` kwargs for the data of ``config`` (prepares it if needed)."""
+  from epi_jax.training import inputs  # pylint: disable=g-import-not-at-top
+  probe = copy.deepcopy(config)
+  with probe.unlocked():
+    probe.method = "full"
+    probe.data.mixture = {t: 1.0 for t in tasks}
+  kwargs = inputs.ensure_data(probe)
+  if "sources" in kwargs:
+    return {"examples": standin_eval_examples(kwargs["sources"])}
+  return {"data_dir": kwargs["data_dir"]}
+
+
+def run_eval(model, tokenizer, settings, data_kwargs, log=print) -> dict[str, Any]:
+  start = time.perf_counter()
+  res = evaluate(model, tokenizer, tasks=settings["tasks"], num_examples=settings["num_examples"],
+                 max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
+                 seq_len=settings["seq_len"], split=settings["split"],
+                 generate_batch_size=settings["generate_batch_size"],
+                 sample_seed=settings["sample_seed"],
+                 logiqa_normalize=settings["logiqa_normalize"], **data_kwargs)
+  seconds = time.perf_counter() - start
+  log("  eval " + ", ".join(f"{t}: {_fmt_metric(t, r)}" for t, r in res.items())
+      + f"  ({seconds:.0f}s)")
+  return {"results": res, "seconds": round(seconds, 2)}
+
+
+def _cached(path: pathlib.Path, key: str, compute: Callable[[], dict]) -> dict:
+  if path.is_file():
+    try:
+      obj = json.loads(path.read_text())
+      if obj.get("eval_key") == key:
+        return obj
+    except json.JSONDecodeError:
+      pass
+  obj = {"eval_key": key, **compute()}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(obj, indent=1))
+  tmp.replace(path)
+  return obj
+
+
+def base_model(config):
+  """The model training starts from (pretrained weights or seed-``config.seed`` init)."""
+  from epi_jax.training import model as model_lib  # pylint: disable=g-import-not-at-top
+  spec, params, tokenizer = model_lib.build(config.model, config.seed, None)
+  return spec.bind(params), tokenizer
+
+
+def evaluate_run(run_dir, settings, data_kwargs, log=print) -> dict[int, dict]:
+  """``{step: eval results}`` of a run's snapshots (cached in ``<run>/eval``)."""
+  from epi_jax.training import list_snapshots, load_run  # pylint: disable=g-import-not-at-top
+  run_dir = pathlib.Path(run_dir)
+  snaps = list_snapshots(run_dir)
+  if not snaps:
+    raise FileNotFoundError(f"No snapshots in {run_dir}/snapshots")
+  if settings["snapshots"] == "final":
+    snaps = snaps[-1:]
+  key = _eval_key(settings)
+  out = {}
+  for step in snaps:
+    def compute(step=step):
+      log(f"  evaluating {run_dir} @ step {step}")
+      model, tok, _ = load_run(run_dir, snapshot=step)
+      return run_eval(model, tok, settings, data_kwargs, log)
+    out[step] = _cached(run_dir / "eval" / f"step_{step}.json", key, compute)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Aggregation.
+
+def _ms(values) -> dict[str, Any]:
+  vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+  if not vals:
+    return {"mean": None, "std": None, "n": 0}
+  return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+
+
+def _fmt_metric(task, r) -> str:
+  metric, _ = metrics.PRIMARY_METRIC[task]
+  v = r[metric]
+  return f"{100 * v:.1f}%" if metric == "accuracy" else f"{metric} {v:.3f}"
+
+
+def _run_summary(config, method, evals: Mapping[int, Mapping], base: Mapping,
+                 run_dir: pathlib.Path, sizes) -> dict[str, Any]:
+  steps = sorted(evals)
+  final = evals[steps[-1]]["results"]
+  norm = {s: metrics.normalized_scores(evals[s]["results"], base) for s in steps}
+  forget = fg.forgetting_table({s: {t: v for t, v in norm[s].items() if t != "average"}
+                                for s in steps})
+  out = {"final": final, "normalized": norm[steps[-1]], "forgetting": forget,
+         "forgetting_mean": fg.mean_defined(forget.values()), "steps": steps,
+         "eval_seconds": evals[steps[-1]].get("seconds")}
+  if method == "multi_stage" and config.data.stages:
+    ends = _stage_ends(config)
+    if all(e in norm for e in ends):
+      scores = {s: {t: v for t, v in norm[s].items() if t != "average"} for s in ends}
+      out["stage_transfer"] = fg.stage_transfer(scores, ends, _stage_tasks(config),
+                                                base_scores={t: 100.0 for t in base})
+  refreshes = drift_lib.load_refreshes(run_dir)
+  if refreshes:
+    out["drift"] = drift_lib.drift_summary(refreshes, sizes)
+  return out
+
+
+def aggregate(per_run: Mapping[str, Sequence[Mapping]]) -> dict[str, Any]:
+  """Means and spreads over seeds of each method's run summaries."""
+  methods = {}
+  for m, runs in per_run.items():
+    if not runs:
+      continue
+    tasks = list(runs[0]["final"])
+    entry = {"tasks": {}, "normalized": {}, "forgetting": {}}
+    for t in tasks:
+      metric, _ = metrics.PRIMARY_METRIC[t]
+      vals = [r["final"][t][metric] for r in runs]
+      entry["tasks"][t] = {"metric": metric, **_ms(vals), "values": vals}
+      if metrics.PRIMARY_METRIC[t][0] == "loss":
+        entry["tasks"][t]["perplexity"] = _ms([r["final"][t]["perplexity"] for r in runs])
+    for t in list(tasks) + ["average"]:
+      entry["normalized"][t] = _ms([r["normalized"].get(t) for r in runs])
+    entry["average"] = entry["normalized"]["average"]
+    for t in tasks:
+      entry["forgetting"][t] = _ms([r["forgetting"].get(t) for r in runs])
+    entry["forgetting"]["mean"] = _ms([r["forgetting_mean"] for r in runs])
+    if any("stage_transfer" in r for r in runs):
+      st = [r["stage_transfer"] for r in runs if "stage_transfer" in r]
+      entry["stage_transfer"] = {
+          "old_task_drop": _ms([s["mean_old_task_drop"] for s in st]),
+          "new_task_gain": _ms([s["mean_new_task_gain"] for s in st]),
+          "per_task": st[0]}
+    drifts = [r["drift"] for r in runs if r.get("drift")]
+    if drifts:
+      entry["drift"] = {"final_jaccard_first": _ms([d["final_jaccard_first"] for d in drifts]),
+                        "num_refreshes": _ms([d["num_refreshes"] for d in drifts]),
+                        "mean_migration": _ms([fg.mean_defined(d["migration"]) for d in drifts])}
+    entry["runs"] = [r["run_dir"] for r in runs]
+    entry["eval_seconds"] = [r["eval_seconds"] for r in runs]
+    entry["train_seconds"] = [r.get("train_seconds") for r in runs]
+    methods[m] = entry
+  return methods
+
+
+# ----------------------------------------------------------------------------
+# Tables.
+
+def _pm(ms, scale=1.0, digits=1) -> str:
+  if ms is None or ms.get("mean") is None:
+    return "–"
+  s = f"{scale * ms['mean']:.{digits}f}"
+  if ms.get("n", 1) > 1:
+    s += f" ± {scale * ms['std']:.{digits}f}"
+  return s
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+  """The paper-style tables of ``results.json``."""
+  methods, base = results["methods"], results["base"]
+  tasks = [t for t in results["eval"]["tasks"] if t in base]
+  head = ["method"] + [
+      f"{t} ({'acc %' if metrics.PRIMARY_METRIC[t][0] == 'accuracy' else 'loss'})"
+      for t in tasks] + ["average (norm.)", "forgetting (norm.)"]
+  lines = [f"Seeds: {results['seeds']}. Eval: {results['eval']['num_examples']} examples "
+           f"per task ({results['eval']['split']} split), GSM8K greedy, max "
+           f"{results['eval']['max_new_tokens']} new tokens. Normalized scores: base model "
+           "= 100 (see docs/RESULTS.md).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+  def cell(task, ms):
+    acc = metrics.PRIMARY_METRIC[task][0] == "accuracy"
+    return _pm(ms, 100.0 if acc else 1.0, 1 if acc else 3)
+
+  base_cells = [cell(t, {"mean": metrics.primary_score(t, base[t]), "n": 1}) for t in tasks]
+  lines.append("| base | " + " | ".join(base_cells) + " | 100.0 | – |")
+  for m, e in methods.items():
+    row = [m] + [cell(t, e["tasks"].get(t)) for t in tasks]
+    row += [_pm(e["average"]), _pm(e["forgetting"].get("mean"))]
+    lines.append("| " + " | ".join(row) + " |")
+  lines += ["", "Normalized per-task scores (base = 100; higher is better):", "",
+            "| method | " + " | ".join(tasks) + " | average |",
+            "|" + "---|" * (len(tasks) + 2)]
+  for m, e in methods.items():
+    lines.append(f"| {m} | " + " | ".join(_pm(e["normalized"].get(t)) for t in tasks)
+                 + f" | {_pm(e['average'])} |")
+  lines += ["", "Forgetting per task (best earlier snapshot minus final, normalized points; "
+            "negative = still improving):", "",
+            "| method | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 2)]
+  for m, e in methods.items():
+    lines.append(f"| {m} | " + " | ".join(_pm(e["forgetting"].get(t)) for t in tasks)
+                 + f" | {_pm(e['forgetting'].get('mean'))} |")
+  extra = [(m, e) for m, e in methods.items() if "stage_transfer" in e or "drift" in e]
+  if extra:
+    lines += ["", "| method | old-task drop | new-task gain | Jaccard vs first mask (final) "
+              "| refreshes | mean migration |", "|---|---|---|---|---|---|"]
+    for m, e in extra:
+      st, d = e.get("stage_transfer", {}), e.get("drift", {})
+      lines.append(f"| {m} | {_pm(st.get('old_task_drop'))} | {_pm(st.get('new_task_gain'))}"
+                   f" | {_pm(d.get('final_jaccard_first'), 1, 3)} | "
+                   f"{_pm(d.get('num_refreshes'), 1, 0)} | {_pm(d.get('mean_migration'), 1, 3)} |")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# Driver.
+
+def param_sizes(model_config) -> dict[str, int]:
+  """``{param path: entries}`` of ``config.model`` from shapes only (no weights loaded).
+
+  Weighs the layers when turning per-layer isolated fractions into counts
+  (migration); empty when the architecture cannot be resolved.
+  """
+  try:
+    from epi_jax.training import model as model_lib  # pylint: disable=g-import-not-at-top
+    if model_config.init == "random":
+      cfg = model_lib.model_config(model_config)
+    else:
+      from epi_jax.model import loading  # pylint: disable=g-import-not-at-top
+      path = loading.resolve_model_path(model_config.name)
+      if path.is_dir():
+        cfg = loading.hf_config(json.loads((path / "config.json").read_text()))
+      else:
+        import gguf  # pylint: disable=g-import-not-at-top
+        cfg = loading.gguf_config(gguf.GGUFReader(path))
+    return {k: int(np.prod(v.shape)) for k, v in model_lib.spec_for(cfg).shapes.items()}
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"[epi_jax] layer sizes unavailable ({e}); migration weighs layers equally",
+          file=sys.stderr)
+    return {}
+
+
+def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains, evaluates and compares ``methods`` over ``seeds`` seeds (see module doc)."""
+  from epi_jax.training import is_finished, train  # pylint: disable=g-import-not-at-top
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise ValueError(f"--methods: unknown or empty {list(methods)}; known: {list(METHODS)}")
+  if seeds < 1:
+    raise ValueError(f"--seeds must be >= 1, got {seeds}")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  train_cfg, settings = split_eval_config(config)
+  ends = _stage_ends(train_cfg)
+  if settings["snapshots"] == "all" and ends:
+    with train_cfg.unlocked():
+      train_cfg.snapshot_steps = tuple(sorted(set(train_cfg.snapshot_steps) | set(ends[:-1])))
+  if "multi_stage" in methods and ends and ends[-1] != int(train_cfg.total_steps):
+    log(f"warning: multi_stage trains {ends[-1]} steps (its stages) but the other methods "
+        f"train total_steps={train_cfg.total_steps}: the methods are not step-matched")
+  t0 = time.time()
+  data_kwargs = eval_data(train_cfg, settings["tasks"])
+  key = _eval_key(settings)
+
+  def base_compute():
+    log("evaluating the base model")
+    model, tok = base_model(train_cfg)
+    return run_eval(model, tok, settings, data_kwargs, log)
+
+  base = _cached(workdir / "base_eval.json", key, base_compute)["results"]
+  per_run: dict[str, list] = {m: [] for m in methods}
+  sizes = param_sizes(train_cfg.model)
+  for k in range(seeds):
+    for m in methods:
+      run_dir = workdir / m / f"seed{k}"
+      cfg = copy.deepcopy(train_cfg)
+      with cfg.unlocked():
+        cfg.method = m
+        cfg.seed = int(train_cfg.seed) + k
+        if m == "multi_stage" and ends:
+          cfg.total_steps = ends[-1]
+      train_seconds = None
+      if is_finished(run_dir):
+        log(f"[{m} seed{k}] finished run found in {run_dir}")
+      else:
+        log(f"[{m} seed{k}] training into {run_dir}")
+        start = time.time()
+        result = train(cfg, run_dir)
+        train_seconds = round(time.time() - start, 1)
+        del result
+      done = run_dir / "DONE"
+      if train_seconds is None and done.is_file():
+        try:
+          train_seconds = json.loads(done.read_text()).get("wall_time_s")
+        except json.JSONDecodeError:
+          pass
+      evals = evaluate_run(run_dir, settings, data_kwargs, log)
+      summary = _run_summary(cfg, m, evals, base, run_dir, sizes)
+      summary["run_dir"] = str(run_dir)
+      summary["train_seconds"] = train_seconds
+      per_run[m].append(summary)
+  results = {"config": _plain(config.to_dict() if hasattr(config, "to_dict") else config),
+             "methods_order": list(methods), "seeds": [int(train_cfg.seed) + k for k in range(seeds)],
+             "eval": settings, "base": base, "methods": aggregate(per_run),
+             "wall_time_s": round(time.time() - t0, 1)}
+  _write_outputs(workdir, results, per_run, log, sizes)
+  return results
+
+
+def _write_outputs(workdir: pathlib.Path, results, per_run, log, sizes=None):
+  (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+  table = results_markdown(results)
+  (workdir / "results.md").write_text(table)
+  plots = workdir / "plots"
+  drift_lib.plot_task_metrics(results["methods"], plots / "tasks_normalized.png")
+  curves, first_refreshes = {}, {}
+  for m, runs in per_run.items():
+    for r in runs:
+      if r.get("drift"):
+        curves[f"{m}/{pathlib.Path(r['run_dir']).name}"] = r["drift"]
+        first_refreshes.setdefault(m, r["run_dir"])
+  drift_lib.plot_drift(curves, plots / "drift.png")
+  for m, run_dir in first_refreshes.items():
+    drift_lib.plot_layer_heatmap(drift_lib.load_refreshes(run_dir),
+                                 plots / f"layer_heatmap_{m}.png",
+                                 title=f"{m}: isolated fraction per block", sizes=sizes)
+  log("\n" + table)
+  log(f"wrote {workdir / 'results.json'}, {workdir / 'results.md'} and {plots}/*.png")
+
+
+def load_config_file(path: str):
+  """``get_config()`` of a config file."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"--config: no such file {path}")
+  spec = importlib.util.spec_from_file_location(f"_epi_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"--config: {path} defines no get_config()")
+  return module.get_config()

@@ -1,0 +1,265 @@
+"""Drift analysis of the isolation mask, and the comparison plots (matplotlib, Agg).
+
+Inputs are a run's ``refreshes.jsonl`` (one object per EPI refresh: ``step``,
+``isolated_fraction``, ``num_flipped``, ``jaccard_prev``, ``jaccard_first``,
+``per_layer: {param_path: isolated fraction}``) or masks themselves (bool
+arrays or pytrees of them) for the pure metric functions:
+
+* :func:`jaccard`: ``|A & B| / |A | B|`` of two masks (1.0 when both are empty).
+* :func:`layer_shares`: how the isolated entries are spread over the layers
+  (each layer's share of all isolated entries).
+* :func:`migration`: the fraction of isolated entries that moved to another
+  layer between two refreshes, ``0.5 * sum_l |share_l(t) - share_l(t-1)|``
+  (the total-variation distance of the shares; a lower bound on the entries
+  that changed layer, exact when no layer both gains and loses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def _leaves(mask) -> list[np.ndarray]:
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x, bool).ravel() for x in jax.tree_util.tree_leaves(mask)]
+
+
+def jaccard(a, b) -> float:
+  """Jaccard overlap of two masks (arrays or pytrees of the same structure)."""
+  la, lb = _leaves(a), _leaves(b)
+  if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
+    raise ValueError("masks must have the same structure and shapes")
+  inter = sum(int(np.sum(x & y)) for x, y in zip(la, lb))
+  union = sum(int(np.sum(x | y)) for x, y in zip(la, lb))
+  return 1.0 if union == 0 else inter / union
+
+
+def num_flipped(a, b) -> int:
+  """Entries whose isolation state differs between two masks."""
+  return sum(int(np.sum(x != y)) for x, y in zip(_leaves(a), _leaves(b)))
+
+
+def jaccard_curves(masks: Sequence[Any]) -> dict[str, list[float]]:
+  """Jaccard of each mask against the first and the previous one."""
+  if not masks:
+    return {"jaccard_first": [], "jaccard_prev": []}
+  return {"jaccard_first": [jaccard(masks[0], m) for m in masks],
+          "jaccard_prev": [1.0] + [jaccard(p, m) for p, m in zip(masks[:-1], masks[1:])]}
+
+
+def layer_fractions(mask: Mapping[str, Any]) -> dict[str, float]:
+  """``{layer: isolated fraction}`` of a flat ``{path: bool array}`` mask."""
+  return {k: float(np.mean(np.asarray(v, bool))) for k, v in mask.items()}
+
+
+def layer_shares(fractions: Mapping[str, float],
+                 sizes: Mapping[str, int] | None = None) -> dict[str, float]:
+  """Each layer's share of the isolated entries (sums to 1; all 0 if none).
+
+  ``sizes`` (entries per layer) turns fractions into counts; without it all
+  layers weigh the same.
+  """
+  counts = {k: float(f) * float(sizes.get(k, 1) if sizes else 1)
+            for k, f in fractions.items()}
+  total = sum(counts.values())
+  return {k: (c / total if total > 0 else 0.0) for k, c in counts.items()}
+
+
+def migration(prev: Mapping[str, float], cur: Mapping[str, float],
+              sizes: Mapping[str, int] | None = None) -> float:
+  """Fraction of isolated entries that changed layer (total-variation distance)."""
+  a, b = layer_shares(prev, sizes), layer_shares(cur, sizes)
+  keys = set(a) | set(b)
+  return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in keys)
+
+
+# ----------------------------------------------------------------------------
+# refreshes.jsonl
+
+def load_jsonl(path) -> list[dict]:
+  """The objects of a JSON-lines file (empty list when it does not exist)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return []
+  rows = []
+  for i, line in enumerate(path.read_text().splitlines()):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from e
+  return rows
+
+
+def load_refreshes(workdir) -> list[dict]:
+  """A run's refreshes (``workdir/refreshes.jsonl``), sorted by step."""
+  return sorted(load_jsonl(pathlib.Path(workdir) / "refreshes.jsonl"),
+                key=lambda r: int(r.get("step", 0)))
+
+
+_BLOCK = re.compile(r"layers[^0-9]{0,3}(\d+)")
+
+
+def block_of(path: str) -> str:
+  """``'block 07'`` for a parameter path inside decoder block 7, else the path's head."""
+  m = _BLOCK.search(path)
+  if m:
+    return f"block {int(m.group(1)):02d}"
+  return re.split(r"[./]", path.strip("/"))[0] or path
+
+
+def drift_summary(refreshes: Sequence[Mapping], sizes: Mapping[str, int] | None = None
+                  ) -> dict[str, Any]:
+  """Curves over refreshes: step, jaccard_first/prev, isolated fraction, migration."""
+  steps = [int(r["step"]) for r in refreshes]
+  get = lambda key: [None if r.get(key) is None else float(r[key]) for r in refreshes]
+  per_layer = [r.get("per_layer") or {} for r in refreshes]
+  mig = [None] + [migration(p, c, sizes) if p and c else None
+                  for p, c in zip(per_layer[:-1], per_layer[1:])]
+  jf = [v for v in get("jaccard_first")[1:] if v is not None]
+  return {"step": steps, "jaccard_first": get("jaccard_first"),
+          "jaccard_prev": get("jaccard_prev"), "isolated_fraction": get("isolated_fraction"),
+          "num_flipped": get("num_flipped"), "migration": mig,
+          "final_jaccard_first": jf[-1] if jf else None,
+          "num_refreshes": len(refreshes)}
+
+
+def layer_matrix(refreshes: Sequence[Mapping], group: str = "block",
+                 sizes: Mapping[str, int] | None = None
+                 ) -> tuple[list[str], list[int], np.ndarray]:
+  """``(rows, steps, fractions [rows, refreshes])`` of isolated fraction per layer.
+
+  ``group='leaf'`` keeps one row per parameter; ``'block'`` averages the
+  leaves of each decoder block (size-weighted when ``sizes`` is given).
+  """
+  if group not in ("block", "leaf"):
+    raise ValueError(f"group must be 'block' or 'leaf', got {group!r}")
+  steps = [int(r["step"]) for r in refreshes]
+  keys = sorted({k for r in refreshes for k in (r.get("per_layer") or {})})
+  rowname = (lambda k: k) if group == "leaf" else block_of
+  rows = sorted({rowname(k) for k in keys})
+  mat = np.full((len(rows), len(steps)), np.nan)
+  for j, r in enumerate(refreshes):
+    num, den = {}, {}
+    for k, f in (r.get("per_layer") or {}).items():
+      w = float(sizes.get(k, 1)) if sizes else 1.0
+      name = rowname(k)
+      num[name] = num.get(name, 0.0) + w * float(f)
+      den[name] = den.get(name, 0.0) + w
+    for i, name in enumerate(rows):
+      if den.get(name):
+        mat[i, j] = num[name] / den[name]
+  return rows, steps, mat
+
+
+# ----------------------------------------------------------------------------
+# Plots
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_drift(curves: Mapping[str, Mapping[str, Any]], path) -> pathlib.Path | None:
+  """Jaccard vs first and vs previous mask over refresh steps, one line per run."""
+  curves = {k: v for k, v in curves.items() if v.get("step")}
+  if not curves:
+    return None
+  plt = _plt()
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  for label, c in curves.items():
+    axes[0].plot(c["step"], c["jaccard_first"], marker=".", label=label)
+    axes[1].plot(c["step"], c["jaccard_prev"], marker=".", label=label)
+    mig = [np.nan if v is None else v for v in c.get("migration", [])]
+    if mig:
+      axes[2].plot(c["step"], mig, marker=".", label=label)
+  for ax, title in zip(axes, ("Jaccard vs first mask", "Jaccard vs previous mask",
+                              "isolated entries migrating across layers")):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylim(0, 1.02)
+  axes[1].set_ylim(0, 1.02)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_layer_heatmap(refreshes: Sequence[Mapping], path, *, title: str = "",
+                       group: str = "block", sizes=None) -> pathlib.Path | None:
+  """Isolated fraction per layer (rows) over refreshes (columns)."""
+  rows, steps, mat = layer_matrix(refreshes, group=group, sizes=sizes)
+  if not rows or not steps:
+    return None
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(steps) + 3), max(3, 0.22 * len(rows) + 1.5)))
+  im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis")
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels(rows, fontsize=6)
+  ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
+  ax.set_xticks(ticks)
+  ax.set_xticklabels([str(steps[i]) for i in ticks], fontsize=7)
+  ax.set_xlabel("refresh step")
+  ax.set_title(title or "isolated fraction per layer")
+  fig.colorbar(im, ax=ax, label="isolated fraction")
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_task_metrics(methods: Mapping[str, Mapping[str, Any]], path, *,
+                      key: str = "normalized") -> pathlib.Path | None:
+  """Grouped bars: one group per task (plus ``average``), one bar per method.
+
+  ``methods[m][key][task] = {'mean': x, 'std': s}`` (the ``results.json``
+  layout of :mod:`epi_jax.evaluation.compare`).
+  """
+  names = [m for m in methods if methods[m].get(key)]
+  if not names:
+    return None
+  tasks = [t for t in methods[names[0]][key]]
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks) + 2), 3.8))
+  width = 0.8 / len(names)
+  x = np.arange(len(tasks))
+  for i, m in enumerate(names):
+    vals = [methods[m][key].get(t, {}) for t in tasks]
+    mean = [v.get("mean", np.nan) if v.get("mean") is not None else np.nan for v in vals]
+    std = [v.get("std") or 0.0 for v in vals]
+    ax.bar(x + (i - (len(names) - 1) / 2) * width, mean, width, yerr=std, label=m,
+           capsize=2)
+  ax.set_xticks(x)
+  ax.set_xticklabels(tasks)
+  ax.axhline(100.0 if key == "normalized" else 0.0, color="k", lw=0.6)
+  ax.set_ylabel("normalized score (base = 100)" if key == "normalized" else key)
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def finite_or_none(x) -> float | None:
+  """``float(x)`` or None for None/NaN/inf (for JSON)."""
+  if x is None:
+    return None
+  x = float(x)
+  return x if math.isfinite(x) else None

@@ -1,0 +1,131 @@
+"""``epi-jax compare`` end to end on configs/tiny.py, and its CLI parsing / tables."""
+
+import json
+import pathlib
+
+import pytest
+
+from epi_jax.evaluation import cli
+from epi_jax.evaluation import compare as cmp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_eval_overrides():
+  rest, ov = cli.split_eval_args(["--workdir", "x", "--eval.num_examples=3",
+                                  "--eval.num_examples.gsm8k", "2", "--eval.tasks=gsm8k,chat"])
+  assert rest == ["--workdir", "x"]
+  s = cli.apply_eval_overrides(cmp.eval_defaults(), ov)
+  assert s["num_examples"]["gsm8k"] == 2 and s["num_examples"]["chat"] == 3
+  assert s["tasks"] == ["gsm8k", "chat"]
+  with pytest.raises(ValueError, match="Unknown eval setting"):
+    cli.apply_eval_overrides(cmp.eval_defaults(), {"num_exampels": 3})
+
+
+def test_cli_usage_errors(capsys):
+  assert cli.evaluate_main([]) == 2
+  assert "exactly one of" in capsys.readouterr().err
+  assert cli.compare_main(["--workdir", "x"]) == 2
+  assert "--config" in capsys.readouterr().err
+
+
+def test_split_eval_config():
+  import ml_collections
+  c = ml_collections.ConfigDict({"method": "epi", "eval": {"num_examples": {"gsm8k": 4},
+                                                           "snapshots": "final"}})
+  train_cfg, s = cmp.split_eval_config(c)
+  assert "eval" not in train_cfg and "eval" in c  # the caller's config is untouched
+  assert s["num_examples"]["gsm8k"] == 4 and s["num_examples"]["logiqa"] == 32
+  assert s["snapshots"] == "final"
+  with pytest.raises(ValueError, match="eval"):
+    cmp.split_eval_config(ml_collections.ConfigDict({"eval": {"bogus": 1}}))
+
+
+def test_results_markdown_and_aggregate():
+  base = {"gsm8k": {"accuracy": 0.0, "n": 4}, "alpaca": {"loss": 2.0, "perplexity": 7.4, "n": 4}}
+  runs = {"full": [{"final": {"gsm8k": {"accuracy": 0.25, "n": 4},
+                              "alpaca": {"loss": 1.0, "perplexity": 2.7, "n": 4}},
+                    "normalized": {"gsm8k": 200.0, "alpaca": 200.0, "average": 200.0},
+                    "forgetting": {"gsm8k": 5.0, "alpaca": -1.0}, "forgetting_mean": 2.0,
+                    "eval_seconds": 1.0, "run_dir": "x/full/seed0"},
+                   {"final": {"gsm8k": {"accuracy": 0.5, "n": 4},
+                              "alpaca": {"loss": 1.0, "perplexity": 2.7, "n": 4}},
+                    "normalized": {"gsm8k": 300.0, "alpaca": 200.0, "average": 250.0},
+                    "forgetting": {"gsm8k": 1.0, "alpaca": -1.0}, "forgetting_mean": 0.0,
+                    "eval_seconds": 1.0, "run_dir": "x/full/seed1"}]}
+  methods = cmp.aggregate(runs)
+  assert methods["full"]["average"]["mean"] == 225.0
+  assert methods["full"]["average"]["std"] == 25.0
+  assert methods["full"]["tasks"]["gsm8k"]["values"] == [0.25, 0.5]
+  assert methods["full"]["forgetting"]["mean"]["mean"] == 1.0
+  md = cmp.results_markdown({"methods": methods, "base": base, "seeds": [0, 1],
+                             "eval": {**cmp.eval_defaults(), "tasks": ["gsm8k", "alpaca"]}})
+  assert "| full | 37.5 ± 12.5 | 1.000 ± 0.000 | 225.0 ± 25.0 | 1.0 ± 1.0 |" in md
+  assert "| base | 0.0 | 2.000 | 100.0 | – |" in md
+
+
+_SMALL_TINY = """
+import runpy
+def get_config():
+  c = runpy.run_path({tiny!r})["get_config"]()
+  c.total_steps = 12
+  c.data.stages = [{{"mixture": {{"gsm8k": 1.0, "alpaca": 1.0}}, "steps": 6}},
+                   {{"mixture": {{"logiqa": 1.0, "chat": 1.0}}, "steps": 6}}]
+  c.snapshot_steps = (6,)
+  c.epi.update_interval = 3
+  c.progress_bar = False
+  return c
+"""
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_tiny(tmp_path):
+  """configs/tiny.py, shortened to 12 steps in two stages, all four methods."""
+  config = tmp_path / "tiny_small.py"
+  config.write_text(_SMALL_TINY.format(tiny=str(REPO / "configs" / "tiny.py")))
+  workdir = tmp_path / "cmp"
+  argv = ["--config", str(config), "--workdir", str(workdir),
+          "--methods", "full,multi_stage,static,epi", "--seeds", "1",
+          "--config.optimizer.warmup_steps=2",
+          "--eval.num_examples=3", "--eval.max_new_tokens=8", "--eval.batch_size=4",
+          "--eval.seq_len=128"]
+  assert cli.compare_main(argv) == 0
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results["methods"]) == {"full", "multi_stage", "static", "epi"}
+  for m, e in results["methods"].items():
+    assert set(e["tasks"]) == set(cmp.TASKS), m
+    assert e["average"]["mean"] is not None
+    # Snapshots at 6 and 12: forgetting is defined for every task.
+    assert all(e["forgetting"][t]["mean"] is not None for t in cmp.TASKS), m
+  assert "stage_transfer" in results["methods"]["multi_stage"]
+  assert results["methods"]["epi"]["drift"]["num_refreshes"]["mean"] >= 2
+  assert (workdir / "results.md").read_text().count("| epi |") >= 3
+  assert (workdir / "plots" / "tasks_normalized.png").is_file()
+  assert (workdir / "plots" / "drift.png").is_file()
+  assert (workdir / "plots" / "layer_heatmap_epi.png").is_file()
+  cached = sorted(p.name for p in (workdir / "epi" / "seed0" / "eval").iterdir())
+  assert cached == ["step_12.json", "step_6.json"]
+  # A rerun trains nothing and re-evaluates nothing: same numbers.
+  mtime = (workdir / "epi" / "seed0" / "eval" / "step_12.json").stat().st_mtime
+  assert cli.compare_main(argv) == 0
+  again = json.loads((workdir / "results.json").read_text())
+  assert again["methods"]["epi"]["average"] == results["methods"]["epi"]["average"]
+  assert (workdir / "epi" / "seed0" / "eval" / "step_12.json").stat().st_mtime == mtime
+  # epi-jax evaluate on one snapshot.
+  out = tmp_path / "eval.json"
+  assert cli.evaluate_main(["--workdir", str(workdir / "epi" / "seed0"), "--snapshot", "6",
+                            "--eval.tasks=alpaca", "--eval.num_examples=2",
+                            "--eval.seq_len=128", "--output", str(out)]) == 0
+  single = json.loads(out.read_text())
+  assert single["step"] == 6 and set(single["results"]) == {"alpaca"}
+
+
+def test_standin_eval_examples():
+  src = {t: [{"task": t, "id": "s0", "messages": [
+      {"role": "user", "content": f"[{t}] What is 3 + 4?"},
+      {"role": "assistant", "content": "3 + 4 = 7."}]}] for t in ("gsm8k", "logiqa", "chat")}
+  out = cmp.standin_eval_examples(src)
+  assert out["gsm8k"][0]["final_answer"] == "7"
+  assert out["logiqa"][0]["options"][out["logiqa"][0]["answer"]] == "7"
+  assert len(out["logiqa"][0]["options"]) == 4
+  assert "final_answer" not in out["chat"][0] and "final_answer" not in src["gsm8k"][0]

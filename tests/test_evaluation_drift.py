@@ -1,0 +1,90 @@
+"""Drift metrics on constructed masks and the plots."""
+
+import json
+
+import numpy as np
+import pytest
+
+from epi_jax.evaluation import drift
+
+
+def test_jaccard_on_constructed_masks():
+  a = np.array([1, 1, 0, 0, 1], bool)
+  b = np.array([1, 0, 1, 0, 1], bool)
+  assert drift.jaccard(a, b) == pytest.approx(2 / 4)
+  assert drift.jaccard(a, a) == 1.0
+  assert drift.jaccard(np.zeros(3, bool), np.zeros(3, bool)) == 1.0  # both empty
+  assert drift.jaccard(a, ~a) == 0.0
+  assert drift.num_flipped(a, b) == 2
+  # Pytrees: counts pool over leaves (not a mean of per-leaf Jaccards).
+  ta = {"x": np.array([1, 1, 1, 1], bool), "y": np.array([1, 0], bool)}
+  tb = {"x": np.array([1, 1, 1, 1], bool), "y": np.array([0, 1], bool)}
+  assert drift.jaccard(ta, tb) == pytest.approx(4 / 6)
+  with pytest.raises(ValueError, match="same structure"):
+    drift.jaccard(a, np.zeros(4, bool))
+
+
+def test_jaccard_curves_and_layer_metrics():
+  m0 = {"l0": np.array([1, 1, 0, 0], bool), "l1": np.array([0, 0, 0, 0], bool)}
+  m1 = {"l0": np.array([1, 0, 0, 0], bool), "l1": np.array([1, 0, 0, 0], bool)}
+  m2 = {"l0": np.array([0, 0, 0, 0], bool), "l1": np.array([1, 1, 0, 0], bool)}
+  curves = drift.jaccard_curves([m0, m1, m2])
+  assert curves["jaccard_first"] == pytest.approx([1.0, 1 / 3, 0.0])
+  assert curves["jaccard_prev"] == pytest.approx([1.0, 1 / 3, 1 / 3])
+  f0, f2 = drift.layer_fractions(m0), drift.layer_fractions(m2)
+  assert f0 == {"l0": 0.5, "l1": 0.0}
+  assert drift.layer_shares(f0) == {"l0": 1.0, "l1": 0.0}
+  # All isolated entries moved from l0 to l1, half of them by m1.
+  assert drift.migration(f0, f2) == pytest.approx(1.0)
+  assert drift.migration(f0, drift.layer_fractions(m1)) == pytest.approx(0.5)
+  assert drift.migration(f0, f0) == 0.0
+  # Sizes turn fractions into counts: l1 four times larger.
+  assert drift.layer_shares({"a": 0.5, "b": 0.5}, {"a": 1, "b": 4}) == pytest.approx(
+      {"a": 0.2, "b": 0.8})
+
+
+def test_block_grouping():
+  assert drift.block_of("layers/3/attn/q/kernel") == "block 03"
+  assert drift.block_of("layers.12.mlp.up.kernel") == "block 12"
+  assert drift.block_of("embed/embedding") == "embed"
+
+
+def _refreshes(tmp_path):
+  rows = []
+  for i, step in enumerate([10, 20, 30]):
+    rows.append({"step": step, "num_refreshes": i + 1, "isolated_fraction": 0.01,
+                 "num_flipped": 5 * i, "jaccard_prev": 1.0 if i == 0 else 0.7,
+                 "jaccard_first": 1.0 - 0.2 * i,
+                 "per_layer": {"layers/0/mlp/up/kernel": 0.02 - 0.005 * i,
+                               "layers/1/mlp/up/kernel": 0.005 * i,
+                               "embed/embedding": 0.01}})
+  path = tmp_path / "refreshes.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in reversed(rows)) + "\n")
+  return rows
+
+
+def test_summary_matrix_and_plots(tmp_path):
+  _refreshes(tmp_path)
+  refreshes = drift.load_refreshes(tmp_path)
+  assert [r["step"] for r in refreshes] == [10, 20, 30]  # sorted
+  summary = drift.drift_summary(refreshes)
+  assert summary["jaccard_first"] == [1.0, 0.8, 0.6]
+  assert summary["final_jaccard_first"] == pytest.approx(0.6)
+  assert summary["migration"][0] is None and summary["migration"][2] > 0
+  rows, steps, mat = drift.layer_matrix(refreshes)
+  assert rows == ["block 00", "block 01", "embed"] and steps == [10, 20, 30]
+  np.testing.assert_allclose(mat[0], [0.02, 0.015, 0.01])
+  assert drift.plot_drift({"epi": summary}, tmp_path / "p" / "drift.png").stat().st_size > 1000
+  assert drift.plot_layer_heatmap(refreshes, tmp_path / "p" / "heat.png").is_file()
+  methods = {m: {"normalized": {"gsm8k": {"mean": v, "std": 1.0},
+                                "average": {"mean": v, "std": 0.5}}}
+             for m, v in (("full", 98.0), ("epi", 104.0))}
+  assert drift.plot_task_metrics(methods, tmp_path / "p" / "tasks.png").is_file()
+  assert drift.plot_drift({}, tmp_path / "none.png") is None
+  assert drift.load_refreshes(tmp_path / "missing") == []
+
+
+def test_bad_jsonl_names_file(tmp_path):
+  (tmp_path / "refreshes.jsonl").write_text('{"step": 1}\nnot json\n')
+  with pytest.raises(ValueError, match="refreshes.jsonl:2"):
+    drift.load_refreshes(tmp_path)
