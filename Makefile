@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench multihost-demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,10 @@ clean:
 BENCH_ARGS ?=
 bench: install
 	$(PY) benchmarks/run.py --out benchmarks/results.json $(BENCH_ARGS)
+
+# N local processes x D fake CPU devices forming one multi-host run (jax.distributed + gloo).
+NPROC ?= 2
+NDEV ?= 4
+multihost-demo: install
+	scripts/launch_local.sh $(NPROC) $(NDEV) --config configs/tiny.py --workdir runs/multihost \
+	  --config.data.seq_len=128 --config.data.mixture.logiqa=0.0

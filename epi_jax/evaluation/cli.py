@@ -77,6 +77,8 @@ def _parse_compare(argv):
   config_flags.DEFINE_config_file("config", None, "Training config file.", flag_values=fv,
                                   lock_config=False)
   flags.DEFINE_string("workdir", None, "Comparison directory.", flag_values=fv)
+  from epi_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  distributed.define_flags(fv)
   flags.DEFINE_string("methods", ",".join(cmp.METHODS), "Comma-separated methods.",
                       flag_values=fv)
   flags.DEFINE_integer("seeds", 1, "Number of seeds per method.", flag_values=fv)
@@ -117,8 +119,11 @@ def compare_main(argv=None) -> int:
     print(f"epi-jax compare: {e}\n{usage}", file=sys.stderr)
     return 2
   del train_cfg
+  from epi_jax.training import distributed  # pylint: disable=g-import-not-at-top
   try:
-    cmp.compare(config, fv.workdir, methods=methods, seeds=fv.seeds)
+    distributed.initialize_from_flags(fv)
+    with distributed.fail_fast():
+      cmp.compare(config, fv.workdir, methods=methods, seeds=fv.seeds)
   except ValueError as e:
     print(f"epi-jax compare: {e}", file=sys.stderr)
     return 2

@@ -5,7 +5,10 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,data}`` managed by an orbax
 and renamed when complete; the last ``keep`` are kept, older ones removed
 only after a newer save has completed). ``state`` holds params, optimizer
 state (EPI state included), step and RNG; ``data`` holds the iterator state
-as JSON. Params-only snapshots for evaluation live in
+as JSON (with several processes: every process's state, gathered and written
+by process 0 as ``{"process_count": n, "per_process": [...]}``). Every
+process calls save and restore (orbax writes each process's shards of the
+global arrays and coordinates the commit). Params-only snapshots for evaluation live in
 ``WORKDIR/snapshots/<step>``.
 
 A checkpoint that fails to restore is reported, moved to
@@ -15,6 +18,7 @@ tried.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import sys
@@ -22,6 +26,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -49,6 +54,62 @@ def from_storable(stored: dict[str, Any], like: dict[str, Any]) -> dict[str, Any
           "params": {k: stored["params"][_pkey(k)] for k in like["params"]}}
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def all_processes_agree(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process (decisions that must not diverge)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
+
+
+def gather_json(obj) -> list[Any]:
+  """Every process's JSON-able ``obj``, in process order (collective)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  n = int(np.max(multihost_utils.process_allgather(np.array([raw.size], np.int32))))
+  padded = np.zeros([n], np.uint8)
+  padded[:raw.size] = raw
+  got = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in got.reshape(-1, n)]
+
+
+def data_for_save(data_state: dict[str, Any]) -> dict[str, Any]:
+  """The ``data`` item: the state itself (one process) or all processes' (collective)."""
+  states = gather_json(data_state)
+  if len(states) == 1:
+    return data_state
+  return {"process_count": len(states), "per_process": states}
+
+
+def data_for_process(stored: dict[str, Any]) -> dict[str, Any]:
+  """This process's iterator state out of the ``data`` item.
+
+  Resuming with a different process count is allowed when all saved states
+  are equal (the pipeline's state is global: it counts whole global batches).
+
+  Raises:
+    ValueError: when the process count changed and the states differ.
+  """
+  if "per_process" not in stored:
+    return stored
+  states, n = stored["per_process"], int(stored["process_count"])
+  if n == jax.process_count():
+    return states[jax.process_index()]
+  if any(s != states[0] for s in states):
+    raise ValueError(f"checkpoint was written by {n} processes with different data "
+                     f"iterator states; resume it with {n} processes, not "
+                     f"{jax.process_count()}")
+  return states[0]
+
+
 class Checkpointer:
   """Saves and restores train state + data iterator state under ``workdir``."""
 
@@ -73,7 +134,7 @@ class Checkpointer:
       return
     self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(to_storable(state)),
-        data=ocp.args.JsonSave(data_state)), force=True)
+        data=ocp.args.JsonSave(data_for_save(data_state))), force=True)
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -88,7 +149,8 @@ class Checkpointer:
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        return from_storable(out["state"], abstract_state), dict(out["data"]), step
+        return (from_storable(out["state"], abstract_state),
+                data_for_process(dict(out["data"])), step)
       except Exception as e:  # pylint: disable=broad-except
         print(f"[epi_jax] checkpoint {self.directory / str(step)} failed to restore "
               f"({type(e).__name__}: {str(e)[:300]}); trying the previous one",
@@ -103,6 +165,7 @@ class Checkpointer:
       src = self.directory / str(step)
       if src.exists():
         shutil.move(str(src), str(dest / f"{step}-{int(time.time())}"))
+    _sync(f"epi_jax:quarantine:{step}")
     self._mngr.close()
     self._mngr = self._manager()
 
@@ -114,7 +177,7 @@ class Checkpointer:
 def save_snapshot(workdir, step: int, params: dict[str, Any]) -> None:
   """Params-only snapshot ``WORKDIR/snapshots/<step>`` (synchronous, atomic)."""
   path = (pathlib.Path(workdir) / "snapshots" / str(step)).absolute()
-  if path.exists():
+  if all_processes_agree(path.exists()):  # every process must take part, or none
     return
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, {_pkey(k): v for k, v in params.items()})

@@ -3,9 +3,11 @@
 Flags follow ``ml_collections.config_flags``: ``--config`` names a Python file
 with ``get_config()`` (``--config=configs/tiny.py:ARG`` passes ARG to it) and
 ``--config.optimizer.learning_rate=1e-4`` overrides one field. Multi-host:
-``--coordinator_address/--num_processes/--process_id`` (or the environment
-jax.distributed understands, with ``--distributed``) start
-``jax.distributed`` first.
+``--coordinator_address/--num_processes/--process_id`` start
+``jax.distributed`` first; without them it is started when the environment
+is a multi-process launch (SLURM ``srun``, ``mpirun``, a multi-host Cloud TPU
+slice) or ``--distributed`` is given (see ``distributed.py``). When one
+process fails, every process exits non-zero (``--heartbeat_timeout_s``).
 
 Exit status: 0 when training finished, 3 when it stopped early (signal) with
 a checkpoint (run the same command again to resume), 2 on a bad config.
@@ -18,6 +20,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from epi_jax.training import distributed
+
 
 def _flag_values() -> flags.FlagValues:
   fv = flags.FlagValues()
@@ -27,14 +31,7 @@ def _flag_values() -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) at this step.",
                        flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes.",
-                       flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "jax.distributed: this process's id.",
-                       flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the "
-                    "cluster environment's settings (TPU pods, SLURM, ...).", flag_values=fv)
+  distributed.define_flags(fv)
   return fv
 
 
@@ -48,8 +45,8 @@ def _unknown_overrides(argv) -> str | None:
     path = arg[len("--config."):].split("=", 1)[0].split(".")
     node = defaults
     for i, key in enumerate(path):
-      if ".".join(path[:i]) == "data.mixture":
-        break  # task names are checked by validate()
+      if ".".join(path[:i]) in ("data.mixture", "eval"):
+        break  # task names are checked by validate(), eval fields by compare
       if not hasattr(node, "keys") or key not in node:
         return (f"Unknown config field {'.'.join(path[:i + 1])!r} in {arg!r}; known here: "
                 f"{sorted(node.keys()) if hasattr(node, 'keys') else '(not a group)'}")
@@ -64,20 +61,27 @@ def train_main(argv=None) -> int:
     print(f"epi-jax train: {bad}", file=sys.stderr)
     return 2
   fv = _flag_values()
+  # config_flags finds the --config.FIELD overrides in sys.argv: make it match
+  # argv when called from Python (tests, notebooks).
+  saved, sys.argv = sys.argv, ["epi-jax train"] + argv
   try:
-    fv(["epi-jax train"] + argv)
+    fv(sys.argv)
   except (flags.Error, ValueError, FileNotFoundError, AttributeError) as e:
     print(f"epi-jax train: {e}", file=sys.stderr)
     return 2
+  finally:
+    sys.argv = saved
   if fv.config is None or not fv.workdir:
     print("epi-jax train: --config and --workdir are required\n"
           "usage: epi-jax train --config configs/NAME.py --workdir DIR "
           "[--config.FIELD=VALUE ...]", file=sys.stderr)
     return 2
   import jax  # pylint: disable=g-import-not-at-top
-  if fv.coordinator_address or fv.num_processes or fv.distributed:
-    jax.distributed.initialize(coordinator_address=fv.coordinator_address,
-                               num_processes=fv.num_processes, process_id=fv.process_id)
+  try:
+    distributed.initialize_from_flags(fv)
+  except ValueError as e:
+    print(f"epi-jax train: {e}", file=sys.stderr)
+    return 2
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
   from epi_jax.training import trainer  # pylint: disable=g-import-not-at-top
   try:
@@ -85,7 +89,8 @@ def train_main(argv=None) -> int:
   except ValueError as e:
     print(f"epi-jax train: {e}", file=sys.stderr)
     return 2
-  result = trainer.train(config, fv.workdir, stop_after=fv.stop_after)
+  with distributed.fail_fast():
+    result = trainer.train(config, fv.workdir, stop_after=fv.stop_after)
   if jax.process_index() == 0:
     state = "stopped early (run again to resume)" if result.interrupted else "finished"
     print(f"[epi_jax] {state} at step {result.step}; run dir {fv.workdir}", file=sys.stderr)

@@ -41,6 +41,23 @@ def standin_sources(tasks, n: int = 64) -> dict[str, list[dict[str, Any]]]:
   return out
 
 
+def _prepare(tasks, raw_dir, data_dir) -> None:
+  """Prepares ``tasks``; with several processes, process 0 first (others wait, then
+  prepare only what their file system still lacks, e.g. per-host local disks)."""
+  multi = jax.process_count() > 1
+  if multi:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(f"[epi_jax] preparing {tasks} in {data_dir}", file=sys.stderr)
+    epi_data.prepare(raw_dir=raw_dir, data_dir=data_dir, tasks=tasks)
+  if multi:
+    multihost_utils.sync_global_devices("epi_jax:prepare_data")
+    if jax.process_index() != 0:
+      left = [t for t in tasks if not epi_data.get_builder(t, data_dir).is_prepared()]
+      if left:
+        epi_data.prepare(raw_dir=raw_dir, data_dir=data_dir, tasks=left)
+
+
 def ensure_data(config) -> dict[str, Any]:
   """Prepares missing datasets; returns the iterator's data kwargs.
 
@@ -55,9 +72,7 @@ def ensure_data(config) -> dict[str, Any]:
     return {"data_dir": data_dir}
   raw_dir = config.data.raw_dir or default_raw_data_dir()
   if raw_dir is not None or missing == ["chat"]:
-    if jax.process_index() == 0:
-      print(f"[epi_jax] preparing {missing} in {data_dir}", file=sys.stderr)
-    epi_data.prepare(raw_dir=raw_dir, data_dir=data_dir, tasks=missing)
+    _prepare(missing, raw_dir, data_dir)
     return {"data_dir": data_dir}
   if config.data.allow_standin:
     print(f"[epi_jax] raw data missing for {missing}: using the built-in stand-in",
@@ -68,20 +83,50 @@ def ensure_data(config) -> dict[str, Any]:
       "found (set config.data.raw_dir or $EPI_RAW_DATA_DIR, or config.data.allow_standin)")
 
 
-def make_iterator(config, tokenizer, data_kwargs):
-  """This process's checkpointable iterator of local batch rows."""
+def process_rows(mesh, batch_size: int) -> tuple[int, int]:
+  """``(shard_index, shard_count)``: which block of the global batch this process feeds.
+
+  Read off the batch sharding, so the rows a process loads are exactly the
+  rows its devices hold, whatever the order of devices in the mesh; one
+  process (or a batch replicated over all processes) gives ``(0, 1)``.
+
+  Raises:
+    ValueError: when this process's rows are not one contiguous block.
+  """
+  idx = sharding.batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  rows = sorted({s[0].indices(batch_size)[:2] for s in idx.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  if any(a[1] != b[0] for a, b in zip(rows, rows[1:])) or batch_size % (stop - start):
+    raise ValueError(f"process {jax.process_index()} holds batch rows {rows} of "
+                     f"{batch_size}: not one contiguous block (put config.mesh.data/fsdp "
+                     "across hosts, tensor within a host)")
+  return start // (stop - start), batch_size // (stop - start)
+
+
+def make_iterator(config, tokenizer, data_kwargs, mesh=None):
+  """This process's checkpointable iterator of its rows of the global batch.
+
+  ``mesh``: rows follow the batch sharding (:func:`process_rows`); without
+  it process ``i`` of ``n`` takes the ``i``-th of ``n`` equal blocks.
+  """
   d = config.data
   stages = d.stages if config.method == "multi_stage" else None
+  index, count = (process_rows(mesh, d.batch_size) if mesh is not None
+                  else (jax.process_index(), jax.process_count()))
   return make_train_iterator(
       tokenizer, mixture=dict(d.mixture), stages=stages, batch_size=d.batch_size,
       seq_len=d.seq_len, packing=d.packing, seed=config.seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      shard_index=index, shard_count=count,
       max_examples_per_task=d.max_examples_per_task, **data_kwargs)
 
 
-def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Assembles the processes' local rows into global arrays sharded over the batch axes."""
+def to_global(batch: dict[str, np.ndarray], mesh, batch_size: int | None = None
+              ) -> dict[str, jax.Array]:
+  """Assembles the processes' local rows into global arrays sharded over the batch axes.
+
+  ``batch_size``: the global number of rows (default: local rows x processes).
+  """
   s = sharding.batch_sharding(mesh)
   n = jax.process_count()
   return {k: jax.make_array_from_process_local_data(
-      s, v, (v.shape[0] * n,) + v.shape[1:]) for k, v in batch.items()}
+      s, v, (batch_size or v.shape[0] * n,) + v.shape[1:]) for k, v in batch.items()}

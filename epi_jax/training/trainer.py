@@ -6,6 +6,12 @@ optimizer/EPI state, step, RNG and the data iterator's position, so the
 continued run is identical to an uninterrupted one), then trains to
 ``config.total_steps``, writing metrics, checkpoints and snapshots. SIGTERM
 or SIGINT stops it after the current step with a checkpoint.
+
+Multi-process (``jax.distributed`` initialized first, see ``distributed.py``):
+every process runs this same function; each loads only its rows of the
+deterministic global batch (so the data does not depend on the process
+count), all take part in every checkpoint and snapshot, and process 0 alone
+writes ``config.json``, metrics, TensorBoard and ``DONE``.
 """
 
 from __future__ import annotations
@@ -163,8 +169,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
   config = cfg_lib.validate(config)
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)  # every host (its disk may not be shared)
   if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(cfg_lib.to_json(config))
   mesh = sharding.make_mesh(config.mesh)
   bs_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -180,9 +186,9 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
   abstract = jax.eval_shape(init_state, params)
   st_shard = sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
-  it = inputs.make_iterator(config, tokenizer, data_kwargs)
+  it = inputs.make_iterator(config, tokenizer, data_kwargs, mesh)
   restored = None
-  if ckpt.all_steps():
+  if ckpt_lib.all_processes_agree(bool(ckpt.all_steps())):
     restored = ckpt.restore_latest(jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_shard))
   if restored is not None:
@@ -217,7 +223,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
         except StopIteration:
           raise ValueError(f"the data ran out at step {step} of {total} "
                            "(data.stages shorter than total_steps?)") from None
-        state, m = train_step(state, inputs.to_global(batch, mesh))
+        state, m = train_step(state, inputs.to_global(batch, mesh, config.data.batch_size))
         step += 1
         window.append(m)
         if first:  # the first step compiles: timed separately
