@@ -189,6 +189,10 @@ def plot_drift(curves: Mapping[str, Mapping[str, Any]], path) -> pathlib.Path | 
   axes[0].set_ylim(0, 1.02)
   axes[1].set_ylim(0, 1.02)
   axes[0].legend(fontsize=8)
+  return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> pathlib.Path:
   fig.tight_layout()
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,12 +218,7 @@ def plot_layer_heatmap(refreshes: Sequence[Mapping], path, *, title: str = "",
   ax.set_xlabel("refresh step")
   ax.set_title(title or "isolated fraction per layer")
   fig.colorbar(im, ax=ax, label="isolated fraction")
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_task_metrics(methods: Mapping[str, Mapping[str, Any]], path, *,
@@ -249,12 +248,7 @@ def plot_task_metrics(methods: Mapping[str, Mapping[str, Any]], path, *,
   ax.set_ylabel("normalized score (base = 100)" if key == "normalized" else key)
   ax.legend(fontsize=8)
   ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def finite_or_none(x) -> float | None:
