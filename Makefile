@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The full suite, slow tests included (they use the real model and data).
+# Data is prepared once up front (idempotent; skipped with a message where the
+# raw files are missing) so that parallel test workers never build it concurrently.
 test: install
+	-$(VENV)/bin/epi-jax data prepare
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 test-fast: install
