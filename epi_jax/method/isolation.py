@@ -308,7 +308,13 @@ class _Core:
     else:
       do_refresh = jnp.bool_(False)
 
-    def refresh(state: EPIState) -> EPIState:
+    # Only the fields a refresh changes go through the cond (not the whole
+    # state): big operands that a branch passes through cost copies on CPU.
+    Refreshed = tuple  # (mask, first_mask, num_refreshes, isolated_fraction,
+    #                     num_flipped, jaccard_prev, jaccard_first, threshold)
+
+    def refresh(importance, old: Refreshed) -> Refreshed:
+      old_mask, old_first, num_refreshes = old[0], old[1], old[2]
       mask, threshold = self._select(importance, elig)
       mask = self.store_mask(mask)
       n_elig = selection.count_to_float(selection.count_from_int(
@@ -316,27 +322,28 @@ class _Core:
                                           jax.tree.leaves(elig)) if e)))
       isolated = selection.count_to_float(_mask_count(mask))
       flipped = selection.count_to_float(_mask_count(
-          jax.tree.map(jnp.bitwise_xor, mask, state.mask)))
-      first = state.num_refreshes == 0
-      jaccard_prev = jnp.where(first, 1.0, _jaccard(mask, state.mask))
+          jax.tree.map(jnp.bitwise_xor, mask, old_mask)))
+      first = num_refreshes == 0
+      jaccard_prev = jnp.where(first, 1.0, _jaccard(mask, old_mask))
       if self.track_first_mask:
-        first_mask = jax.tree.map(lambda new, old: jnp.where(first, new, old),
-                                  mask, state.first_mask)
+        first_mask = jax.tree.map(lambda new, o: jnp.where(first, new, o), mask, old_first)
         jaccard_first = _jaccard(mask, first_mask)
       else:
-        first_mask, jaccard_first = state.first_mask, state.jaccard_first
-      return state._replace(
-          mask=mask, first_mask=first_mask,
-          num_refreshes=state.num_refreshes + 1,
-          isolated_fraction=isolated / jnp.maximum(n_elig, 1.0),
-          num_flipped=flipped, jaccard_prev=jaccard_prev.astype(jnp.float32),
-          jaccard_first=jnp.asarray(jaccard_first, jnp.float32),
-          threshold=threshold)
+        first_mask, jaccard_first = old_first, old[6]
+      return (mask, first_mask, num_refreshes + 1,
+              (isolated / jnp.maximum(n_elig, 1.0)).astype(jnp.float32),
+              flipped.astype(jnp.float32), jaccard_prev.astype(jnp.float32),
+              jnp.asarray(jaccard_first, jnp.float32), threshold.astype(jnp.float32))
 
     if self.mode == "none":
       new_state = state
     else:
-      new_state = jax.lax.cond(do_refresh, refresh, lambda s: s, state)
+      old = (state.mask, state.first_mask, state.num_refreshes, state.isolated_fraction,
+             state.num_flipped, state.jaccard_prev, state.jaccard_first, state.threshold)
+      out = jax.lax.cond(do_refresh, refresh, lambda _, o: o, importance, old)
+      new_state = state._replace(
+          mask=out[0], first_mask=out[1], num_refreshes=out[2], isolated_fraction=out[3],
+          num_flipped=out[4], jaccard_prev=out[5], jaccard_first=out[6], threshold=out[7])
     return new_state._replace(count=optax.safe_increment(state.count),
                               importance=importance)
 
