@@ -28,13 +28,14 @@ strings). The eval defaults to ``eval.snapshots='final'`` here.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import math
 import pathlib
 import sys
 import time
+
+from epi_jax.evaluation.cli import split_prefixed_args
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,29 +48,9 @@ def _ints(text):
   return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _literal(text):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
 def _split_config_args(argv):
   """``(rest, {dotted field: value})`` of ``--config.FIELD=VALUE`` (or ``... VALUE``) flags."""
-  rest, overrides, it = [], {}, iter(argv)
-  for arg in it:
-    if not arg.startswith("--config."):
-      rest.append(arg)
-      continue
-    body = arg[len("--config."):]
-    if "=" in body:
-      key, value = body.split("=", 1)
-    else:
-      key, value = body, next(it, None)
-      if value is None:
-        raise ValueError(f"{arg}: missing value")
-    overrides[key] = _literal(value)
-  return rest, overrides
+  return split_prefixed_args(argv, "--config.")
 
 
 def apply_config_overrides(config, overrides):

@@ -31,15 +31,18 @@ def _literal(text: str):
     return text
 
 
-def split_eval_args(argv) -> tuple[list[str], dict]:
-  """Separates ``--eval.FIELD=VALUE`` flags from the rest; returns ``(rest, overrides)``."""
+def split_prefixed_args(argv, prefix: str) -> tuple[list[str], dict]:
+  """Separates ``PREFIX.FIELD=VALUE`` (or ``PREFIX.FIELD VALUE``) flags from the rest.
+
+  Returns ``(rest, {dotted field: literal value})``; e.g. prefix ``"--eval."``.
+  """
   rest, overrides = [], {}
   it = iter(argv)
   for arg in it:
-    if not arg.startswith("--eval."):
+    if not arg.startswith(prefix):
       rest.append(arg)
       continue
-    body = arg[len("--eval."):]
+    body = arg[len(prefix):]
     if "=" in body:
       key, value = body.split("=", 1)
     else:
@@ -48,6 +51,11 @@ def split_eval_args(argv) -> tuple[list[str], dict]:
         raise ValueError(f"{arg}: missing value")
     overrides[key] = _literal(value)
   return rest, overrides
+
+
+def split_eval_args(argv) -> tuple[list[str], dict]:
+  """Separates ``--eval.FIELD=VALUE`` flags from the rest; returns ``(rest, overrides)``."""
+  return split_prefixed_args(argv, "--eval.")
 
 
 def apply_eval_overrides(settings: dict, overrides: dict) -> dict:
