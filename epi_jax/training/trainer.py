@@ -61,7 +61,7 @@ class TrainResult:
 
 
 class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop checks it after every step."""
+  """Set by SIGTERM/SIGINT; the loop checks it after every step (see should_stop)."""
 
   def __init__(self):
     self.signum = None
@@ -81,9 +81,14 @@ class _StopFlag:
     print(f"\n[epi_jax] got signal {signum}: checkpointing after this step",
           file=sys.stderr)
 
-  def should_stop(self) -> bool:
+  def should_stop(self, sync_point: bool) -> bool:
+    """Whether to stop now. With several processes all must stop at the same
+    step, which takes a cross-process gather: done only at ``sync_point`` steps
+    (log/checkpoint steps, which sync anyway), never as a per-step host sync."""
     local = self.signum is not None
-    if jax.process_count() > 1:  # all processes stop at the same step
+    if jax.process_count() > 1:
+      if not sync_point:
+        return False
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return bool(np.any(multihost_utils.process_allgather(np.array(local))))
     return local
@@ -249,15 +254,14 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
         writer.advance()
         if step in config.snapshot_steps and step != total:
           ckpt_lib.save_snapshot(workdir, step, state["params"])
-        if step % config.checkpoint_every == 0 or step == total:
+        at_checkpoint = step % config.checkpoint_every == 0 or step == total
+        if at_checkpoint:
           ckpt.save(step, state, it.get_state())
-        if stop.should_stop():
+        if stop.should_stop(sync_point=at_checkpoint or step % config.log_every == 0):
           interrupted = True
           break
-    if interrupted:
-      ckpt.save(step, state, it.get_state())
-    else:
-      ckpt.save(step, state, it.get_state())
+    ckpt.save(step, state, it.get_state())
+    if not interrupted:
       ckpt_lib.save_snapshot(workdir, step, state["params"])
     ckpt.wait()
   finally:
