@@ -163,9 +163,14 @@ def test_killed_process_stops_the_other(tmp_path):
   assert code != 0, _logs(procs)
   assert time.time() - t0 < 60
   log = procs[0][1].read_text()
-  # The coordination service names the dead process ("...unhealthy (stopped sending
-  # heartbeats):\n1"), or a collective with it fails first.
-  assert "stopped sending heartbeats" in log or "process 0 of 2 failed" in log, log[-3000:]
+  # Which layer notices the dead peer first varies with timing: the coordination
+  # service ("...unhealthy (stopped sending heartbeats)"), a collective that raises
+  # (our "process 0 of 2 failed ..." exit), or gloo aborting the process from one of
+  # its threads (seen under load: a torn connection read as a mismatched message).
+  # Any of them is a prompt, non-zero exit instead of a hang, which is the point.
+  noticed = ("stopped sending heartbeats" in log or "process 0 of 2 failed" in log
+             or ("gloo" in log.lower() and code < 0))
+  assert noticed, f"exit code {code}:\n{log[-3000:]}"
   assert not (workdir / "DONE").exists()
 
 
