@@ -63,7 +63,7 @@ def reference_masks(grads, params, *, p, T, beta, W=None, importance="grad_sq",
       norm = []
       for x in imp:
         d = {"layer_mean": x.mean(), "layer_max": x.max(), "none": None}[normalization]
-        norm.append(x if d is None else x / (d + tiny))
+        norm.append(x if d is None else x * (np.float32(1) / (d + tiny)))
       if selection_ == "global":
         flat = np.concatenate([n.ravel() for n, e in zip(norm, elig) if e])
         k = int(np.floor(p * flat.size))
@@ -242,6 +242,19 @@ def test_non_finite_gradient_leaves_importance_unchanged():
   chex.assert_trees_all_equal(state2.importance, state.importance)
   assert int(state2.count) == 2
   assert all(bool(jnp.all(jnp.isfinite(i))) for i in jax.tree.leaves(state2.importance))
+
+
+def test_finite_check_inf_and_huge_values():
+  """inf skips the step like NaN; huge finite gradients (whose sum overflows) do not."""
+  params = {"a": jnp.zeros((4, 8))}
+  tx = epi_jax.epi_transform(0.1, 2, 0.5, importance="grad_abs")
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  _, state = update({"a": jnp.ones((4, 8))}, state, params)
+  _, skipped = update({"a": jnp.ones((4, 8)).at[1, 2].set(-jnp.inf)}, state, params)
+  chex.assert_trees_all_equal(skipped.importance, state.importance)
+  _, kept = update({"a": jnp.full((4, 8), 3e38)}, state, params)
+  np.testing.assert_allclose(kept.importance["a"], 0.5 + 0.5 * 3e38, rtol=1e-6)
 
 
 def test_no_retracing_across_steps():

@@ -28,6 +28,7 @@ _BASE_BITS = 16
 _BASE = 1 << _BASE_BITS
 # Largest finite non-negative float32 bit pattern + 1 (+inf maps here; NaN above).
 _INF_BITS = 0x7F800000
+NEVER = _INF_BITS + 1  # a threshold above every score's bits: selects nothing
 
 
 class _Count(NamedTuple):
