@@ -257,6 +257,15 @@ def test_finite_check_inf_and_huge_values():
   np.testing.assert_allclose(kept.importance["a"], 0.5 + 0.5 * 3e38, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(), (5,), (3, 64), (2, 3, 96), (7, 32)])
+def test_count_true_matches_numpy(shape):
+  """Bool counts, as 32-bit-word popcounts where the last axis allows it."""
+  from epi_jax.method import compact, selection  # pylint: disable=g-import-not-at-top
+  m = np.random.default_rng(0).random(shape) < 0.3
+  assert int(jax.jit(selection.count_true)(jnp.asarray(m))) == int(m.sum())
+  assert int(jax.jit(compact.popcount)(compact.pack(jnp.asarray(m)))) == int(m.sum())
+
+
 def test_no_retracing_across_steps():
   params = make_params()
   tx = epi_jax.epi_adamw(1e-3, isolation_ratio=0.1, update_interval=2)

@@ -23,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from epi_jax.method import selection
+
 BITS = 8  # mask entries per stored byte
 
 
@@ -60,6 +62,10 @@ def unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def popcount(packed: jax.Array) -> jax.Array:
   """Number of set bits of a packed mask (int32 scalar; < 2**31 per leaf)."""
+  # As 32-bit words: 4x fewer elements to reduce (see selection.count_true).
+  if packed.shape[-1] % selection.WORD_AXIS_MULTIPLE == 0:
+    packed = jax.lax.bitcast_convert_type(
+        packed.reshape(packed.shape[:-1] + (packed.shape[-1] // 4, 4)), jnp.uint32)
   return jnp.sum(jax.lax.population_count(packed), dtype=jnp.int32)
 
 

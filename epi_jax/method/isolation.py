@@ -186,8 +186,7 @@ def _mask_count(masks) -> selection._Count:
   """Set entries of a tree of bool or packed (uint8) masks."""
   total = selection.count_from_int(0)
   for m in jax.tree.leaves(masks):
-    n = (compact.popcount(m) if m.dtype == jnp.uint8
-         else jnp.sum(m, dtype=jnp.int32))
+    n = compact.popcount(m) if m.dtype == jnp.uint8 else selection.count_true(m)
     total = selection._add(total, selection._split(n))
   return total
 

@@ -29,6 +29,8 @@ _BASE = 1 << _BASE_BITS
 # Largest finite non-negative float32 bit pattern + 1 (+inf maps here; NaN above).
 _INF_BITS = 0x7F800000
 NEVER = _INF_BITS + 1  # a threshold above every score's bits: selects nothing
+# Last-axis sizes counted as 32-bit words (see count_true): 4 x 8 shards.
+WORD_AXIS_MULTIPLE = 32
 
 
 class _Count(NamedTuple):
@@ -82,14 +84,31 @@ def score_bits(scores: jax.Array) -> jax.Array:
   return jnp.where((s >= 0) & ~jnp.isnan(s), bits, -1)
 
 
+def count_true(mask: jax.Array) -> jax.Array:
+  """Number of True entries of a bool array (int32; < 2**31 per array).
+
+  Where the last axis is a multiple of 32, the bools are read as 32-bit
+  words (4 bools each, 0 or 1 per byte) and popcounted: XLA:CPU reduces those
+  ~3x faster than it sums bools as int32 (measured, BENCHMARKS.md). Splitting
+  the last axis into words stays shard-local while each shard of it holds a
+  multiple of 4 entries: always with up to 8 shards on that axis (larger
+  splits still count right, through an all-gather of the bools).
+  """
+  if mask.ndim and mask.shape[-1] and mask.shape[-1] % WORD_AXIS_MULTIPLE == 0:
+    bytes_ = mask.view(jnp.uint8).reshape(mask.shape[:-1] + (mask.shape[-1] // 4, 4))
+    words = jax.lax.bitcast_convert_type(bytes_, jnp.uint32)
+    return jnp.sum(jax.lax.population_count(words), dtype=jnp.int32)
+  return jnp.sum(mask, dtype=jnp.int32)
+
+
 def count_at_least(bits_leaves: list[jax.Array], thresholds: jax.Array) -> _Count:
   """For each threshold t (shape [m]), the number of bits >= t over all leaves."""
   total = _Count(jnp.zeros_like(thresholds), jnp.zeros_like(thresholds))
   for bits in bits_leaves:
-    # One fused pass per leaf: broadcast-compare and reduce, never materialized.
-    # No reshape: flattening a sharded array would re-shard (all-gather) it.
-    per_leaf = jnp.sum(bits[..., None] >= thresholds, axis=tuple(range(bits.ndim)),
-                       dtype=jnp.int32)
+    # One pass per leaf and threshold, counted per leaf (no flattening: that
+    # would re-shard, i.e. all-gather, a sharded leaf).
+    per_leaf = jnp.stack([count_true(bits >= thresholds[j])
+                          for j in range(thresholds.shape[0])])
     total = _add(total, _split(per_leaf))
   return total
 
