@@ -225,7 +225,17 @@ def bench_sharded(rows):
 def bench_model(batch, seq, steps):
   out = []
   here = os.path.dirname(os.path.abspath(__file__))
-  for opt in ("full", "epi", "epi_compact", "full", "epi", "epi_compact"):
+  # Ratios: one process, the three variants' steps interleaved (model_step.py
+  # --worker interleaved). Peak memory: one process per variant.
+  cmd = [sys.executable, os.path.join(here, "model_step.py"), "--worker", "interleaved",
+         "--batch", str(batch), "--seq", str(seq), "--steps", str(max(steps, 9))]
+  p = subprocess.run(cmd, capture_output=True, text=True)
+  line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+  res = json.loads(line[0][7:]) if line and not p.returncode else {"error": p.stderr[-2000:]}
+  res["what"] = "interleaved"
+  print(f"model {res}", flush=True)
+  out.append(res)
+  for opt in ("full", "epi", "epi_compact"):
     cmd = [sys.executable, os.path.join(here, "model_step.py"), "--worker", "step",
            "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--opt", opt]
     p = subprocess.run(cmd, capture_output=True, text=True)

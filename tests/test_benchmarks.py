@@ -1,0 +1,36 @@
+"""benchmarks/run.py end to end at a tiny size: the JSON it writes and the table it prints."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_opt_refresh_bytes_tiny(tmp_path):
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "benchmarks" / "run.py"), "--parts", "opt,refresh,bytes",
+       "--sizes", "1e4,3e4", "--reps", "3", "--out", str(out)],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+  variants = {o["variant"] for o in res["opt"]}
+  assert {"adamw", "isolate(adamw)", "isolate(adamw) compact", "chain(epi, adamw)"} <= variants
+  for o in res["opt"]:
+    assert o["step_s"] > 0 and o["refresh_step_s"] > 0 and o["ratio_vs_adamw"] > 0
+  assert [o["ratio_vs_adamw"] for o in res["opt"] if o["variant"] == "adamw"] == [1.0, 1.0]
+  assert {o["method"] for o in res["refresh"] if "n" in o} >= {"lax.top_k", "sort"}
+  assert any("growth_exponent" in o for o in res["refresh"])
+  compact = [o for o in res["bytes"] if o["importance_dtype"] == "bfloat16"
+             and o["packed_mask"] and not o["track_first_mask"]]
+  assert compact and compact[0]["bytes_per_param"] <= 2.2
+  assert "| n params | variant |" in proc.stdout
