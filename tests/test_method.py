@@ -39,12 +39,13 @@ def grad_stream(num_steps, seed=1, shift_at=None):
 
 def reference_masks(grads, params, *, p, T, beta, W=None, importance="grad_sq",
                     normalization="layer_mean", selection_="global", mode="evolving",
-                    eligible=None):
+                    eligible=None, release_after=1):
   """Plain numpy EPI: the mask after every step."""
   W = T if W is None else W
   leaves_p = jax.tree.leaves(params)
   imp = [np.zeros(x.shape, np.float32) for x in leaves_p]
   mask = [np.zeros(x.shape, bool) for x in leaves_p]
+  streak = [np.zeros(x.shape, int) for x in leaves_p]  # refreshes out of the top-k
   elig = eligible or [True] * len(imp)
   refreshes, out = 0, []
   for t, g in enumerate(grads):
@@ -75,6 +76,11 @@ def reference_masks(grads, params, *, p, T, beta, W=None, importance="grad_sq",
           k = int(np.floor(p * n.size))
           thr = np.sort(n.ravel())[::-1][k - 1] if (k > 0 and e) else np.inf
           mask.append(n >= thr if e else np.zeros(n.shape, bool))
+      if release_after > 1:  # hysteresis: isolated entries leave after R misses in a row
+        old = out[-1] if out else [np.zeros(m.shape, bool) for m in mask]
+        for i, (top, o) in enumerate(zip(mask, old)):
+          streak[i] = np.where(top | ~o, 0, streak[i] + 1)
+          mask[i] = top | (o & (streak[i] < release_after))
     out.append([m.copy() for m in mask])
   return out
 
@@ -85,7 +91,7 @@ def run_tx(tx, grads, params, jit=True):
   masks = []
   for g in grads:
     _, state = update(jax.tree.map(jnp.asarray, g), state, params)
-    masks.append([np.asarray(m) for m in jax.tree.leaves(epi_jax.epi_state(state).mask)])
+    masks.append([np.asarray(m) for m in jax.tree.leaves(epi_jax.unpacked_mask(state))])
   return state, masks
 
 
@@ -97,6 +103,8 @@ def run_tx(tx, grads, params, jit=True):
     dict(selection_="layer"),
     dict(mode="static"),
     dict(W=2),
+    dict(release_after=2),
+    dict(release_after=3, packed_mask=True),
 ])
 def test_masks_match_numpy_reference(options):
   params = make_params()
@@ -105,12 +113,18 @@ def test_masks_match_numpy_reference(options):
   opts = dict(options)
   W = opts.pop("W", None)
   sel = opts.pop("selection_", "global")
-  tx = epi_jax.epi_transform(p, T, beta, warmup_steps=W, selection=sel, **opts)
+  packed = opts.pop("packed_mask", False)
+  tx = epi_jax.epi_transform(p, T, beta, warmup_steps=W, selection=sel, packed_mask=packed,
+                             **opts)
   _, got = run_tx(tx, grads, params)
   want = reference_masks(grads, params, p=p, T=T, beta=beta, W=W, selection_=sel, **opts)
   for t, (g_t, w_t) in enumerate(zip(got, want)):
     for g_leaf, w_leaf in zip(g_t, w_t):
       np.testing.assert_array_equal(g_leaf, w_leaf, err_msg=f"step {t} {options}")
+  if "release_after" in options:  # the hysteresis kept some entries isolated for longer
+    plain = reference_masks(grads, params, p=p, T=T, beta=beta, W=W, selection_=sel)
+    assert any(int(a.sum()) > int(b.sum()) for g_t, w_t in zip(got, plain)
+               for a, b in zip(g_t, w_t))
   # Importance actually drifted: the evolving masks change after the shift.
   if options == {}:
     assert not all(np.array_equal(a, b) for a, b in zip(got[3], got[-1]))
@@ -434,3 +448,42 @@ def test_counts_beyond_int32():
   assert bool(selection._leq(a, b)) and not bool(selection._leq(b, a))
   k = selection.topk_count(jnp.float32(0.5), 2**40)
   assert float(selection.count_to_float(k)) == 2.0**39
+
+
+def test_reset_on_release_zeroes_released_moments_only():
+  params = make_params()
+  grads = [jax.tree.map(jnp.asarray, g) for g in grad_stream(8, shift_at=4)]
+  kw = dict(isolation_ratio=0.1, update_interval=2, ema_decay=0.5)
+  tx_reset = epi_jax.isolate(optax.adam(1e-2), **kw, reset_on_release=True)
+  tx_plain = epi_jax.isolate(optax.adam(1e-2), **kw)
+  s_reset, s_plain = tx_reset.init(params), tx_plain.init(params)
+  update_reset, update_plain = jax.jit(tx_reset.update), jax.jit(tx_plain.update)
+  released_total = 0
+  for g in grads:
+    old_mask = s_plain.epi.mask
+    _, s_reset = update_reset(g, s_reset, params)
+    _, s_plain = update_plain(g, s_plain, params)
+    released = jax.tree.map(lambda o, n: np.asarray(o & ~n), old_mask, s_plain.epi.mask)
+    n_released = sum(int(r.sum()) for r in jax.tree.leaves(released))
+    if n_released:
+      # Up to the first release both runs are identical; at it, only the released
+      # entries' moments differ, and they are zero.
+      for moment in ("mu", "nu"):
+        got = getattr(s_reset.inner[0], moment)
+        want = getattr(s_plain.inner[0], moment)
+        for gl, wl, rl in zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                              jax.tree.leaves(released)):
+          np.testing.assert_array_equal(np.asarray(gl)[rl], 0.0)
+          np.testing.assert_array_equal(np.asarray(gl)[~rl], np.asarray(wl)[~rl])
+      released_total = n_released
+      break
+  assert released_total > 0, "no refresh released anything: the check did not run"
+
+
+def test_variant_options_validated_and_off_by_default():
+  state = epi_jax.epi_transform(0.1, 2).init(make_params())
+  assert state.out_streak == ()
+  with pytest.raises(ValueError, match="release_after"):
+    epi_jax.epi_transform(0.1, 2, release_after=0)
+  with pytest.raises(ValueError, match="reset_on_release"):
+    epi_jax.isolate(optax.adam(1e-3), 0.1, 2, reset_on_release=1)

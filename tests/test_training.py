@@ -141,6 +141,8 @@ def test_corrupt_latest_checkpoint_falls_back(sharded_run, tmp_path, capfd):
     ("data.mixture", {"nope": 1.0}, "data.mixture.nope"),
     ("epi.isolation_ratio", 1.5, "epi.isolation_ratio"),
     ("mesh.tensor", 0, "mesh.tensor"),
+    ("epi.importance_dtype", "float16", "epi.importance_dtype"),
+    ("epi.release_after", 0, "epi.release_after"),
 ])
 def test_bad_config_fails_before_training(field, value, message, tmp_path):
   config = small_config()
@@ -170,3 +172,25 @@ def test_multi_stage_total_steps_must_match_stages():
     cfg_lib.validate(config)
   config.total_steps = 0
   assert cfg_lib.validate(config).total_steps == 24
+
+
+def test_compact_state_and_variants_train_sharded(tmp_path):
+  """bf16 importance, packed masks, release hysteresis and moment reset in the trainer."""
+  config = small_config(data=2, fsdp=2, tensor=2)
+  config.total_steps = 4
+  config.snapshot_steps = ()
+  config.epi.importance_dtype = "bfloat16"
+  config.epi.packed_mask = True
+  config.epi.release_after = 2
+  config.epi.reset_on_release = True
+  result = train(config, tmp_path / "run")
+  assert np.all(np.isfinite(losses(result.workdir)))
+  e = epi_state(result.state["opt_state"])
+  assert {str(m.dtype) for m in jax.tree.leaves(e.mask)} == {"uint8"}
+  assert {str(i.dtype) for i in jax.tree.leaves(e.importance)} == {"bfloat16"}
+  assert int(e.num_refreshes) == 2 and jax.tree.leaves(e.out_streak)
+  refreshes = metrics_lib.read_jsonl(result.workdir / "refreshes.jsonl")
+  assert [r["step"] for r in refreshes] == [2, 4]
+  for r in refreshes:  # per-layer fractions of the unpacked masks
+    assert all(0.0 <= v <= 1.0 for v in r["per_layer"].values())
+    assert max(r["per_layer"].values()) > 0.0

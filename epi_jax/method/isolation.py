@@ -57,6 +57,9 @@ class EPIState(NamedTuple):
     jaccard_first: Jaccard overlap of the last mask with the first mask
       (-1 when not tracked).
     threshold: normalized-score threshold of the last global selection.
+    out_streak: with ``release_after > 1``, per isolated parameter the number
+      of consecutive refreshes it has been out of the top-k (uint8); an empty
+      tuple otherwise.
   """
   count: chex.Array
   importance: optax.Updates
@@ -68,6 +71,7 @@ class EPIState(NamedTuple):
   jaccard_prev: chex.Array
   jaccard_first: chex.Array
   threshold: chex.Array
+  out_streak: Any = ()
 
 
 class IsolateState(NamedTuple):
@@ -222,7 +226,7 @@ class _Core:
   def __init__(self, isolation_ratio, update_interval, ema_decay, warmup_steps,
                importance, normalization, selection_, mode, eligible,
                track_first_mask, importance_dtype, bits_per_pass,
-               packed_mask=False):
+               packed_mask=False, release_after=None):
     _validate(isolation_ratio, update_interval, ema_decay, warmup_steps,
               importance, normalization, selection_, mode, bits_per_pass)
     self.ratio = isolation_ratio
@@ -240,6 +244,15 @@ class _Core:
     if not isinstance(packed_mask, bool):
       raise ValueError(f"packed_mask must be a bool, got {packed_mask!r}.")
     self.packed = packed_mask
+    if release_after is None:
+      release_after = 1
+    if isinstance(release_after, jax.core.Tracer) or hasattr(release_after, "dtype"):
+      raise ValueError("release_after is an array: with optax.inject_hyperparams list it "
+                       "in static_args (it sets the state's structure).")
+    if (not isinstance(release_after, int) or isinstance(release_after, bool)
+        or not 1 <= release_after <= 255):
+      raise ValueError(f"release_after must be an int in [1, 255], got {release_after!r}.")
+    self.release_after = release_after
 
   def _empty_mask(self, p):
     m = jnp.zeros_like(p, dtype=jnp.bool_)
@@ -268,7 +281,9 @@ class _Core:
         first_mask=first_mask, num_refreshes=jnp.zeros([], jnp.int32),
         isolated_fraction=zero(), num_flipped=zero(), jaccard_prev=zero(),
         jaccard_first=jnp.full([], 0.0 if self.track_first_mask else -1.0, jnp.float32),
-        threshold=zero())
+        threshold=zero(),
+        out_streak=(jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.uint8), params)
+                    if self.release_after > 1 else ()))
 
   def _float_scores(self, importance) -> list[jax.Array]:
     """float32 importance leaves (bf16 ones with tie-breaking low bits)."""
@@ -314,12 +329,30 @@ class _Core:
     scales, thrs, threshold = self._thresholds(importance, elig)
     return self._masks(importance, elig, scales, thrs), threshold
 
+  def _with_hysteresis(self, top, old_mask, old_streak) -> tuple[Any, Any]:
+    """The stored mask of a refresh from its top-k bool mask, and the new
+    out-streaks. With ``release_after = R > 1`` an isolated entry stays
+    isolated until it has been out of the top-k at R consecutive refreshes."""
+    if self.release_after == 1:
+      return self.store_mask(top), old_streak
+
+    def leaf(t, old, streak):
+      if old.dtype == jnp.uint8:
+        old = compact.unpack(old, t.shape)
+      streak = jnp.where(t | ~old, jnp.uint8(0),
+                         jnp.minimum(streak, jnp.uint8(254)) + jnp.uint8(1))
+      return t | (old & (streak < self.release_after)), streak
+
+    out = jax.tree.map(leaf, top, old_mask, old_streak)
+    outer = jax.tree.structure(top)
+    mask, streak = jax.tree.transpose(outer, jax.tree.structure((0, 0)), out)
+    return self.store_mask(mask), streak
+
   def update(self, grads, state: EPIState, params) -> EPIState:
     """Importance EMA, then (on schedule) a refresh of the mask."""
     elig = _eligible_tree(self.eligible, grads)
     decay = jnp.asarray(self.decay, jnp.float32)
     finite = _all_finite(grads)
-    params_or_none = params if params is not None else jax.tree.map(lambda _: None, grads)
 
     def ema(leaf, imp, g, p):
       new = decay * imp.astype(jnp.float32) + (1.0 - decay) * _score(self.importance, g, p)
@@ -353,10 +386,11 @@ class _Core:
     n_leaves = len(jax.tree.leaves(importance))
     never = jnp.int32(selection.NEVER)
 
-    def refresh(importance, old_mask, old_first, old_scalars):
+    def refresh(importance, old_mask, old_first, old_streak, old_scalars):
       num_refreshes = old_scalars[0]
       scales, thrs, threshold = self._thresholds(importance, elig)
-      mask = self.store_mask(self._masks(importance, elig, scales, thrs))
+      mask, _ = self._with_hysteresis(self._masks(importance, elig, scales, thrs),
+                                      old_mask, old_streak)
       n_elig = selection.count_to_float(selection.count_from_int(
           sum(int(i.size) for i, e in zip(jax.tree.leaves(importance),
                                           jax.tree.leaves(elig)) if e)))
@@ -376,8 +410,8 @@ class _Core:
                  jnp.asarray(jaccard_first, jnp.float32), threshold.astype(jnp.float32))
       return [jnp.asarray(d, jnp.float32) for d in scales], list(thrs), scalars
 
-    def keep(importance, old_mask, old_first, old_scalars):
-      del importance, old_mask, old_first
+    def keep(importance, old_mask, old_first, old_streak, old_scalars):
+      del importance, old_mask, old_first, old_streak
       return [jnp.float32(1.0)] * n_leaves, [never] * n_leaves, old_scalars
 
     if self.mode == "none":
@@ -389,10 +423,14 @@ class _Core:
       importance = jax.lax.optimization_barrier(importance)
       old_scalars = (state.num_refreshes, state.isolated_fraction, state.num_flipped,
                      state.jaccard_prev, state.jaccard_first, state.threshold)
-      scales, thrs, scalars = jax.lax.cond(do_refresh, refresh, keep, importance,
-                                         state.mask, state.first_mask, old_scalars)
-      new = self.store_mask(self._masks(importance, elig, scales, thrs))
+      scales, thrs, scalars = jax.lax.cond(
+          do_refresh, refresh, keep, importance, state.mask, state.first_mask,
+          state.out_streak, old_scalars)
+      new, streak = self._with_hysteresis(self._masks(importance, elig, scales, thrs),
+                                          state.mask, state.out_streak)
       mask = jax.tree.map(lambda n, o: jnp.where(do_refresh, n, o), new, state.mask)
+      streak = jax.tree.map(lambda n, o: jnp.where(do_refresh, n, o), streak,
+                            state.out_streak)
       first_mask = state.first_mask
       if self.track_first_mask:
         is_first = do_refresh & (state.num_refreshes == 0)
@@ -400,9 +438,14 @@ class _Core:
       new_state = state._replace(
           mask=mask, first_mask=first_mask, num_refreshes=scalars[0],
           isolated_fraction=scalars[1], num_flipped=scalars[2], jaccard_prev=scalars[3],
-          jaccard_first=scalars[4], threshold=scalars[5])
+          jaccard_first=scalars[4], threshold=scalars[5], out_streak=streak)
     return new_state._replace(count=optax.safe_increment(state.count),
                               importance=importance)
+
+
+def _as_bool(mask, shape):
+  """A stored (bool or packed) mask leaf as bools of ``shape``."""
+  return compact.unpack(mask, shape) if mask.dtype == jnp.uint8 else mask
 
 
 def _apply_mask(updates, mask):
@@ -450,6 +493,11 @@ _OPTIONS_DOC = """
       along each leaf's last axis (1/8 byte per parameter instead of 1);
       unpacked inside the masked update. ``state.mask`` then holds the
       packed bytes: read it with ``unpacked_mask(state)``.
+    release_after: release hysteresis R (an unconfirmed variant of the
+      paper; None, the default, means 1: off): an isolated entry is released only once it has been
+      out of the top-k at R consecutive refreshes, so up to more than k
+      entries can be isolated. R > 1 costs one uint8 per parameter
+      (``state.out_streak``).
 """
 
 
@@ -459,6 +507,7 @@ def epi_transform(isolation_ratio: float, update_interval: int,
                   selection: str = "global", mode: str = "evolving",
                   eligible: Eligible = None, track_first_mask: bool = False,
                   importance_dtype=None, packed_mask: bool = False,
+                  release_after: Optional[int] = None,
                   ) -> optax.GradientTransformationExtraArgs:
   """EPI, chain-first form: zeroes the incoming updates of isolated entries.
 
@@ -474,7 +523,8 @@ def epi_transform(isolation_ratio: float, update_interval: int,
   """
   core = _Core(isolation_ratio, update_interval, ema_decay, warmup_steps,
                importance, normalization, selection, mode, eligible,
-               track_first_mask, importance_dtype, _BITS_PER_PASS, packed_mask)
+               track_first_mask, importance_dtype, _BITS_PER_PASS, packed_mask,
+               release_after)
 
   def init_fn(params):
     return core.init(params)
@@ -493,7 +543,8 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
             normalization: str = "layer_mean", selection: str = "global",
             mode: str = "evolving", eligible: Eligible = None,
             track_first_mask: bool = False, importance_dtype=None,
-            packed_mask: bool = False,
+            packed_mask: bool = False, release_after: Optional[int] = None,
+            reset_on_release: bool = False,
             ) -> optax.GradientTransformationExtraArgs:
   """EPI, wrapper form: isolated weights do not move at all.
 
@@ -502,18 +553,37 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
   included, are zeroed where the mask is True. An isolated weight is
   bit-for-bit unchanged while isolated and moves again once released (its
   ``inner`` statistics kept tracking the gradients meanwhile).
+
+  ``reset_on_release=True`` (an unconfirmed variant of the paper, off by
+  default) zeroes ``inner``'s per-parameter state (e.g. Adam's two moments)
+  at the entries a refresh releases, after that step's update, so a released
+  weight restarts from fresh moments. With Adam the first steps after a reset
+  are larger than the learning rate (its bias correction is per optimizer,
+  not per entry): about ``(1 - b1) / sqrt(1 - b2)`` = 3.2x at the defaults.
+  Costs one more read and write of ``inner``'s per-parameter state per step.
   """
   core = _Core(isolation_ratio, update_interval, ema_decay, warmup_steps,
                importance, normalization, selection, mode, eligible,
-               track_first_mask, importance_dtype, _BITS_PER_PASS, packed_mask)
+               track_first_mask, importance_dtype, _BITS_PER_PASS, packed_mask,
+               release_after)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     return IsolateState(epi=core.init(params), inner=inner.init(params))
 
+  if not isinstance(reset_on_release, bool):
+    raise ValueError(f"reset_on_release must be a bool, got {reset_on_release!r}.")
+
   def update_fn(updates, state, params=None, **extra_args):
     epi = core.update(updates, state.epi, params)
     inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    if reset_on_release:
+      released = jax.tree.map(
+          lambda old, new, u: _as_bool(old, u.shape) & ~_as_bool(new, u.shape),
+          state.epi.mask, epi.mask, updates)
+      inner_state = optax.tree_map_params(
+          inner, lambda v, r: jnp.where(r, jnp.zeros_like(v), v), inner_state, released,
+          transform_non_params=lambda v: v)
     return _apply_mask(inner_updates, epi.mask), IsolateState(epi=epi, inner=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

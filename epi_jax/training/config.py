@@ -80,6 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.epi.normalization = "layer_mean"
   c.epi.selection = "global"
   c.epi.exclude = ("norm",)        # substrings of param paths never isolated
+  c.epi.importance_dtype = "float32"  # or "bfloat16": 2 bytes/param of importance
+  c.epi.packed_mask = False        # masks as bits: 1/8 byte/param
+  c.epi.release_after = 1          # >1: release hysteresis (see epi_jax.isolate)
+  c.epi.reset_on_release = False   # zero AdamW's moments of released entries
 
   # Evaluation settings, read by `epi-jax compare` / `epi-jax evaluate` and
   # validated there (epi_jax.evaluation.compare); the trainer ignores them.
@@ -232,6 +236,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(e.normalization in NORMALIZATIONS, "epi.normalization", e.normalization,
         f"expected one of {NORMALIZATIONS}")
   _need(e.selection in SELECTIONS, "epi.selection", e.selection, f"expected one of {SELECTIONS}")
+  _need(e.importance_dtype in ("float32", "bfloat16"), "epi.importance_dtype",
+        e.importance_dtype, "expected 'float32' or 'bfloat16'")
+  _need(isinstance(e.packed_mask, bool), "epi.packed_mask", e.packed_mask, "must be a bool")
+  _need(_is_int(e.release_after) and 1 <= e.release_after <= 255, "epi.release_after",
+        e.release_after, "must be an int in [1, 255]")
+  _need(isinstance(e.reset_on_release, bool), "epi.reset_on_release", e.reset_on_release,
+        "must be a bool")
   _need(isinstance(e.exclude, (tuple, list)) and all(isinstance(s, str) for s in e.exclude),
         "epi.exclude", e.exclude, "must be a tuple of str")
   e.exclude = tuple(e.exclude)

@@ -61,7 +61,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
       warmup_steps=e.warmup_steps, importance=e.importance,
       normalization=e.normalization, selection=e.selection,
       mode="static" if config.method == "static" else "evolving",
-      eligible=eligible_fn(config), track_first_mask=config.method == "epi")
+      eligible=eligible_fn(config), track_first_mask=config.method == "epi",
+      importance_dtype=e.importance_dtype, packed_mask=e.packed_mask,
+      release_after=e.release_after, reset_on_release=e.reset_on_release)
 
 
 def is_epi(config) -> bool:

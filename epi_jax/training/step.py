@@ -18,7 +18,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from epi_jax.data import ALL_CONFIGS
-from epi_jax.method.isolation import epi_state
+from epi_jax.method.isolation import epi_state, unpacked_mask
 from epi_jax.training import optim, sharding
 
 NUM_TASKS = len(ALL_CONFIGS)
@@ -101,5 +101,5 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
 
 def per_layer_isolated(opt_state) -> dict[str, jax.Array]:
   """``{param path: isolated fraction}`` of the current EPI mask."""
-  mask = epi_state(opt_state).mask
+  mask = unpacked_mask(opt_state)  # bools, also with config.epi.packed_mask
   return {k: jnp.mean(m.astype(jnp.float32)) for k, m in mask.items()}
