@@ -487,3 +487,39 @@ def test_variant_options_validated_and_off_by_default():
     epi_jax.epi_transform(0.1, 2, release_after=0)
   with pytest.raises(ValueError, match="reset_on_release"):
     epi_jax.isolate(optax.adam(1e-3), 0.1, 2, reset_on_release=1)
+
+
+def test_displacement_importance_is_cpi_ft_probe_mask():
+  """importance='displacement', mode='static': top-k of |theta - theta_0| (layer-mean
+  normalized) of the params the refresh step sees, then frozen."""
+  params = make_params()
+  grads = [jax.tree.map(jnp.asarray, g) for g in grad_stream(6, shift_at=3)]
+  p, W = 0.1, 3
+  tx = epi_jax.isolate(optax.sgd(0.1), p, 100, warmup_steps=W, importance="displacement",
+                       mode="static")
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  theta, seen = params, []
+  for g in grads:
+    seen.append(theta)
+    u, state = update(g, state, theta)
+    theta = optax.apply_updates(theta, u)
+  # Reference: the refresh at step W used the params passed to that update.
+  theta0 = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
+  at = [np.asarray(x, np.float32) for x in jax.tree.leaves(seen[W - 1])]
+  tiny = np.finfo(np.float32).tiny
+  norm = [np.abs(a - b) * (np.float32(1) / (np.abs(a - b).mean() + tiny))
+          for a, b in zip(at, theta0)]
+  flat = np.concatenate([n.ravel() for n in norm])
+  k = int(np.floor(p * flat.size))
+  thr = np.sort(flat)[::-1][k - 1]
+  want = [n >= thr for n in norm]
+  got = [np.asarray(m) for m in jax.tree.leaves(epi_jax.unpacked_mask(state))]
+  for g_leaf, w_leaf in zip(got, want):
+    np.testing.assert_array_equal(g_leaf, w_leaf)
+  assert sum(int(m.sum()) for m in got) == k and int(state.epi.num_refreshes) == 1
+  # theta_0 is kept unchanged (a copy, not the donated params).
+  chex.assert_trees_all_equal(state.epi.importance, params)
+  with pytest.raises(ValueError, match="displacement"):
+    epi_jax.isolate(optax.sgd(0.1), p, 2, importance="displacement",
+                    importance_dtype="bfloat16")

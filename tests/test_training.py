@@ -194,3 +194,20 @@ def test_compact_state_and_variants_train_sharded(tmp_path):
   for r in refreshes:  # per-layer fractions of the unpacked masks
     assert all(0.0 <= v <= 1.0 for v in r["per_layer"].values())
     assert max(r["per_layer"].values()) > 0.0
+
+
+def test_static_importance_option_picks_cpi_ft_displacement():
+  from epi_jax.training import optim
+  config = small_config()
+  config.method = "static"
+  config.epi.static_importance = "displacement"
+  cfg_lib.validate(config)
+  params = {"layer": {"w": jax.numpy.arange(6.0).reshape(2, 3)}}
+  state = optim.make_optimizer(config).init(params)
+  np.testing.assert_array_equal(epi_state(state).importance["layer"]["w"], params["layer"]["w"])
+  config.method = "epi"  # epi keeps epi.importance (grad_sq: starts at zero)
+  state = optim.make_optimizer(config).init(params)
+  assert float(jax.numpy.abs(epi_state(state).importance["layer"]["w"]).sum()) == 0.0
+  config.epi.static_importance = "nope"
+  with pytest.raises(ValueError, match="epi.static_importance"):
+    cfg_lib.validate(config)

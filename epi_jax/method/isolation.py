@@ -25,7 +25,7 @@ from flax import nnx
 
 from epi_jax.method import compact, selection
 
-IMPORTANCES = ("grad_sq", "grad_abs", "taylor")
+IMPORTANCES = ("grad_sq", "grad_abs", "taylor", "displacement")
 NORMALIZATIONS = ("layer_mean", "layer_max", "none")
 SELECTIONS = ("global", "layer")
 MODES = ("evolving", "static", "none")
@@ -253,6 +253,9 @@ class _Core:
         or not 1 <= release_after <= 255):
       raise ValueError(f"release_after must be an int in [1, 255], got {release_after!r}.")
     self.release_after = release_after
+    if importance == "displacement" and self.importance_dtype != jnp.float32:
+      raise ValueError("importance='displacement' keeps the initial params in float32; "
+                       "it does not take importance_dtype=bfloat16.")
 
   def _empty_mask(self, p):
     m = jnp.zeros_like(p, dtype=jnp.bool_)
@@ -269,8 +272,11 @@ class _Core:
     if n_eligible == 0 and self.mode != "none":
       raise ValueError("No parameter is eligible for isolation: check `eligible`.")
     # tree.map over params: every per-parameter field inherits their sharding.
-    importance = jax.tree.map(
-        lambda p: jnp.zeros_like(p, dtype=self.importance_dtype), params)
+    if self.importance == "displacement":  # the initial params theta_0, a copy
+      importance = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+    else:
+      importance = jax.tree.map(
+          lambda p: jnp.zeros_like(p, dtype=self.importance_dtype), params)
     mask = jax.tree.map(self._empty_mask, params)
     first_mask = (jax.tree.map(self._empty_mask, params)
                   if self.track_first_mask else ())
@@ -365,8 +371,17 @@ class _Core:
     g_leaves = treedef.flatten_up_to(grads)
     p_leaves = (treedef.flatten_up_to(params) if params is not None
                 else [None] * len(imp_leaves))
-    importance = jax.tree.unflatten(treedef, [
-        ema(i, *args) for i, args in enumerate(zip(imp_leaves, g_leaves, p_leaves))])
+    if self.importance == "displacement":
+      # CPI-FT's score: how far each weight moved from theta_0 (kept in
+      # `importance`), read from the params at the refresh; no EMA.
+      if params is None:
+        raise ValueError("importance='displacement' needs params: pass params to update().")
+      importance = state.importance
+      scores = jax.tree.unflatten(treedef, [
+          jnp.abs(p.astype(jnp.float32) - i) for i, p in zip(imp_leaves, p_leaves)])
+    else:
+      importance = scores = jax.tree.unflatten(treedef, [
+          ema(i, *args) for i, args in enumerate(zip(imp_leaves, g_leaves, p_leaves))])
 
     step = state.count + 1  # t + 1, with t the update count before this update.
     warmup = jnp.asarray(self.warmup, jnp.int32)
@@ -420,13 +435,13 @@ class _Core:
       # One materialized importance feeds both the refresh and the masks: a
       # fusion that recomputed the EMA could round differently (FMA) and pick
       # a different mask than the one the refresh counted.
-      importance = jax.lax.optimization_barrier(importance)
+      scores = jax.lax.optimization_barrier(scores)
       old_scalars = (state.num_refreshes, state.isolated_fraction, state.num_flipped,
                      state.jaccard_prev, state.jaccard_first, state.threshold)
       scales, thrs, scalars = jax.lax.cond(
-          do_refresh, refresh, keep, importance, state.mask, state.first_mask,
+          do_refresh, refresh, keep, scores, state.mask, state.first_mask,
           state.out_streak, old_scalars)
-      new, streak = self._with_hysteresis(self._masks(importance, elig, scales, thrs),
+      new, streak = self._with_hysteresis(self._masks(scores, elig, scales, thrs),
                                           state.mask, state.out_streak)
       mask = jax.tree.map(lambda n, o: jnp.where(do_refresh, n, o), new, state.mask)
       streak = jax.tree.map(lambda n, o: jnp.where(do_refresh, n, o), streak,
@@ -468,7 +483,11 @@ _OPTIONS_DOC = """
     warmup_steps: W, the first refresh happens at step W (1-based); refreshes
       at steps ``W, W+T, W+2T, ...``. Defaults to T. Nothing is isolated before.
     importance: score s(g): ``"grad_sq"`` (g^2, diagonal empirical Fisher,
-      default), ``"grad_abs"`` (|g|) or ``"taylor"`` (|g * theta|; needs params).
+      default), ``"grad_abs"`` (|g|), ``"taylor"`` (|g * theta|; needs params)
+      or ``"displacement"`` (|theta - theta_0|, CPI-FT's update magnitude: no
+      EMA, the state keeps theta_0 instead of an importance; needs params; with
+      ``mode="static"`` and ``warmup_steps=W`` it is CPI-FT's mask after a
+      W-step probe).
     normalization: per-leaf normalization before selection: ``"layer_mean"``
       (divide by the leaf's mean score, default), ``"layer_max"`` or ``"none"``.
     selection: ``"global"`` top-k over all eligible entries (default) or

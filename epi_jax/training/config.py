@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.epi.selection = "global"
   c.epi.exclude = ("norm",)        # substrings of param paths never isolated
   c.epi.importance_dtype = "float32"  # or "bfloat16": 2 bytes/param of importance
+  # method=static only: its importance, e.g. "displacement" for CPI-FT's |theta - theta_0|
+  # after a warmup_steps probe. None: epi.importance.
+  c.epi.static_importance = config_dict.placeholder(str)
   c.epi.packed_mask = False        # masks as bits: 1/8 byte/param
   c.epi.release_after = 1          # >1: release hysteresis (see epi_jax.isolate)
   c.epi.reset_on_release = False   # zero AdamW's moments of released entries
@@ -236,6 +239,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(e.normalization in NORMALIZATIONS, "epi.normalization", e.normalization,
         f"expected one of {NORMALIZATIONS}")
   _need(e.selection in SELECTIONS, "epi.selection", e.selection, f"expected one of {SELECTIONS}")
+  _need(e.static_importance is None or e.static_importance in IMPORTANCES,
+        "epi.static_importance", e.static_importance, f"expected None or one of {IMPORTANCES}")
   _need(e.importance_dtype in ("float32", "bfloat16"), "epi.importance_dtype",
         e.importance_dtype, "expected 'float32' or 'bfloat16'")
   _need(isinstance(e.packed_mask, bool), "epi.packed_mask", e.packed_mask, "must be a bool")

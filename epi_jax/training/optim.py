@@ -58,7 +58,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
   e = config.epi
   return epi_jax.isolate(
       inner, e.isolation_ratio, e.update_interval, e.ema_decay,
-      warmup_steps=e.warmup_steps, importance=e.importance,
+      warmup_steps=e.warmup_steps,
+      importance=(e.static_importance or e.importance) if config.method == "static"
+      else e.importance,
       normalization=e.normalization, selection=e.selection,
       mode="static" if config.method == "static" else "evolving",
       eligible=eligible_fn(config), track_first_mask=config.method == "epi",
