@@ -171,10 +171,6 @@ def _scale(normalization: str, imp) -> jax.Array:
   return jnp.float32(1.0)
 
 
-def _normalize(normalization: str, imp):
-  return imp.astype(jnp.float32) * _scale(normalization, imp)
-
-
 def _all_finite(tree) -> jax.Array:
   """Whether every entry of every leaf is finite, in one fused read per leaf.
 
@@ -304,7 +300,7 @@ class _Core:
     imp_leaves = self._float_scores(importance)
     elig_leaves = jax.tree.leaves(elig)
     scales = [_scale(self.normalization, imp) if e else jnp.float32(1.0)
-            for imp, e in zip(imp_leaves, elig_leaves)]
+              for imp, e in zip(imp_leaves, elig_leaves)]
     bits = [selection.score_bits(imp * d) if e else None
             for imp, d, e in zip(imp_leaves, scales, elig_leaves)]
     never = jnp.int32(selection.NEVER)  # above every score's bits
@@ -432,7 +428,7 @@ class _Core:
     if self.mode == "none":
       new_state = state
     else:
-      # One materialized importance feeds both the refresh and the masks: a
+      # One materialized score tree feeds both the refresh and the masks: a
       # fusion that recomputed the EMA could round differently (FMA) and pick
       # a different mask than the one the refresh counted.
       scores = jax.lax.optimization_barrier(scores)
@@ -464,10 +460,8 @@ def _as_bool(mask, shape):
 
 
 def _apply_mask(updates, mask):
-  def apply(u, m):
-    if m.dtype == jnp.uint8:  # packed: unpacked here, fused into the select
-      m = compact.unpack(m, u.shape)
-    return jnp.where(m, jnp.zeros_like(u), u)
+  def apply(u, m):  # a packed mask is unpacked here, fused into the select
+    return jnp.where(_as_bool(m, u.shape), jnp.zeros_like(u), u)
   return jax.tree.map(apply, updates, mask)
 
 
@@ -512,10 +506,10 @@ _OPTIONS_DOC = """
       along each leaf's last axis (1/8 byte per parameter instead of 1);
       unpacked inside the masked update. ``state.mask`` then holds the
       packed bytes: read it with ``unpacked_mask(state)``.
-    release_after: release hysteresis R (an unconfirmed variant of the
-      paper; None, the default, means 1: off): an isolated entry is released only once it has been
-      out of the top-k at R consecutive refreshes, so up to more than k
-      entries can be isolated. R > 1 costs one uint8 per parameter
+    release_after: release hysteresis R, an unconfirmed variant of the paper
+      (None, the default, means 1: off). An isolated entry is released only
+      once it has been out of the top-k at R consecutive refreshes, so more
+      than k entries can be isolated. R > 1 costs one uint8 per parameter
       (``state.out_streak``).
 """
 
@@ -666,6 +660,4 @@ def unpacked_mask(state) -> Any:
   importance, which always has the params' shapes).
   """
   s = state if isinstance(state, EPIState) else epi_state(state)
-  return jax.tree.map(
-      lambda m, imp: compact.unpack(m, imp.shape) if m.dtype == jnp.uint8 else m,
-      s.mask, s.importance)
+  return jax.tree.map(lambda m, imp: _as_bool(m, imp.shape), s.mask, s.importance)

@@ -56,11 +56,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
   if config.method in ("full", "multi_stage"):
     return inner
   e = config.epi
+  importance = e.importance
+  if config.method == "static" and e.static_importance:
+    importance = e.static_importance  # e.g. CPI-FT's "displacement"
   return epi_jax.isolate(
       inner, e.isolation_ratio, e.update_interval, e.ema_decay,
-      warmup_steps=e.warmup_steps,
-      importance=(e.static_importance or e.importance) if config.method == "static"
-      else e.importance,
+      warmup_steps=e.warmup_steps, importance=importance,
       normalization=e.normalization, selection=e.selection,
       mode="static" if config.method == "static" else "evolving",
       eligible=eligible_fn(config), track_first_mask=config.method == "epi",
