@@ -19,12 +19,9 @@ def get_config():
 
   c.model.name = "qwen2-7b"
   c.model.init = "random"
-  c.model.param_dtype = "float32"
   c.model.compute_dtype = "bfloat16"
   c.model.remat = True
 
-  c.data.mixture = {"gsm8k": 1.0, "code_alpaca": 1.0, "logiqa": 1.0, "alpaca": 1.0,
-                    "chat": 1.0}
   c.data.stages = [
       {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0}, "steps": 700},
       {"mixture": {"logiqa": 1.0, "alpaca": 1.0}, "steps": 700},
@@ -37,8 +34,7 @@ def get_config():
   c.optimizer.warmup_steps = 50
   c.optimizer.grad_accum_steps = 4
 
-  c.epi.isolation_ratio = 0.01
-  c.epi.update_interval = 100
+  # EPI at the defaults: p = 1%, T = 100, beta = 0.99 (epi_jax.training.config).
 
   c.mesh.data = 1
   c.mesh.fsdp = -1

@@ -23,11 +23,8 @@ def get_config():
 
   c.model.name = "smollm2-135m-instruct"
   c.model.init = "pretrained"
-  c.model.param_dtype = "float32"
   c.model.compute_dtype = "float32"
 
-  c.data.mixture = {"gsm8k": 1.0, "code_alpaca": 1.0, "logiqa": 1.0, "alpaca": 1.0,
-                    "chat": 1.0}
   # multi_stage: math, code and logic first, then instructions and chat.
   c.data.stages = [
       {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0, "logiqa": 1.0}, "steps": 10},

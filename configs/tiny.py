@@ -24,8 +24,6 @@ def get_config():
   c.model.name = "tiny"
   c.model.init = "random"
 
-  c.data.mixture = {"gsm8k": 1.0, "code_alpaca": 1.0, "logiqa": 1.0, "alpaca": 1.0,
-                    "chat": 1.0}
   c.data.stages = [
       {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0}, "steps": 8},
       {"mixture": {"logiqa": 1.0, "alpaca": 1.0}, "steps": 8},

@@ -21,12 +21,9 @@ def get_config():
 
   c.model.name = "llama-3-8b"   # set to the checkpoint dir with init='pretrained'
   c.model.init = "random"
-  c.model.param_dtype = "float32"
   c.model.compute_dtype = "bfloat16"
   c.model.remat = True
 
-  c.data.mixture = {"gsm8k": 1.0, "code_alpaca": 1.0, "logiqa": 1.0, "alpaca": 1.0,
-                    "chat": 1.0}
   c.data.stages = [
       {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0}, "steps": 1000},
       {"mixture": {"logiqa": 1.0, "alpaca": 1.0}, "steps": 1000},
@@ -40,9 +37,7 @@ def get_config():
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_accum_steps = 1
 
-  c.epi.isolation_ratio = 0.01
-  c.epi.update_interval = 100
-  c.epi.ema_decay = 0.99
+  # EPI at the defaults: p = 1%, T = 100, beta = 0.99 (epi_jax.training.config).
 
   c.mesh.data = 1
   c.mesh.fsdp = -1
