@@ -108,12 +108,29 @@ def test_evaluate_tiny_all_tasks(tiny):
   assert set(res) == set(ev.TASKS)
   assert res["gsm8k"]["n"] == 3 and 0.0 <= res["gsm8k"]["accuracy"] <= 1.0
   assert len(res["gsm8k"]["samples"]) == 3
+  # Per-example scores of every task, in example order, for paired comparisons.
+  g = res["gsm8k"]
+  assert len(g["per_example"]["nll"]) == 3 and len(g["per_example"]["correct"]) == 3
+  assert g["loss"] == pytest.approx(sum(g["per_example"]["nll"])
+                                    / sum(g["per_example"]["tokens"]), rel=1e-4)
+  assert 3.0 < g["loss"] < 8.0  # the reference solution's loss, a random byte model
+  q = res["logiqa"]["per_example"]
+  assert sum(q["correct"]) == res["logiqa"]["correct"] and len(q["nll"]) == 4
+  assert res["logiqa"]["loss"] > 0
   assert res["logiqa"]["n"] == 4 and sum(res["logiqa"]["prediction_counts"]) == 4
   for t in ev.LOSS_TASKS:
     # A random byte-level model: loss near log(259) per token.
     assert 3.0 < res[t]["loss"] < 8.0, res[t]
     assert res[t]["perplexity"] == pytest.approx(np.exp(res[t]["loss"]), rel=1e-6)
     assert res[t]["tokens"] > 0 and res[t]["seconds"] >= 0
+    assert sum(res[t]["per_example"]["tokens"]) == res[t]["tokens"]
+    assert res[t]["loss"] == pytest.approx(sum(res[t]["per_example"]["nll"])
+                                           / res[t]["tokens"], rel=1e-4)
+  # Exact match on the first problem only; the loss still on all three.
+  few = ev.evaluate(model, tok, tasks=("gsm8k",), examples=_examples(), num_examples=4,
+                    max_new_tokens=4, batch_size=2, seq_len=64, num_generate=1)
+  assert few["gsm8k"]["n_generated"] == 1 and len(few["gsm8k"]["per_example"]["nll"]) == 3
+  assert few["gsm8k"]["loss"] == pytest.approx(g["loss"], rel=1e-5)
   # Deterministic: same numbers again (and no recompilation errors).
   again = ev.evaluate(model, tok, tasks=("chat",), examples=_examples(), num_examples=4,
                       batch_size=2, seq_len=64)

@@ -35,31 +35,31 @@ def test_split_eval_config():
                                                            "snapshots": "final"}})
   train_cfg, s = cmp.split_eval_config(c)
   assert "eval" not in train_cfg and "eval" in c  # the caller's config is untouched
-  assert s["num_examples"]["gsm8k"] == 4 and s["num_examples"]["logiqa"] == 32
+  assert s["num_examples"]["gsm8k"] == 4 and s["num_examples"]["logiqa"] == 300
   assert s["snapshots"] == "final"
   with pytest.raises(ValueError, match="eval"):
     cmp.split_eval_config(ml_collections.ConfigDict({"eval": {"bogus": 1}}))
 
 
 def test_results_markdown_and_aggregate():
-  base = {"gsm8k": {"accuracy": 0.0, "n": 4}, "alpaca": {"loss": 2.0, "perplexity": 7.4, "n": 4}}
-  runs = {"full": [{"final": {"gsm8k": {"accuracy": 0.25, "n": 4},
+  base = {"logiqa": {"accuracy": 0.0, "n": 4}, "alpaca": {"loss": 2.0, "perplexity": 7.4, "n": 4}}
+  runs = {"full": [{"final": {"logiqa": {"accuracy": 0.25, "n": 4},
                               "alpaca": {"loss": 1.0, "perplexity": 2.7, "n": 4}},
-                    "normalized": {"gsm8k": 200.0, "alpaca": 200.0, "average": 200.0},
-                    "forgetting": {"gsm8k": 5.0, "alpaca": -1.0}, "forgetting_mean": 2.0,
+                    "normalized": {"logiqa": 200.0, "alpaca": 200.0, "average": 200.0},
+                    "forgetting": {"logiqa": 5.0, "alpaca": -1.0}, "forgetting_mean": 2.0,
                     "eval_seconds": 1.0, "run_dir": "x/full/seed0"},
-                   {"final": {"gsm8k": {"accuracy": 0.5, "n": 4},
+                   {"final": {"logiqa": {"accuracy": 0.5, "n": 4},
                               "alpaca": {"loss": 1.0, "perplexity": 2.7, "n": 4}},
-                    "normalized": {"gsm8k": 300.0, "alpaca": 200.0, "average": 250.0},
-                    "forgetting": {"gsm8k": 1.0, "alpaca": -1.0}, "forgetting_mean": 0.0,
+                    "normalized": {"logiqa": 300.0, "alpaca": 200.0, "average": 250.0},
+                    "forgetting": {"logiqa": 1.0, "alpaca": -1.0}, "forgetting_mean": 0.0,
                     "eval_seconds": 1.0, "run_dir": "x/full/seed1"}]}
   methods = cmp.aggregate(runs)
   assert methods["full"]["average"]["mean"] == 225.0
   assert methods["full"]["average"]["std"] == 25.0
-  assert methods["full"]["tasks"]["gsm8k"]["values"] == [0.25, 0.5]
+  assert methods["full"]["tasks"]["logiqa"]["values"] == [0.25, 0.5]
   assert methods["full"]["forgetting"]["mean"]["mean"] == 1.0
   md = cmp.results_markdown({"methods": methods, "base": base, "seeds": [0, 1],
-                             "eval": {**cmp.eval_defaults(), "tasks": ["gsm8k", "alpaca"]}})
+                             "eval": {**cmp.eval_defaults(), "tasks": ["logiqa", "alpaca"]}})
   assert "| full | 37.5 ± 12.5 | 1.000 ± 0.000 | 225.0 ± 25.0 | 1.0 ± 1.0 |" in md
   assert "| base | 0.0 | 2.000 | 100.0 | – |" in md
 

@@ -51,14 +51,15 @@ def test_gsm8k_match_and_exact_match():
 
 
 def test_normalized_scores():
-  base = {"gsm8k": {"accuracy": 0.0, "n": 8}, "logiqa": {"accuracy": 0.25, "n": 8},
+  base = {"logiqa": {"accuracy": 0.0, "n": 8}, "gsm8k": {"loss": 1.0, "accuracy": 0.0, "n": 8},
           "alpaca": {"loss": 2.0, "n": 8}}
-  model = {"gsm8k": {"accuracy": 0.25, "n": 8}, "logiqa": {"accuracy": 0.25, "n": 8},
+  model = {"logiqa": {"accuracy": 0.25, "n": 8}, "gsm8k": {"loss": 1.0, "accuracy": 0.5, "n": 8},
            "alpaca": {"loss": 1.6, "n": 8}}
   out = metrics.normalized_scores(model, base)
-  # gsm8k: (2+1)/10 over (0+1)/10 -> 300; logiqa unchanged -> 100; alpaca 2/1.6 -> 125.
-  assert out["gsm8k"] == pytest.approx(300.0)
-  assert out["logiqa"] == pytest.approx(100.0)
+  # logiqa: (2+1)/10 over (0+1)/10 -> 300; gsm8k's primary is its loss (exact match is
+  # secondary): unchanged -> 100; alpaca 2/1.6 -> 125.
+  assert out["logiqa"] == pytest.approx(300.0)
+  assert out["gsm8k"] == pytest.approx(100.0)
   assert out["alpaca"] == pytest.approx(125.0)
   assert out["average"] == pytest.approx((300 + 100 + 125) / 3)
   assert metrics.normalized_scores(base, base)["average"] == pytest.approx(100.0)
@@ -68,7 +69,8 @@ def test_normalized_scores():
 
 def test_higher_is_better_score():
   assert metrics.higher_is_better_score("alpaca", {"loss": 1.5}) == -1.5
-  assert metrics.higher_is_better_score("gsm8k", {"accuracy": 0.5}) == 0.5
+  assert metrics.higher_is_better_score("logiqa", {"accuracy": 0.5}) == 0.5
+  assert metrics.higher_is_better_score("gsm8k", {"loss": 0.5, "accuracy": 0.1}) == -0.5
 
 
 def test_forgetting_arithmetic():

@@ -3,6 +3,8 @@
   epi-jax compare --config configs/NAME.py --workdir DIR \\
       --methods full,multi_stage,static,epi --seeds N \\
       [--config.FIELD=VALUE ...] [--eval.FIELD=VALUE ...]
+  epi-jax compare --protocol sequential --tasks A,B --config ... --workdir DIR \\
+      [--methods full,static,epi] [--seeds N] [--both_orders=false]
   epi-jax evaluate --workdir RUN [--snapshot N] [--eval.FIELD=VALUE ...]
   epi-jax evaluate --model smollm2-135m-instruct [--eval.FIELD=VALUE ...]
 
@@ -12,6 +14,12 @@
 ``eval`` group when it has one: ``--eval.num_examples=8`` (all tasks),
 ``--eval.num_examples.gsm8k=8``, ``--eval.tasks=gsm8k,logiqa``,
 ``--eval.snapshots=final``. Values are Python literals, else strings.
+
+``--protocol mixture`` (default) trains every method on the task mixture;
+``--protocol sequential --tasks A,B`` trains A for ``total_steps // 2``
+steps, then B as long (and B then A, unless ``--both_orders=false``), and
+reports the drop on A and the gain on B (``compare.compare_sequential``).
+Both print the verdicts on the paper's claims first.
 """
 
 from __future__ import annotations
@@ -87,8 +95,13 @@ def _parse_compare(argv):
   flags.DEFINE_string("workdir", None, "Comparison directory.", flag_values=fv)
   from epi_jax.training import distributed  # pylint: disable=g-import-not-at-top
   distributed.define_flags(fv)
-  flags.DEFINE_string("methods", ",".join(cmp.METHODS), "Comma-separated methods.",
-                      flag_values=fv)
+  flags.DEFINE_string("methods", None, "Comma-separated methods (default: all of the "
+                      "protocol's).", flag_values=fv)
+  flags.DEFINE_enum("protocol", "mixture", ["mixture", "sequential"],
+                    "mixture: all tasks at once; sequential: task A, then task B.",
+                    flag_values=fv)
+  flags.DEFINE_string("tasks", None, "sequential protocol: the two tasks, A,B.", flag_values=fv)
+  flags.DEFINE_bool("both_orders", True, "sequential protocol: also B then A.", flag_values=fv)
   flags.DEFINE_integer("seeds", 1, "Number of seeds per method.", flag_values=fv)
   # config_flags discovers the --config.FIELD overrides in sys.argv, so make
   # it match argv when called programmatically (tests).
@@ -103,7 +116,8 @@ def _parse_compare(argv):
 def compare_main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   usage = ("usage: epi-jax compare --config configs/NAME.py --workdir DIR "
-           "--methods full,multi_stage,static,epi --seeds N "
+           "[--protocol mixture|sequential --tasks A,B] "
+           "[--methods full,multi_stage,static,epi] [--seeds N] "
            "[--config.FIELD=VALUE ...] [--eval.FIELD=VALUE ...]")
   if any(a in ("-h", "--help") for a in argv):
     print(usage + "\n\n" + (__doc__ or ""))
@@ -118,7 +132,14 @@ def compare_main(argv=None) -> int:
     settings = apply_eval_overrides(settings, overrides)
     with config.unlocked():
       config.eval = settings
-    methods = [m for m in fv.methods.split(",") if m]
+    default = cmp.SEQUENTIAL_METHODS if fv.protocol == "sequential" else cmp.METHODS
+    methods = [m for m in (fv.methods or ",".join(default)).split(",") if m]
+    tasks = [t for t in (fv.tasks or "").split(",") if t]
+    if fv.protocol == "sequential" and len(tasks) != 2:
+      raise ValueError("--protocol sequential needs --tasks A,B (two tasks)")
+    if fv.protocol == "mixture" and tasks:
+      raise ValueError("--tasks is for --protocol sequential (the mixture protocol "
+                       "evaluates --eval.tasks)")
   except Exception as e:  # pylint: disable=broad-except
     if type(e).__name__ not in ("Error", "IllegalFlagValueError", "UnrecognizedFlagError",
                                 "ValueError", "FileNotFoundError", "AttributeError",
@@ -131,7 +152,11 @@ def compare_main(argv=None) -> int:
   try:
     distributed.initialize_from_flags(fv)
     with distributed.fail_fast():
-      cmp.compare(config, fv.workdir, methods=methods, seeds=fv.seeds)
+      if fv.protocol == "sequential":
+        cmp.compare_sequential(config, fv.workdir, tasks=tasks, methods=methods,
+                               seeds=fv.seeds, both_orders=fv.both_orders)
+      else:
+        cmp.compare(config, fv.workdir, methods=methods, seeds=fv.seeds)
   except ValueError as e:
     print(f"epi-jax compare: {e}", file=sys.stderr)
     return 2

@@ -44,10 +44,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from epi_jax.evaluation import bootstrap
+from epi_jax.evaluation import claims
 from epi_jax.evaluation import drift as drift_lib
 from epi_jax.evaluation import forgetting as fg
 from epi_jax.evaluation import metrics
-from epi_jax.evaluation.evaluate import DEFAULT_NUM_EXAMPLES, TASKS, evaluate
+from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENERATE, TASKS,
+                                         evaluate)
 
 METHODS = ("full", "multi_stage", "static", "epi")
 
@@ -56,17 +59,19 @@ def eval_defaults() -> dict[str, Any]:
   """The ``config.eval`` fields and their defaults.
 
   tasks: tasks to evaluate. num_examples: ``{task: n}`` (or an int for all).
-  max_new_tokens: GSM8K generation budget. batch_size: eval rows per batch.
+  num_generate: GSM8K problems generated for exact match (the first ones;
+  None: all). max_new_tokens: GSM8K generation budget. batch_size: eval rows per batch.
   generate_batch_size: GSM8K prompts per generation batch.
   seq_len: longest scored sequence (LogiQA: twice that). sample_seed: None for
   the first N test examples, an int for a fixed random subset.
   logiqa_normalize: 'sum' or 'mean' option log-likelihood. snapshots: 'all'
   (every snapshot, for forgetting) or 'final'. split: the split evaluated.
+  bootstrap_resamples: replicates of the paired bootstrap (analysis only).
   """
   return {"tasks": list(TASKS), "num_examples": dict(DEFAULT_NUM_EXAMPLES),
-          "max_new_tokens": 160, "batch_size": 8, "generate_batch_size": 16, "seq_len": 512,
+          "num_generate": DEFAULT_NUM_GENERATE, "max_new_tokens": 160, "batch_size": 8, "generate_batch_size": 16, "seq_len": 512,
           "sample_seed": None, "logiqa_normalize": "sum", "snapshots": "all",
-          "split": "test"}
+          "split": "test", "bootstrap_resamples": bootstrap.DEFAULT_RESAMPLES}
 
 
 def _plain(x):
@@ -109,8 +114,11 @@ class _null:
     return False
 
 
+_ANALYSIS_ONLY = ("snapshots", "bootstrap_resamples")  # not part of an eval's cache key
+
+
 def _eval_key(settings: Mapping) -> str:
-  keep = {k: v for k, v in settings.items() if k != "snapshots"}
+  keep = {k: v for k, v in settings.items() if k not in _ANALYSIS_ONLY}
   return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -163,7 +171,7 @@ def run_eval(model, tokenizer, settings, data_kwargs, log=print) -> dict[str, An
                  max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
                  seq_len=settings["seq_len"], split=settings["split"],
                  generate_batch_size=settings["generate_batch_size"],
-                 sample_seed=settings["sample_seed"],
+                 sample_seed=settings["sample_seed"], num_generate=settings["num_generate"],
                  logiqa_normalize=settings["logiqa_normalize"], **data_kwargs)
   seconds = time.perf_counter() - start
   log("  eval " + ", ".join(f"{t}: {_fmt_metric(t, r)}" for t, r in res.items())
@@ -264,8 +272,12 @@ def aggregate(per_run: Mapping[str, Sequence[Mapping]]) -> dict[str, Any]:
       metric, _ = metrics.PRIMARY_METRIC[t]
       vals = [r["final"][t][metric] for r in runs]
       entry["tasks"][t] = {"metric": metric, **_ms(vals), "values": vals}
-      if metrics.PRIMARY_METRIC[t][0] == "loss":
+      if metrics.PRIMARY_METRIC[t][0] == "loss" and "perplexity" in runs[0]["final"][t]:
         entry["tasks"][t]["perplexity"] = _ms([r["final"][t]["perplexity"] for r in runs])
+      if t in metrics.SECONDARY_METRIC:
+        second = metrics.SECONDARY_METRIC[t]
+        entry.setdefault("secondary", {})[t] = {
+            "metric": second, **_ms([r["final"][t].get(second) for r in runs])}
     for t in list(tasks) + ["average"]:
       entry["normalized"][t] = _ms([r["normalized"].get(t) for r in runs])
     entry["average"] = entry["normalized"]["average"]
@@ -302,16 +314,44 @@ def _pm(ms, scale=1.0, digits=1) -> str:
   return s
 
 
+def verdicts_markdown(results: Mapping[str, Any]) -> str:
+  """The verdicts, one line each, and how their intervals were obtained."""
+  paired = results.get("paired") or next(iter(results.get("orders", {}).values()),
+                                         {}).get("paired", {})
+  seeds = len(results.get("seeds", [])) or 1
+  how = (f"paired bootstrap over eval examples{' and seeds' if seeds > 1 else ''}, "
+         f"{paired.get('resamples', '?')} resamples, 95% intervals of the difference, in "
+         "normalized points (base = 100)")
+  lines = [f"Verdicts ({how}):", ""]
+  lines += [f"- {v}" for v in results.get("verdicts", [])] or ["- (no claim applies to "
+                                                                "these methods)"]
+  return "\n".join(lines) + "\n"
+
+
+def _pairs_table(paired: Mapping, columns: Sequence[tuple[str, str]]) -> list[str]:
+  lines = ["| difference | " + " | ".join(c for c, _ in columns) + " |",
+           "|" + "---|" * (len(columns) + 1)]
+  for pair, q in paired.get("pairs", {}).items():
+    lines.append(f"| {pair} | " + " | ".join(claims.ci_cell(q.get(k)) for _, k in columns)
+                 + " |")
+  return lines
+
+
 def results_markdown(results: Mapping[str, Any]) -> str:
-  """The paper-style tables of ``results.json``."""
+  """Verdicts first, then the paper-style tables of ``results.json``."""
   methods, base = results["methods"], results["base"]
   tasks = [t for t in results["eval"]["tasks"] if t in base]
+  secondary = [t for t in tasks if t in metrics.SECONDARY_METRIC]
   head = ["method"] + [
       f"{t} ({'acc %' if metrics.PRIMARY_METRIC[t][0] == 'accuracy' else 'loss'})"
-      for t in tasks] + ["average (norm.)", "forgetting (norm.)"]
-  lines = [f"Seeds: {results['seeds']}. Eval: {results['eval']['num_examples']} examples "
-           f"per task ({results['eval']['split']} split), GSM8K greedy, max "
-           f"{results['eval']['max_new_tokens']} new tokens. Normalized scores: base model "
+      for t in tasks] + ["average (norm.)", "forgetting (norm.)"] + [
+      f"{t} EM %" for t in secondary]
+  ev = results["eval"]
+  lines = [verdicts_markdown(results) if "verdicts" in results else "",
+           f"Seeds: {results['seeds']}. Eval: {ev['num_examples']} examples per task "
+           f"({ev['split']} split); loss = answer tokens' mean NLL (GSM8K: of the reference "
+           f"solution); GSM8K exact match on the first {ev.get('num_generate')} problems, "
+           f"greedy, max {ev['max_new_tokens']} new tokens. Normalized scores: base model "
            "= 100 (see docs/RESULTS.md).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -320,11 +360,20 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     return _pm(ms, 100.0 if acc else 1.0, 1 if acc else 3)
 
   base_cells = [cell(t, {"mean": metrics.primary_score(t, base[t]), "n": 1}) for t in tasks]
-  lines.append("| base | " + " | ".join(base_cells) + " | 100.0 | – |")
+  base_cells += ["100.0", "–"] + [
+      _pm({"mean": base[t].get(metrics.SECONDARY_METRIC[t]), "n": 1}, 100.0) for t in secondary]
+  lines.append("| base | " + " | ".join(base_cells) + " |")
   for m, e in methods.items():
     row = [m] + [cell(t, e["tasks"].get(t)) for t in tasks]
     row += [_pm(e["average"]), _pm(e["forgetting"].get("mean"))]
+    row += [_pm((e.get("secondary") or {}).get(t), 100.0) for t in secondary]
     lines.append("| " + " | ".join(row) + " |")
+  paired = results.get("paired")
+  if paired and paired.get("pairs"):
+    lines += ["", "Paired differences A - B (normalized points, 95% CI; forgetting: lower is "
+              "better, the rest higher is better):", ""]
+    lines += _pairs_table(paired, [("average", "average"), ("forgetting", "forgetting")]
+                          + [(t, f"task:{t}") for t in tasks])
   lines += ["", "Normalized per-task scores (base = 100; higher is better):", "",
             "| method | " + " | ".join(tasks) + " | average |",
             "|" + "---|" * (len(tasks) + 2)]
@@ -346,6 +395,31 @@ def results_markdown(results: Mapping[str, Any]) -> str:
       lines.append(f"| {m} | {_pm(st.get('old_task_drop'))} | {_pm(st.get('new_task_gain'))}"
                    f" | {_pm(d.get('final_jaccard_first'), 1, 3)} | "
                    f"{_pm(d.get('num_refreshes'), 1, 0)} | {_pm(d.get('mean_migration'), 1, 3)} |")
+  if results.get("importance_drift"):
+    lines += ["", drift_lib.importance_drift_markdown(results["importance_drift"])]
+  return "\n".join(lines) + "\n"
+
+
+def sequential_markdown(results: Mapping[str, Any]) -> str:
+  """Verdicts first, then per order the drop on A and gain on B of every method."""
+  lines = [verdicts_markdown(results),
+           f"Seeds: {results['seeds']}. Eval: {results['eval']['num_examples']} examples per "
+           "task. Normalized points (base = 100), 95% paired bootstrap intervals. "
+           + results.get("note", ""), ""]
+  for name, o in results["orders"].items():
+    a, b, paired = o["first"], o["second"], o["paired"]
+    lines += [f"### {a} ({o['steps_per_task']} steps), then {b} ({o['steps_per_task']} steps)",
+              "", f"| method | drop on {a} | gain on {b} | {a} after {a} | {a} at end | "
+              f"{b} after {a} | {b} at end |", "|---|---|---|---|---|---|---|"]
+    for m, q in paired["methods"].items():
+      cells = [q.get("drop"), q.get("gain"), q.get(f"after_a:{a}"), q.get(f"task:{a}"),
+               q.get(f"after_a:{b}"), q.get(f"task:{b}")]
+      lines.append(f"| {m} | " + " | ".join(claims.ci_cell(c, key="value") for c in cells)
+                   + " |")
+    lines += ["", "Paired differences A - B (drop: lower is better; gain: higher is better):",
+              ""]
+    lines += _pairs_table(paired, [(f"drop on {a}", "drop"), (f"gain on {b}", "gain")])
+    lines.append("")
   return "\n".join(lines) + "\n"
 
 
@@ -377,15 +451,52 @@ def param_sizes(model_config) -> dict[str, int]:
     return {}
 
 
+def _train_and_evaluate(cfg, run_dir: pathlib.Path, label: str, settings, data_kwargs,
+                        log) -> tuple[dict[int, dict], float | None]:
+  """Trains ``cfg`` into ``run_dir`` (skipped when finished), evaluates its snapshots."""
+  from epi_jax.training import is_finished, train  # pylint: disable=g-import-not-at-top
+  train_seconds = None
+  if is_finished(run_dir):
+    log(f"[{label}] finished run found in {run_dir}")
+  else:
+    log(f"[{label}] training into {run_dir}")
+    start = time.time()
+    result = train(cfg, run_dir)
+    train_seconds = round(time.time() - start, 1)
+    del result
+  done = run_dir / "DONE"
+  if train_seconds is None and done.is_file():
+    try:
+      train_seconds = json.loads(done.read_text()).get("wall_time_s")
+    except json.JSONDecodeError:
+      pass
+  return evaluate_run(run_dir, settings, data_kwargs, log), train_seconds
+
+
+def _check_methods(methods, seeds, known=METHODS):
+  unknown = [m for m in methods if m not in known]
+  if unknown or not methods:
+    raise ValueError(f"--methods: unknown or empty {list(methods)}; known: {list(known)}")
+  if seeds < 1:
+    raise ValueError(f"--seeds must be >= 1, got {seeds}")
+
+
+def _base_eval(workdir, train_cfg, settings, data_kwargs, log) -> dict:
+  def base_compute():
+    log("evaluating the base model")
+    model, tok = base_model(train_cfg)
+    return run_eval(model, tok, settings, data_kwargs, log)
+  return _cached(workdir / "base_eval.json", _eval_key(settings), base_compute)["results"]
+
+
+def _results_of(evals: Mapping[int, Mapping]) -> dict[int, dict]:
+  return {int(s): e["results"] for s, e in evals.items()}
+
+
 def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1,
             log: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains, evaluates and compares ``methods`` over ``seeds`` seeds (see module doc)."""
-  from epi_jax.training import is_finished, train  # pylint: disable=g-import-not-at-top
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown or not methods:
-    raise ValueError(f"--methods: unknown or empty {list(methods)}; known: {list(METHODS)}")
-  if seeds < 1:
-    raise ValueError(f"--seeds must be >= 1, got {seeds}")
+  _check_methods(methods, seeds)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   train_cfg, settings = split_eval_config(config)
@@ -398,15 +509,9 @@ def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1
         f"train total_steps={train_cfg.total_steps}: the methods are not step-matched")
   t0 = time.time()
   data_kwargs = eval_data(train_cfg, settings["tasks"])
-  key = _eval_key(settings)
-
-  def base_compute():
-    log("evaluating the base model")
-    model, tok = base_model(train_cfg)
-    return run_eval(model, tok, settings, data_kwargs, log)
-
-  base = _cached(workdir / "base_eval.json", key, base_compute)["results"]
+  base = _base_eval(workdir, train_cfg, settings, data_kwargs, log)
   per_run: dict[str, list] = {m: [] for m in methods}
+  evals_by_method: dict[str, list] = {m: [] for m in methods}
   sizes = param_sizes(train_cfg.model)
   for k in range(seeds):
     for m in methods:
@@ -417,31 +522,117 @@ def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1
         cfg.seed = int(train_cfg.seed) + k
         if m == "multi_stage" and ends:
           cfg.total_steps = ends[-1]
-      train_seconds = None
-      if is_finished(run_dir):
-        log(f"[{m} seed{k}] finished run found in {run_dir}")
-      else:
-        log(f"[{m} seed{k}] training into {run_dir}")
-        start = time.time()
-        result = train(cfg, run_dir)
-        train_seconds = round(time.time() - start, 1)
-        del result
-      done = run_dir / "DONE"
-      if train_seconds is None and done.is_file():
-        try:
-          train_seconds = json.loads(done.read_text()).get("wall_time_s")
-        except json.JSONDecodeError:
-          pass
-      evals = evaluate_run(run_dir, settings, data_kwargs, log)
+      evals, train_seconds = _train_and_evaluate(cfg, run_dir, f"{m} seed{k}", settings,
+                                                 data_kwargs, log)
       summary = _run_summary(cfg, m, evals, base, run_dir, sizes)
       summary["run_dir"] = str(run_dir)
       summary["train_seconds"] = train_seconds
       per_run[m].append(summary)
-  results = {"config": _plain(config.to_dict() if hasattr(config, "to_dict") else config),
+      evals_by_method[m].append(_results_of(evals))
+  tasks = [t for t in settings["tasks"] if t in base]
+  rs = claims.make_resampler(base, tasks, seeds, settings["bootstrap_resamples"])
+  quantities = {m: claims.mixture_quantities(rs, base, evals_by_method[m], tasks, m)
+                for m in methods}
+  results = {"protocol": "mixture",
+             "config": _plain(config.to_dict() if hasattr(config, "to_dict") else config),
              "methods_order": list(methods), "seeds": [int(train_cfg.seed) + k for k in range(seeds)],
              "eval": settings, "base": base, "methods": aggregate(per_run),
-             "wall_time_s": round(time.time() - t0, 1)}
+             "paired": claims.analyze(rs, quantities, claims.MIXTURE_CLAIMS)}
+  results["verdicts"] = [v["text"] for v in results["paired"]["verdicts"]]
+  results["wall_time_s"] = round(time.time() - t0, 1)
   _write_outputs(workdir, results, per_run, log, sizes)
+  return results
+
+
+SEQUENTIAL_METHODS = ("full", "static", "epi")
+
+
+def sequential_config(train_cfg, method: str, first: str, second: str, steps: int, seed: int):
+  """The trainer config of one sequential run: ``steps`` on ``first``, then on ``second``.
+
+  Every method trains over these two stages (``data.staged``); ``static``
+  chooses its mask once, at the end of the first stage (``epi.warmup_steps``),
+  from the importance gathered on it. Multi-stage SFT in this protocol *is*
+  the full run (AdamW over the same two stages), so it is not run twice.
+  """
+  cfg = copy.deepcopy(train_cfg)
+  with cfg.unlocked():
+    cfg.method = method
+    cfg.seed = int(seed)
+    cfg.data.staged = True
+    cfg.data.stages = [{"mixture": {first: 1.0}, "steps": int(steps)},
+                       {"mixture": {second: 1.0}, "steps": int(steps)}]
+    cfg.total_steps = 2 * int(steps)
+    cfg.snapshot_steps = (int(steps),)
+    if method == "static":
+      cfg.epi.warmup_steps = int(steps)
+  return cfg
+
+
+def compare_sequential(config, workdir, *, tasks: Sequence[str],
+                       methods: Sequence[str] = SEQUENTIAL_METHODS, seeds: int = 1,
+                       both_orders: bool = True, log: Callable[[str], None] = print
+                       ) -> dict[str, Any]:
+  """The sequential protocol (CPI-FT's Table 2): train task A, then task B.
+
+  Each run trains ``config.total_steps // 2`` steps on A, then as many on B
+  (:func:`sequential_config`), into ``workdir/<A>_then_<B>/<method>/seed<k>``;
+  with ``both_orders`` B then A too. Only A and B are evaluated, at the end
+  of A and at the end. Reports, per order and method, the drop on A (its
+  normalized score at the end of A minus at the end) and the gain on B, with
+  paired bootstrap intervals, and the verdicts of ``claims.SEQUENTIAL_CLAIMS``.
+  """
+  _check_methods(methods, seeds, SEQUENTIAL_METHODS)
+  tasks = list(tasks)
+  if len(tasks) != 2 or tasks[0] == tasks[1] or any(t not in TASKS for t in tasks):
+    raise ValueError(f"--tasks: expected two different tasks A,B of {list(TASKS)}, got {tasks}")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  train_cfg, settings = split_eval_config(config)
+  steps = int(train_cfg.total_steps) // 2
+  if steps < 1:
+    raise ValueError(f"config.total_steps={train_cfg.total_steps}: the sequential protocol "
+                     "trains total_steps // 2 steps per task, so it needs >= 2")
+  settings = {**settings, "tasks": tasks, "snapshots": "all"}
+  t0 = time.time()
+  data_kwargs = eval_data(train_cfg, tasks)
+  base = _base_eval(workdir, train_cfg, settings, data_kwargs, log)
+  rs = claims.make_resampler(base, tasks, seeds, settings["bootstrap_resamples"])
+  orders = [tuple(tasks)] + ([tuple(reversed(tasks))] if both_orders else [])
+  out_orders = {}
+  for first, second in orders:
+    name = f"{first}_then_{second}"
+    evals_by_method = {m: [] for m in methods}
+    for k in range(seeds):
+      for m in methods:
+        cfg = sequential_config(train_cfg, m, first, second, steps, int(train_cfg.seed) + k)
+        run_dir = workdir / name / m / f"seed{k}"
+        evals, _ = _train_and_evaluate(cfg, run_dir, f"{name} {m} seed{k}", settings,
+                                       data_kwargs, log)
+        evals_by_method[m].append(_results_of(evals))
+    quantities = {m: claims.sequential_quantities(rs, base, evals_by_method[m], first, second,
+                                                  steps, m) for m in methods}
+    analysis = claims.analyze(rs, quantities, claims.SEQUENTIAL_CLAIMS,
+                              suffix=f" ({first} after training {second})")
+    out_orders[name] = {"first": first, "second": second, "steps_per_task": steps,
+                        "runs": {m: [str(workdir / name / m / f"seed{k}") for k in range(seeds)]
+                                 for m in methods},
+                        "paired": analysis}
+  results = {"protocol": "sequential", "tasks": tasks,
+             "config": _plain(config.to_dict() if hasattr(config, "to_dict") else config),
+             "methods_order": list(methods),
+             "seeds": [int(train_cfg.seed) + k for k in range(seeds)],
+             "note": "multi_stage in this protocol is the full run (AdamW over the same two "
+                     "stages, in that order), reported as 'full'.",
+             "eval": settings, "base": base, "orders": out_orders,
+             "verdicts": [v["text"] for o in out_orders.values()
+                          for v in o["paired"]["verdicts"]],
+             "wall_time_s": round(time.time() - t0, 1)}
+  (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+  table = sequential_markdown(results)
+  (workdir / "results.md").write_text(table)
+  log("\n" + table)
+  log(f"wrote {workdir / 'results.json'} and {workdir / 'results.md'}")
   return results
 
 

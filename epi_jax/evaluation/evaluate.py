@@ -1,14 +1,23 @@
 """Per-task evaluation of a model: batched, jit-compiled, few compiled shapes.
 
-* GSM8K: greedy generation with the KV cache (:func:`epi_jax.model.generate`)
-  from the chat-templated question, exact match of the final number.
+* GSM8K: held-out loss of the reference solution (the primary, low-variance
+  score), and exact match of the final number of a greedy generation with the
+  KV cache (:func:`epi_jax.model.generate`) from the chat-templated question,
+  on the first ``num_generate`` problems (generation is the costly part).
 * LogiQA: for each problem, the summed log-likelihood of each of the four
   answers ``"A. <option>"`` .. ``"D. <option>"`` (the form of the training
   reference) as the assistant turn, counted on the answer tokens only (the
   content and the closing ``<|im_end|>``); the best one is the prediction.
-  The prompt is run once and its KV cache shared by the four answers.
+  The prompt is run once and its KV cache shared by the four answers. The
+  gold answer's loss is reported beside the accuracy.
 * code_alpaca, alpaca, chat: held-out loss per assistant token (all assistant
   turns, as in training) and perplexity.
+
+Every task also returns ``per_example`` scores, in example order, so that two
+models evaluated on the same examples can be compared pairwise
+(:mod:`epi_jax.evaluation.bootstrap`): ``nll`` and ``tokens`` (the answer
+tokens' summed negative log-likelihood and their count: the set's loss is
+``sum(nll) / sum(tokens)``) and, for the accuracy metrics, ``correct`` (0/1).
 
 Rows are padded to a fixed batch size and lengths to power-of-two buckets
 (capped at ``seq_len``), and the jitted functions take the model's graphdef as
@@ -34,8 +43,11 @@ from epi_jax.model.llama import KVCache, init_cache
 TASKS = ("gsm8k", "code_alpaca", "logiqa", "alpaca", "chat")
 LOSS_TASKS = ("code_alpaca", "alpaca", "chat")
 LETTERS = "ABCDEFGH"
-DEFAULT_NUM_EXAMPLES = {"gsm8k": 16, "logiqa": 32, "code_alpaca": 32,
-                        "alpaca": 32, "chat": 32}
+# Sized so that paired differences between models resolve (standard errors of
+# a few hundredths of a nat, a few points of LogiQA accuracy).
+DEFAULT_NUM_EXAMPLES = {"gsm8k": 128, "logiqa": 300, "code_alpaca": 128,
+                        "alpaca": 128, "chat": 128}
+DEFAULT_NUM_GENERATE = 32  # GSM8K problems generated for exact match
 
 
 def _bucket(n: int, minimum: int, cap: int | None = None) -> int:
@@ -238,22 +250,37 @@ def _prompt_ids(tokenizer, example) -> list[int]:
   return ids
 
 
+def _rounded(values, digits: int = 5) -> list[float]:
+  return [round(float(v), digits) for v in values]
+
+
 def eval_gsm8k(model, tokenizer, examples, *, max_new_tokens: int = 160,
-               batch_size: int = 8, keep_samples: int = 3) -> dict[str, Any]:
-  """Greedy GSM8K exact match; ``samples`` holds a few completions to inspect."""
+               batch_size: int = 8, keep_samples: int = 3,
+               num_generate: int | None = DEFAULT_NUM_GENERATE, loss_batch_size: int = 8,
+               seq_len: int = 512) -> dict[str, Any]:
+  """GSM8K: loss of the reference solutions, and greedy exact match.
+
+  The loss (all ``examples``) is the primary score; exact match runs on the
+  first ``num_generate`` of them (None: all; 0: none). ``samples`` holds a
+  few completions to inspect.
+  """
+  res = eval_loss(model, tokenizer, examples, batch_size=loss_batch_size, seq_len=seq_len)
+  gen = list(examples) if num_generate is None else list(examples)[:max(int(num_generate), 0)]
   completions = []
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
+  for start in range(0, len(gen), batch_size):
+    chunk = gen[start:start + batch_size]
     outs = generate(model, [_prompt_ids(tokenizer, e) for e in chunk],
                     max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids,
                     pad_id=tokenizer.pad_id)
     completions += [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-  refs = [e["final_answer"] for e in examples]
-  correct = [metrics.gsm8k_match(c, r) for c, r in zip(completions, refs)]
-  return {"accuracy": float(np.mean(correct)) if correct else 0.0,
-          "n": len(examples), "correct": int(sum(correct)),
-          "samples": [{"reference": r, "extracted": metrics.extract_gsm8k_answer(c),
-                       "completion": c} for c, r in list(zip(completions, refs))[:keep_samples]]}
+  refs = [e["final_answer"] for e in gen]
+  correct = [bool(metrics.gsm8k_match(c, r)) for c, r in zip(completions, refs)]
+  res["per_example"]["correct"] = [int(c) for c in correct]
+  res.update(accuracy=float(np.mean(correct)) if correct else None,
+             n_generated=len(gen), correct=int(sum(correct)),
+             samples=[{"reference": r, "extracted": metrics.extract_gsm8k_answer(c),
+                       "completion": c} for c, r in list(zip(completions, refs))[:keep_samples]])
+  return res
 
 
 def logiqa_candidates(tokenizer, example) -> tuple[list[int], list[tuple[list[int], list[bool]]]]:
@@ -278,9 +305,14 @@ def eval_logiqa(model, tokenizer, examples, *, batch_size: int = 8,
                             seq_len=seq_len, pad_id=tokenizer.pad_id)
   pred = pick_option(lp, cnt, normalize)
   gold = np.asarray([int(e["answer"]) for e in examples])
+  rows = np.arange(len(examples))
+  gold_nll, gold_tokens = -lp[rows, gold], cnt[rows, gold]
   return {"accuracy": float(np.mean(pred == gold)), "n": len(examples),
           "correct": int(np.sum(pred == gold)),
-          "prediction_counts": np.bincount(pred, minlength=lp.shape[1]).tolist()}
+          "loss": float(gold_nll.sum() / max(float(gold_tokens.sum()), 1.0)),
+          "prediction_counts": np.bincount(pred, minlength=lp.shape[1]).tolist(),
+          "per_example": {"correct": (pred == gold).astype(int).tolist(),
+                          "nll": _rounded(gold_nll), "tokens": _rounded(gold_tokens, 1)}}
 
 
 def eval_loss(model, tokenizer, examples, *, batch_size: int = 8,
@@ -294,7 +326,8 @@ def eval_loss(model, tokenizer, examples, *, batch_size: int = 8,
     raise ValueError("no assistant tokens to score (examples empty or all truncated)")
   loss = float(nll.sum() / tokens)
   return {"loss": loss, "perplexity": float(np.exp(loss)), "n": len(examples),
-          "tokens": int(tokens)}
+          "tokens": int(tokens),
+          "per_example": {"nll": _rounded(nll), "tokens": _rounded(count, 1)}}
 
 
 # ----------------------------------------------------------------------------
@@ -322,7 +355,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = TASKS, data_dir=None,
              max_new_tokens: int = 160, batch_size: int = 8, seq_len: int = 512,
              generate_batch_size: int | None = 16, split: str = "test", sample_seed: int | None = None,
              logiqa_normalize: str = "sum", examples: Mapping[str, Sequence] | None = None,
-             verbose: bool = False) -> dict[str, dict[str, Any]]:
+             num_generate: int | None = DEFAULT_NUM_GENERATE, verbose: bool = False
+             ) -> dict[str, dict[str, Any]]:
   """Evaluates ``model`` on each task.
 
   Args:
@@ -333,6 +367,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = TASKS, data_dir=None,
     num_examples: examples per task: an int for all, a dict per task (missing
       tasks use ``DEFAULT_NUM_EXAMPLES``), or None for the defaults.
     max_new_tokens: GSM8K generation budget.
+    num_generate: GSM8K problems (the first ones) generated for exact match
+      (None: all; 0: none, loss only).
     batch_size: rows per batch (LogiQA: problems per batch, four rows each).
     generate_batch_size: GSM8K rows per generation batch (decoding is
       memory-bound, so larger batches are almost free); None: ``batch_size``.
@@ -345,8 +381,10 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = TASKS, data_dir=None,
     verbose: print one line per task.
 
   Returns:
-    ``{task: metrics}``: gsm8k/logiqa ``accuracy, n, correct``; loss tasks
-    ``loss, perplexity, n, tokens``; each with ``seconds`` and ``cpu_seconds``.
+    ``{task: metrics}``: every task ``loss, n, per_example`` (see the module
+    docstring); gsm8k also ``perplexity, tokens, accuracy, correct,
+    n_generated, samples``; logiqa ``accuracy, correct, prediction_counts``;
+    loss tasks ``perplexity, tokens``; each with ``seconds`` and ``cpu_seconds``.
   """
   if num_examples is None:
     num_examples = DEFAULT_NUM_EXAMPLES
@@ -366,7 +404,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = TASKS, data_dir=None,
       raise ValueError(f"task {task!r}: no examples to evaluate")
     if task == "gsm8k":
       res = eval_gsm8k(model, tokenizer, exs, max_new_tokens=max_new_tokens,
-                       batch_size=generate_batch_size or batch_size)
+                       batch_size=generate_batch_size or batch_size, num_generate=num_generate,
+                       loss_batch_size=batch_size, seq_len=seq_len)
     elif task == "logiqa":
       res = eval_logiqa(model, tokenizer, exs, batch_size=batch_size,
                         seq_len=2 * seq_len, normalize=logiqa_normalize)
@@ -378,6 +417,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = TASKS, data_dir=None,
     res["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
     results[task] = res
     if verbose:
-      shown = {k: v for k, v in res.items() if k not in ("samples", "prediction_counts")}
+      shown = {k: v for k, v in res.items()
+               if k not in ("samples", "prediction_counts", "per_example")}
       print(f"[eval] {task}: {shown}", flush=True)
   return results

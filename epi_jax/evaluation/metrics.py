@@ -2,10 +2,12 @@
 
 Per-task metrics (what :func:`epi_jax.evaluation.evaluate` reports):
 
-* ``gsm8k``: ``accuracy``, exact match of the final number of the greedy
-  completion against the reference ``final_answer`` (``18.0 == 18``,
-  ``1,000 == 1000``).
-* ``logiqa``: ``accuracy``, the option with the highest log-likelihood wins.
+* ``gsm8k``: ``loss`` of the reference solution (primary: exact match of a
+  135M model is near 0 for every method, so it cannot tell them apart), and
+  ``accuracy``, exact match of the final number of the greedy completion
+  against the reference ``final_answer`` (``18.0 == 18``, ``1,000 == 1000``).
+* ``logiqa``: ``accuracy``, the option with the highest log-likelihood wins
+  (and ``loss``, the gold answer's).
 * ``code_alpaca``, ``alpaca``, ``chat``: ``loss`` (mean negative
   log-likelihood per assistant token, nats) and ``perplexity`` (``exp(loss)``).
 
@@ -32,15 +34,16 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Mapping
 
-# Task -> (primary metric, higher_is_better).
+# Task -> (primary metric, higher_is_better).  SECONDARY_METRIC: also reported.
 PRIMARY_METRIC = {
-    "gsm8k": ("accuracy", True),
+    "gsm8k": ("loss", False),
     "logiqa": ("accuracy", True),
     "code_alpaca": ("loss", False),
     "alpaca": ("loss", False),
     "chat": ("loss", False),
     "humaneval": ("pass@1", True),
 }
+SECONDARY_METRIC = {"gsm8k": "accuracy"}
 
 # A number: optional sign or currency, digits with optional thousands commas,
 # optional decimals; or a bare decimal like ".5".
@@ -139,10 +142,23 @@ def higher_is_better_score(task: str, result: Mapping) -> float:
   return value if higher else -value
 
 
-def _smoothed_accuracy(result: Mapping, metric: str) -> float:
-  n = int(result.get("n", 0))
-  correct = float(result[metric]) * n
-  return (correct + 1.0) / (n + 2.0)
+def smoothed_accuracy(accuracy, n: int):
+  """The add-one accuracy ``(correct + 1) / (n + 2)`` (floats or arrays)."""
+  return (accuracy * n + 1.0) / (n + 2.0)
+
+
+def normalized_value(task: str, value, base_value, n: int = 0, base_n: int | None = None):
+  """``100 * score / base score`` from metric values (floats or numpy arrays,
+  elementwise: the bootstrap applies it to resampled scores).
+
+  ``n`` / ``base_n``: eval examples of an accuracy task (for the add-one
+  accuracy; ``base_n`` defaults to ``n``).
+  """
+  _, higher = PRIMARY_METRIC.get(task, ("loss", False))
+  if higher:
+    base_n = n if base_n is None else base_n
+    return 100.0 * smoothed_accuracy(value, n) / smoothed_accuracy(base_value, base_n)
+  return 100.0 * base_value / value
 
 
 def normalized_task_score(task: str, result: Mapping, base: Mapping) -> float:
@@ -151,12 +167,11 @@ def normalized_task_score(task: str, result: Mapping, base: Mapping) -> float:
   for name, r in (("result", result), ("base", base)):
     if metric not in r:
       raise ValueError(f"{name} for task {task!r} has no {metric!r}")
-  if higher:
-    return 100.0 * _smoothed_accuracy(result, metric) / _smoothed_accuracy(base, metric)
-  loss, base_loss = float(result[metric]), float(base[metric])
-  if not loss > 0 or not math.isfinite(loss):
-    raise ValueError(f"task {task!r}: loss must be positive and finite, got {loss}")
-  return 100.0 * base_loss / loss
+  value, base_value = float(result[metric]), float(base[metric])
+  if not higher and (not value > 0 or not math.isfinite(value)):
+    raise ValueError(f"task {task!r}: loss must be positive and finite, got {value}")
+  return float(normalized_value(task, value, base_value, int(result.get("n", 0)),
+                                int(base.get("n", 0))))
 
 
 def normalized_scores(results: Mapping[str, Mapping], base: Mapping[str, Mapping]

@@ -22,6 +22,7 @@ from epi_jax.method.isolation import IMPORTANCES, NORMALIZATIONS, SELECTIONS
 METHODS = ("full", "multi_stage", "static", "epi")
 DTYPES = ("float32", "bfloat16")
 INITS = ("pretrained", "random")
+CLIP_SCOPES = ("all", "trainable")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -50,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
       {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0}, "steps": 50},
       {"mixture": {"logiqa": 1.0, "alpaca": 1.0, "chat": 1.0}, "steps": 50},
   ]
+  # True: every method trains over data.stages (the sequential A-then-B
+  # protocol of `epi-jax compare`); multi_stage always does, the others
+  # otherwise train on data.mixture.
+  c.data.staged = False
   c.data.batch_size = 8
   c.data.seq_len = 128
   c.data.packing = True
@@ -69,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.clip_norm = 1.0      # <= 0: no clipping
+  # static/epi: the gradient norm that clipping uses: "all" gradients, or only
+  # the "trainable" (not isolated) ones (the isolated entries have the largest
+  # g^2 by construction and would otherwise shrink every trainable step).
+  c.optimizer.clip_scope = "all"
   c.optimizer.grad_accum_steps = 1
 
   c.epi = ml_collections.ConfigDict()
@@ -123,6 +132,11 @@ def _fill_defaults(config, defaults, prefix=""):
     elif (isinstance(defaults[key], ml_collections.ConfigDict)
           and f"{prefix}{key}" not in _FREE_GROUPS):
       _fill_defaults(config[key], defaults[key], f"{prefix}{key}.")
+
+
+def uses_stages(config) -> bool:
+  """Whether ``config`` trains over ``data.stages`` rather than ``data.mixture``."""
+  return config.method == "multi_stage" or bool(config.data.get("staged", False))
 
 
 def _need(cond: bool, field: str, value: Any, what: str):
@@ -182,8 +196,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d = c.data
   _check_mixture(d.mixture, "data.mixture")
   stages = list(d.stages or [])
-  if c.method == "multi_stage":
-    _need(len(stages) > 0, "data.stages", stages, "method 'multi_stage' needs stages")
+  _need(isinstance(d.staged, bool), "data.staged", d.staged, "must be a bool")
+  if uses_stages(c):
+    _need(len(stages) > 0, "data.stages", stages,
+          "method 'multi_stage' (or data.staged=True) needs stages")
   for i, st in enumerate(stages):
     _need(hasattr(st, "keys") and set(st.keys()) <= {"mixture", "steps"} and "steps" in st,
           f"data.stages[{i}]", st, "must be a dict with 'mixture' and 'steps'")
@@ -198,13 +214,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(d.max_examples_per_task is None or d.max_examples_per_task >= 1,
         "data.max_examples_per_task", d.max_examples_per_task, "must be None or >= 1")
 
-  if c.method == "multi_stage":
+  if uses_stages(c):
     total = sum(st["steps"] for st in d.stages)
     if c.total_steps <= 0:
       c.total_steps = total
     _need(c.total_steps == total, "total_steps", c.total_steps,
-          f"method 'multi_stage' needs total_steps == sum of data.stages steps ({total}), "
-          "or total_steps <= 0 to derive it")
+          f"training over stages (method 'multi_stage' or data.staged) needs total_steps "
+          f"== sum of data.stages steps ({total}), or total_steps <= 0 to derive it")
   _need(_is_int(c.total_steps) and c.total_steps >= 1, "total_steps", c.total_steps,
         "must be an int >= 1")
 
@@ -221,6 +237,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _need(_is_num(o[f]) and 0 <= o[f] < 1, f"optimizer.{f}", o[f], "must be in [0, 1)")
   _need(_is_num(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
   _need(_is_num(o.clip_norm), "optimizer.clip_norm", o.clip_norm, "must be a number")
+  _need(o.clip_scope in CLIP_SCOPES, "optimizer.clip_scope", o.clip_scope,
+        f"expected one of {CLIP_SCOPES}")
   _need(_is_int(o.grad_accum_steps) and o.grad_accum_steps >= 1,
         "optimizer.grad_accum_steps", o.grad_accum_steps, "must be an int >= 1")
   _need(d.batch_size % o.grad_accum_steps == 0, "optimizer.grad_accum_steps",

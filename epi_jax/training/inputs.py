@@ -15,12 +15,13 @@ import numpy as np
 
 from epi_jax import data as epi_data
 from epi_jax.data.pipeline import make_train_iterator
+from epi_jax.training import config as cfg_lib
 from epi_jax.training import sharding
 from epi_jax.utils.assets import default_raw_data_dir
 
 
 def used_tasks(config) -> list[str]:
-  mixes = ([st["mixture"] for st in config.data.stages] if config.method == "multi_stage"
+  mixes = ([st["mixture"] for st in config.data.stages] if cfg_lib.uses_stages(config)
            else [config.data.mixture])
   return sorted({t for m in mixes for t, w in m.items() if w > 0},
                 key=epi_data.ALL_CONFIGS.index)
@@ -110,7 +111,7 @@ def make_iterator(config, tokenizer, data_kwargs, mesh=None):
   it process ``i`` of ``n`` takes the ``i``-th of ``n`` equal blocks.
   """
   d = config.data
-  stages = d.stages if config.method == "multi_stage" else None
+  stages = d.stages if cfg_lib.uses_stages(config) else None
   index, count = (process_rows(mesh, d.batch_size) if mesh is not None
                   else (jax.process_index(), jax.process_count()))
   return make_train_iterator(

@@ -13,11 +13,21 @@ rescale it by step. AdamW sees the clipped gradients, exactly as in ``full``,
 so the only difference between the methods is the isolation.
 Weight decay applies to matrices (ndim >= 2) only, not to norm scales or
 biases.
+
+``optimizer.clip_scope="trainable"`` (static and epi) clips by the norm of
+the trainable (not isolated) gradients only (:func:`clip_by_trainable_norm`):
+the isolated entries are by construction those with the largest g^2, so in
+the global norm they can dominate and shrink every trainable entry's step
+(MaxText meets the same effect with frozen parameters and masks first). The
+train step passes the mask in force before the update as the extra argument
+``trainable``; at a refresh step the new mask applies to that step's update
+but the clipping norm still uses the previous one.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import epi_jax
@@ -34,13 +44,51 @@ def schedule(config) -> optax.Schedule:
       decay_steps=decay_steps, end_value=lr * float(o.min_lr_ratio))
 
 
+def trainable_norm(updates, trainable) -> jax.Array:
+  """Global L2 norm of ``updates`` over the entries where ``trainable`` is True."""
+  sq = jax.tree.map(lambda u, t: jnp.sum(jnp.where(t, jnp.square(u.astype(jnp.float32)), 0.0)),
+                    updates, trainable)
+  return jnp.sqrt(sum(jax.tree.leaves(sq)))
+
+
+def clip_by_trainable_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """``optax.clip_by_global_norm`` with the norm of the trainable entries only.
+
+  The extra argument ``trainable`` (a bool pytree like the updates) selects
+  them; without it every entry counts (``clip_by_global_norm``). Every update
+  is scaled by the same factor (isolate zeroes the isolated ones afterwards).
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, trainable=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if trainable is None else trainable_norm(updates, trainable)
+    keep = norm < max_norm
+    # Same arithmetic as optax.clip_by_global_norm (max_norm / norm, no epsilon).
+    updates = jax.tree.map(lambda u: jnp.where(keep, u, (u / norm.astype(u.dtype)) * max_norm),
+                           updates)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def clips_trainable(config) -> bool:
+  """Whether the step must pass the ``trainable`` mask (clip_scope='trainable')."""
+  o = config.optimizer
+  return is_epi(config) and o.clip_scope == "trainable" and bool(o.clip_norm and o.clip_norm > 0)
+
+
 def _adamw(config) -> optax.GradientTransformation:
   o = config.optimizer
   adamw = optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                       weight_decay=o.weight_decay,
                       mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
   if o.clip_norm and o.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
+    clip = (clip_by_trainable_norm(o.clip_norm) if clips_trainable(config)
+            else optax.clip_by_global_norm(o.clip_norm))
+    return optax.chain(clip, adamw)
   return adamw
 
 

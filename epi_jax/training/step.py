@@ -43,11 +43,13 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
   ``metrics`` holds device scalars: ``loss`` (token mean), ``task_loss_sum`` and
   ``task_tokens`` (per task, for windowed per-task means), ``tokens``,
   ``grad_norm`` (before clipping), ``lr``, and for EPI methods the EPI state's
-  statistics.
+  statistics and ``trainable_grad_norm`` (the norm of the gradients of the
+  entries not isolated before this step, what ``clip_scope='trainable'`` clips by).
   """
   accum = int(config.optimizer.grad_accum_steps)
   lr_fn = optim.schedule(config)
   use_epi = optim.is_epi(config)
+  clip_trainable = optim.clips_trainable(config)
 
   def grads_and_sums(params, batch, denom):
     def f(p, b):
@@ -79,7 +81,13 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
               jnp.zeros([NUM_TASKS], jnp.float32))
       (grads, loss_sum, tl, tt), _ = jax.lax.scan(body, init, micro)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    extra = {}
+    if use_epi:
+      trainable = jax.tree.map(jnp.logical_not, unpacked_mask(state["opt_state"]))
+      trainable_grad_norm = optim.trainable_norm(grads, trainable)
+      if clip_trainable:
+        extra["trainable"] = trainable
+    updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
     new_params = optax.apply_updates(params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
     new_state = {"step": state["step"] + 1, "params": new_params,
@@ -89,7 +97,8 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
                "lr": lr_fn(state["step"])}
     if use_epi:
       e = epi_state(opt_state)
-      metrics.update(isolated_fraction=e.isolated_fraction, num_flipped=e.num_flipped,
+      metrics.update(trainable_grad_norm=trainable_grad_norm,
+                     isolated_fraction=e.isolated_fraction, num_flipped=e.num_flipped,
                      jaccard_prev=e.jaccard_prev, jaccard_first=e.jaccard_first,
                      num_refreshes=e.num_refreshes)
     return new_state, metrics

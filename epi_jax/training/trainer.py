@@ -126,7 +126,8 @@ def _window_record(step, window, config, elapsed, timed_steps, compile_s):
   if compile_s is not None:
     rec["first_step_s"] = compile_s
   if optim.is_epi(config):
-    for k in ("isolated_fraction", "num_flipped", "jaccard_prev", "jaccard_first"):
+    for k in ("trainable_grad_norm", "isolated_fraction", "num_flipped", "jaccard_prev",
+              "jaccard_first"):
       rec[k] = float(last[k])
     rec["num_refreshes"] = int(last["num_refreshes"])
   return rec
