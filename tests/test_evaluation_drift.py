@@ -88,3 +88,78 @@ def test_bad_jsonl_names_file(tmp_path):
   (tmp_path / "refreshes.jsonl").write_text('{"step": 1}\nnot json\n')
   with pytest.raises(ValueError, match="refreshes.jsonl:2"):
     drift.load_refreshes(tmp_path)
+
+
+def _snapshots():
+  """Importance of 20 entries at 4 checkpoints: the top 5 drift from 0..4 to 15..19."""
+  snaps = []
+  for shift in (0, 1, 3, 15):
+    imp = np.arange(20, dtype=float)[::-1].copy()  # entry i scores 19 - i
+    imp = np.roll(imp, shift)  # the top block moves right by `shift`
+    snaps.append({"a": imp[:10], "b": imp[10:]})
+  return snaps
+
+
+def test_top_p_importance_jaccard_on_constructed_snapshots():
+  snaps = _snapshots()
+  top = drift.top_set(snaps[0], 0.25)
+  assert np.flatnonzero(np.concatenate([top["a"], top["b"]])).tolist() == [0, 1, 2, 3, 4]
+  curves = drift.top_set_curves(snaps, 0.25)
+  # Sets {0..4}, {1..5}, {3..7}, {15..19}.
+  assert curves["jaccard_first"] == pytest.approx([1.0, 4 / 6, 2 / 8, 0.0])
+  assert curves["jaccard_prev"] == pytest.approx([1.0, 4 / 6, 3 / 7, 0.0])
+  assert not drift.top_set(snaps[0], 0.0)["a"].any()
+
+
+def test_trainer_tracker_matches_the_numpy_top_sets():
+  """The trainer's on-device tracker (EPI's selection rule) on constructed importance."""
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+
+  import epi_jax
+  from epi_jax.training import importance_drift
+  cfg = ml_collections.ConfigDict({"method": "full", "epi": {
+      "isolation_ratio": 0.25, "update_interval": 2, "warmup_steps": None, "ema_decay": 0.9,
+      "normalization": "none", "selection": "global", "importance": "grad_sq",
+      "importance_dtype": "float32", "exclude": (), "track_importance": True,
+      "static_importance": None}})
+  assert importance_drift.tracks_importance(cfg)
+  params = {"a": jnp.zeros(10), "b": jnp.zeros(10)}
+  tx = epi_jax.isolate(optax.sgd(0.1), 0.25, 2, mode="none")
+  state = tx.init(params)
+  tracker = importance_drift.ImportanceDrift(cfg)
+  assert [s for s in range(1, 9) if tracker.due(s)] == [2, 4, 6, 8]
+  recs = []
+  for step, snap in zip((2, 4, 6, 8), _snapshots()):
+    imp = {k: jnp.asarray(v, jnp.float32) for k, v in snap.items()}
+    st = state._replace(epi=state.epi._replace(importance=imp))
+    recs.append(tracker.record(step, st))
+  expected = drift.top_set_curves(_snapshots(), 0.25)
+  assert [r["jaccard_first"] for r in recs] == pytest.approx(expected["jaccard_first"])
+  assert [r["jaccard_prev"] for r in recs] == pytest.approx(expected["jaccard_prev"])
+  assert recs[0]["top_fraction"] == pytest.approx(0.25)
+  assert recs[-1]["per_layer"] == {"a": 0.0, "b": 0.5}
+  # A resumed tracker does not know the first set.
+  resumed = importance_drift.ImportanceDrift(cfg, resumed=True)
+  st = state._replace(epi=state.epi._replace(importance={k: jnp.asarray(v, jnp.float32)
+                                                         for k, v in _snapshots()[0].items()}))
+  r1, r2 = resumed.record(10, st), resumed.record(12, st)
+  assert r1["jaccard_prev"] is None and r1["jaccard_first"] is None
+  assert r2["jaccard_prev"] == 1.0 and r2["jaccard_first"] is None
+
+
+def test_static_mask_curve_is_left_out_and_importance_table(tmp_path):
+  static = drift.drift_summary([{"step": 5, "jaccard_prev": 1.0, "jaccard_first": -1.0,
+                                 "per_layer": {"x": 0.1}}])
+  assert static["jaccard_first"] == [None]  # -1 means "not tracked", not a Jaccard of 0
+  assert not drift.meaningful(static)
+  assert drift.plot_drift({"static": static}, tmp_path / "d.png") is None
+  recs = [{"step": s, "jaccard_first": jf, "jaccard_prev": jp, "per_layer": {"x": f, "y": 0.1}}
+          for s, jf, jp, f in ((5, 1.0, 1.0, 0.1), (10, 0.7, 0.7, 0.2), (15, 0.5, 0.8, 0.3))]
+  summary = drift.drift_summary(recs)
+  assert drift.meaningful(summary) and summary["final_jaccard_first"] == 0.5
+  md = drift.importance_drift_markdown({"full": summary, "static": summary})
+  assert "| 15 | 0.500 | 0.800 |" in md and "full vs first" in md
+  assert drift.plot_drift({"full": summary, "static": static}, tmp_path / "i.png",
+                          what="top-p importance set").is_file()

@@ -257,6 +257,9 @@ def _run_summary(config, method, evals: Mapping[int, Mapping], base: Mapping,
   refreshes = drift_lib.load_refreshes(run_dir)
   if refreshes:
     out["drift"] = drift_lib.drift_summary(refreshes, sizes)
+  top_sets = drift_lib.load_importance_drift(run_dir)
+  if top_sets:
+    out["importance_drift"] = drift_lib.drift_summary(top_sets, sizes)
   return out
 
 
@@ -295,6 +298,12 @@ def aggregate(per_run: Mapping[str, Sequence[Mapping]]) -> dict[str, Any]:
       entry["drift"] = {"final_jaccard_first": _ms([d["final_jaccard_first"] for d in drifts]),
                         "num_refreshes": _ms([d["num_refreshes"] for d in drifts]),
                         "mean_migration": _ms([fg.mean_defined(d["migration"]) for d in drifts])}
+    imp = [r["importance_drift"] for r in runs if r.get("importance_drift")]
+    if imp:
+      entry["importance_drift"] = {
+          "final_jaccard_first": _ms([d["final_jaccard_first"] for d in imp]),
+          "mean_jaccard_prev": _ms([fg.mean_defined(d["jaccard_prev"][1:]) for d in imp]),
+          "mean_migration": _ms([fg.mean_defined(d["migration"]) for d in imp])}
     entry["runs"] = [r["run_dir"] for r in runs]
     entry["eval_seconds"] = [r["eval_seconds"] for r in runs]
     entry["train_seconds"] = [r.get("train_seconds") for r in runs]
@@ -537,7 +546,9 @@ def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1
              "config": _plain(config.to_dict() if hasattr(config, "to_dict") else config),
              "methods_order": list(methods), "seeds": [int(train_cfg.seed) + k for k in range(seeds)],
              "eval": settings, "base": base, "methods": aggregate(per_run),
-             "paired": claims.analyze(rs, quantities, claims.MIXTURE_CLAIMS)}
+             "paired": claims.analyze(rs, quantities, claims.MIXTURE_CLAIMS),
+             "importance_drift": {m: runs[0]["importance_drift"] for m, runs in per_run.items()
+                                  if runs and runs[0].get("importance_drift")}}
   results["verdicts"] = [v["text"] for v in results["paired"]["verdicts"]]
   results["wall_time_s"] = round(time.time() - t0, 1)
   _write_outputs(workdir, results, per_run, log, sizes)
@@ -653,6 +664,15 @@ def _write_outputs(workdir: pathlib.Path, results, per_run, log, sizes=None):
     drift_lib.plot_layer_heatmap(drift_lib.load_refreshes(run_dir),
                                  plots / f"layer_heatmap_{m}.png",
                                  title=f"{m}: isolated fraction per block", sizes=sizes)
+  imp_curves = {f"{m}/{pathlib.Path(r['run_dir']).name}": r["importance_drift"]
+                for m, runs in per_run.items() for r in runs if r.get("importance_drift")}
+  drift_lib.plot_drift(imp_curves, plots / "importance_drift.png", what="top-p importance set")
+  for m, runs in per_run.items():
+    if runs and runs[0].get("importance_drift"):
+      drift_lib.plot_layer_heatmap(drift_lib.load_importance_drift(runs[0]["run_dir"]),
+                                   plots / f"importance_layers_{m}.png",
+                                   title=f"{m}: fraction of each block in the top-p importance set",
+                                   sizes=sizes)
   log("\n" + table)
   log(f"wrote {workdir / 'results.json'}, {workdir / 'results.md'} and {plots}/*.png")
 

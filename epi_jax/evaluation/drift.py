@@ -1,9 +1,12 @@
-"""Drift analysis of the isolation mask, and the comparison plots (matplotlib, Agg).
+"""Drift analysis of the isolation mask and of the importance, and the comparison plots.
 
 Inputs are a run's ``refreshes.jsonl`` (one object per EPI refresh: ``step``,
 ``isolated_fraction``, ``num_flipped``, ``jaccard_prev``, ``jaccard_first``,
-``per_layer: {param_path: isolated fraction}``) or masks themselves (bool
-arrays or pytrees of them) for the pure metric functions:
+``per_layer: {param_path: isolated fraction}``), its ``importance_drift.jsonl``
+(the paper's measure: the top-p *importance* set on the refresh schedule, for
+every method with ``epi.track_importance``, full SFT included; same keys, see
+``epi_jax.training.importance_drift``) or masks themselves (bool arrays or
+pytrees of them) for the pure metric functions:
 
 * :func:`jaccard`: ``|A & B| / |A | B|`` of two masks (1.0 when both are empty).
 * :func:`layer_shares`: how the isolated entries are spread over the layers
@@ -103,6 +106,33 @@ def load_refreshes(workdir) -> list[dict]:
                 key=lambda r: int(r.get("step", 0)))
 
 
+def load_importance_drift(workdir) -> list[dict]:
+  """A run's top-p importance sets (``workdir/importance_drift.jsonl``), sorted by step."""
+  return sorted(load_jsonl(pathlib.Path(workdir) / "importance_drift.jsonl"),
+                key=lambda r: int(r.get("step", 0)))
+
+
+def top_set(scores, ratio: float):
+  """The top-``ratio`` entries of ``scores`` (an array or a pytree, pooled), as bools.
+
+  ``k = floor(ratio * N)``; ties at the threshold are all kept. For analysis
+  of saved importance snapshots (the trainer selects on the device with
+  EPI's own rule, ``epi_jax.training.importance_drift``).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree_util.tree_flatten(scores)
+  flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+  k = int(ratio * flat.size)
+  thr = np.inf if k == 0 else np.partition(flat, flat.size - k)[flat.size - k]
+  return jax.tree_util.tree_unflatten(treedef, [np.asarray(x) >= thr for x in leaves])
+
+
+def top_set_curves(snapshots: Sequence[Any], ratio: float) -> dict[str, list[float]]:
+  """Jaccard of the top-``ratio`` sets of importance snapshots vs the first and
+  the previous snapshot (the paper's drift measure)."""
+  return jaccard_curves([top_set(s, ratio) for s in snapshots])
+
+
 _BLOCK = re.compile(r"layers[^0-9]{0,3}(\d+)")
 
 
@@ -118,7 +148,9 @@ def drift_summary(refreshes: Sequence[Mapping], sizes: Mapping[str, int] | None 
                   ) -> dict[str, Any]:
   """Curves over refreshes: step, jaccard_first/prev, isolated fraction, migration."""
   steps = [int(r["step"]) for r in refreshes]
-  get = lambda key: [None if r.get(key) is None else float(r[key]) for r in refreshes]
+  # Negative: not tracked (jaccard_first of a run without track_first_mask is -1).
+  get = lambda key: [None if r.get(key) is None or float(r[key]) < 0 else float(r[key])  # pylint: disable=unnecessary-lambda-assignment
+                     for r in refreshes]
   per_layer = [r.get("per_layer") or {} for r in refreshes]
   mig = [None] + [migration(p, c, sizes) if p and c else None
                   for p, c in zip(per_layer[:-1], per_layer[1:])]
@@ -168,21 +200,35 @@ def _plt():
   return plt
 
 
-def plot_drift(curves: Mapping[str, Mapping[str, Any]], path) -> pathlib.Path | None:
-  """Jaccard vs first and vs previous mask over refresh steps, one line per run."""
-  curves = {k: v for k, v in curves.items() if v.get("step")}
+def meaningful(curve: Mapping[str, Any]) -> bool:
+  """Whether a drift curve says anything: two or more points with a tracked
+  Jaccard (a static mask, chosen once, has one point, trivially 1)."""
+  values = [v for v in curve.get("jaccard_first") or [] if v is not None]
+  return len(curve.get("step") or []) >= 2 and len(values) >= 2
+
+
+def plot_drift(curves: Mapping[str, Mapping[str, Any]], path, *,
+               what: str = "mask") -> pathlib.Path | None:
+  """Jaccard vs first and vs previous set over refresh steps, one line per run.
+
+  ``what``: ``'mask'`` (the isolation mask) or ``'top-p importance set'``.
+  Curves that mean nothing (see :func:`meaningful`) are left out.
+  """
+  curves = {k: v for k, v in curves.items() if meaningful(v)}
   if not curves:
     return None
   plt = _plt()
   fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  nan = lambda xs: [np.nan if v is None else v for v in xs]  # pylint: disable=unnecessary-lambda-assignment
   for label, c in curves.items():
-    axes[0].plot(c["step"], c["jaccard_first"], marker=".", label=label)
-    axes[1].plot(c["step"], c["jaccard_prev"], marker=".", label=label)
-    mig = [np.nan if v is None else v for v in c.get("migration", [])]
+    axes[0].plot(c["step"], nan(c["jaccard_first"]), marker=".", label=label)
+    axes[1].plot(c["step"], nan(c["jaccard_prev"]), marker=".", label=label)
+    mig = nan(c.get("migration", []))
     if mig:
       axes[2].plot(c["step"], mig, marker=".", label=label)
-  for ax, title in zip(axes, ("Jaccard vs first mask", "Jaccard vs previous mask",
-                              "isolated entries migrating across layers")):
+  entries = "isolated entries" if what == "mask" else "top-p entries"
+  for ax, title in zip(axes, (f"Jaccard vs first {what}", f"Jaccard vs previous {what}",
+                              f"{entries} migrating across layers")):
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -249,6 +295,28 @@ def plot_task_metrics(methods: Mapping[str, Mapping[str, Any]], path, *,
   ax.legend(fontsize=8)
   ax.grid(axis="y", alpha=0.3)
   return _save(plt, fig, path)
+
+
+def importance_drift_markdown(drifts: Mapping[str, Mapping[str, Any]]) -> str:
+  """Table of the top-p importance sets' Jaccard over the run, one column per method."""
+  drifts = {m: d for m, d in drifts.items() if d.get("step")}
+  if not drifts:
+    return ""
+  steps = sorted({s for d in drifts.values() for s in d["step"]})
+  fmt = lambda v: "–" if v is None else f"{v:.3f}"  # pylint: disable=unnecessary-lambda-assignment
+  lines = ["Drift of the top-p importance set (the paper's measure: Jaccard vs the first / "
+           "the previous set; migration = share of the set that changed layer):", "",
+           "| step | " + " | ".join(f"{m} vs first | {m} vs prev | {m} migration"
+                                     for m in drifts) + " |",
+           "|---|" + "---|---|---|" * len(drifts)]
+  for s in steps:
+    cells = []
+    for d in drifts.values():
+      i = d["step"].index(s) if s in d["step"] else None
+      pick = lambda key: None if i is None else d[key][i]  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
+      cells += [fmt(pick("jaccard_first")), fmt(pick("jaccard_prev")), fmt(pick("migration"))]
+    lines.append(f"| {s} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def finite_or_none(x) -> float | None:

@@ -96,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.epi.packed_mask = False        # masks as bits: 1/8 byte/param
   c.epi.release_after = 1          # >1: release hysteresis (see epi_jax.isolate)
   c.epi.reset_on_release = False   # zero AdamW's moments of released entries
+  # Track the importance (full/multi_stage too, isolating nothing) and the drift
+  # of its top-p set on the refresh schedule: importance_drift.jsonl.
+  c.epi.track_importance = False
 
   # Evaluation settings, read by `epi-jax compare` / `epi-jax evaluate` and
   # validated there (epi_jax.evaluation.compare); the trainer ignores them.
@@ -265,6 +268,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(_is_int(e.release_after) and 1 <= e.release_after <= 255, "epi.release_after",
         e.release_after, "must be an int in [1, 255]")
   _need(isinstance(e.reset_on_release, bool), "epi.reset_on_release", e.reset_on_release,
+        "must be a bool")
+  _need(isinstance(e.track_importance, bool), "epi.track_importance", e.track_importance,
         "must be a bool")
   _need(isinstance(e.exclude, (tuple, list)) and all(isinstance(s, str) for s in e.exclude),
         "epi.exclude", e.exclude, "must be a tuple of str")

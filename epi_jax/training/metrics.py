@@ -60,8 +60,9 @@ class MetricsWriter:
       return
     self.metrics_path = self.workdir / "metrics.jsonl"
     self.refreshes_path = self.workdir / "refreshes.jsonl"
-    _truncate(self.metrics_path, start_step)
-    _truncate(self.refreshes_path, start_step)
+    self.importance_path = self.workdir / "importance_drift.jsonl"
+    for path in (self.metrics_path, self.refreshes_path, self.importance_path):
+      _truncate(path, start_step)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=start_step + 1)
@@ -92,6 +93,17 @@ class MetricsWriter:
     if self._tb is not None:
       for k, v in record.get("per_layer", {}).items():
         self._tb.add_scalar(f"isolated/{k}", float(v), record["step"])
+
+  def importance(self, record: dict[str, Any]) -> None:
+    """One record of the top-p importance set's drift (see ``importance_drift``)."""
+    if not self.enabled:
+      return
+    with self.importance_path.open("a") as f:
+      f.write(json.dumps(_clean(record)) + "\n")
+    if self._tb is not None:
+      for k in ("jaccard_prev", "jaccard_first"):
+        if record.get(k) is not None:
+          self._tb.add_scalar(f"importance/{k}", float(record[k]), record["step"])
 
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:

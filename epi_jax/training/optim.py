@@ -5,6 +5,9 @@
 * ``static``: the same AdamW wrapped by ``epi_jax.isolate(mode='static')``:
   the mask chosen at the first refresh stays frozen.
 * ``epi``: ``epi_jax.isolate(mode='evolving', track_first_mask=True)``.
+* ``epi.track_importance=True`` with ``full``/``multi_stage``: AdamW inside
+  ``isolate(mode='none')``, which tracks the importance and isolates nothing
+  (for the drift analysis, ``importance_drift``).
 
 Clipping sits *inside* the EPI wrapper, so the importance EMA is computed
 from the raw (unclipped) gradients: the importance measures the loss's
@@ -101,9 +104,16 @@ def eligible_fn(config):
 def make_optimizer(config) -> optax.GradientTransformation:
   """The optax transformation of ``config.method`` (see the module docstring)."""
   inner = _adamw(config)
-  if config.method in ("full", "multi_stage"):
-    return inner
   e = config.epi
+  if config.method in ("full", "multi_stage"):
+    if not e.get("track_importance", False):
+      return inner
+    # Importance tracked for analysis, nothing isolated: the same updates as AdamW.
+    return epi_jax.isolate(
+        inner, e.isolation_ratio, e.update_interval, e.ema_decay,
+        warmup_steps=e.warmup_steps, importance=e.importance, normalization=e.normalization,
+        selection=e.selection, mode="none", eligible=eligible_fn(config),
+        importance_dtype=e.importance_dtype)
   importance = e.importance
   if config.method == "static" and e.static_importance:
     importance = e.static_importance  # e.g. CPI-FT's "displacement"

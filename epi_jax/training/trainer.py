@@ -31,6 +31,7 @@ import numpy as np
 
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
+from epi_jax.training import importance_drift
 from epi_jax.training import inputs
 from epi_jax.training import metrics as metrics_lib
 from epi_jax.training import model as model_lib
@@ -213,6 +214,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
 
   train_step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
   per_layer = jax.jit(step_lib.per_layer_isolated) if optim.is_epi(config) else None
+  drift = (importance_drift.ImportanceDrift(config, resumed=restored is not None)
+           if importance_drift.tracks_importance(config) else None)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=step,
                                      total_steps=total,
                                      progress_bar=config.progress_bar)
@@ -247,6 +250,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
                             **{k: float(m[k]) for k in ("isolated_fraction", "num_flipped",
                                                          "jaccard_prev", "jaccard_first")},
                             "per_layer": {k: float(v) for k, v in layers.items()}})
+        if drift is not None and drift.due(step):
+          writer.importance(drift.record(step, state["opt_state"]))
         if step % config.log_every == 0 or step == total:
           jax.block_until_ready(m)
           elapsed = time.perf_counter() - t_window
