@@ -73,6 +73,7 @@ def get_config():
                    {{"mixture": {{"logiqa": 1.0, "chat": 1.0}}, "steps": 6}}]
   c.snapshot_steps = (6,)
   c.epi.update_interval = 3
+  c.epi.track_importance = True
   c.progress_bar = False
   return c
 """
@@ -85,13 +86,14 @@ def test_compare_end_to_end_tiny(tmp_path):
   config.write_text(_SMALL_TINY.format(tiny=str(REPO / "configs" / "tiny.py")))
   workdir = tmp_path / "cmp"
   argv = ["--config", str(config), "--workdir", str(workdir),
-          "--methods", "full,multi_stage,static,epi", "--seeds", "1",
+          "--methods", "full,multi_stage,static,epi,epi_clip_trainable", "--seeds", "1",
           "--config.optimizer.warmup_steps=2",
           "--eval.num_examples=3", "--eval.max_new_tokens=8", "--eval.batch_size=4",
           "--eval.seq_len=128"]
   assert cli.compare_main(argv) == 0
   results = json.loads((workdir / "results.json").read_text())
-  assert set(results["methods"]) == {"full", "multi_stage", "static", "epi"}
+  assert set(results["methods"]) == {"full", "multi_stage", "static", "epi",
+                                     "epi_clip_trainable"}
   for m, e in results["methods"].items():
     assert set(e["tasks"]) == set(cmp.TASKS), m
     assert e["average"]["mean"] is not None
@@ -103,6 +105,27 @@ def test_compare_end_to_end_tiny(tmp_path):
   assert (workdir / "plots" / "tasks_normalized.png").is_file()
   assert (workdir / "plots" / "drift.png").is_file()
   assert (workdir / "plots" / "layer_heatmap_epi.png").is_file()
+  # Paired intervals beside every difference, and the five claims answered.
+  pair = results["paired"]["pairs"]["epi - static"]
+  assert {"average", "forgetting", "task:chat", "raw:gsm8k"} <= set(pair)
+  lo, hi = pair["average"]["ci95"]
+  assert lo <= pair["average"]["diff"] <= hi
+  assert "epi_clip_trainable - epi" in results["paired"]["pairs"]
+  assert len(results["verdicts"]) == 5
+  md = (workdir / "results.md").read_text()
+  assert md.startswith("Verdicts") and results["verdicts"][0] in md
+  assert "| epi - static |" in md
+  # Clipping: the trainable norm is logged beside the global one.
+  norms = results["methods"]["epi"]["grad_norms"]
+  assert norms["trainable_grad_norm"]["mean"] <= norms["grad_norm"]["mean"] * (1 + 1e-6)
+  # Drift the paper's way: top-p importance sets of full SFT (mode "none"), static and EPI.
+  imp = results["importance_drift"]
+  assert {"full", "static", "epi"} <= set(imp)
+  assert imp["full"]["step"] == [3, 6, 9, 12] and imp["full"]["jaccard_first"][0] == 1.0
+  assert imp["static"]["final_jaccard_first"] is not None  # the static mask's is trivially 1
+  assert (workdir / "plots" / "importance_drift.png").is_file()
+  assert (workdir / "plots" / "importance_layers_full.png").is_file()
+  assert "Drift of the top-p importance set" in md
   cached = sorted(p.name for p in (workdir / "epi" / "seed0" / "eval").iterdir())
   assert cached == ["step_12.json", "step_6.json"]
   # A rerun trains nothing and re-evaluates nothing: same numbers.

@@ -53,6 +53,40 @@ from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENER
                                          evaluate)
 
 METHODS = ("full", "multi_stage", "static", "epi")
+# Variants that can be compared beside the methods: clipping by the norm of
+# the trainable gradients only (optimizer.clip_scope='trainable').
+VARIANTS = {"static_clip_trainable": "static", "epi_clip_trainable": "epi"}
+
+
+def method_config(train_cfg, name: str, seed: int):
+  """``train_cfg`` for method (or variant) ``name`` and training seed ``seed``."""
+  cfg = copy.deepcopy(train_cfg)
+  with cfg.unlocked():
+    cfg.method = VARIANTS.get(name, name)
+    cfg.seed = int(seed)
+    if name in VARIANTS:
+      cfg.optimizer.clip_scope = "trainable"
+  return cfg
+
+
+def grad_norm_stats(run_dir, clip_norm: float) -> dict[str, Any] | None:
+  """Mean logged ``grad_norm`` / ``trainable_grad_norm`` of a run, and the share of
+  logged steps whose clipping norm exceeded ``clip_norm`` (clipped)."""
+  path = pathlib.Path(run_dir) / "metrics.jsonl"
+  if not path.is_file():
+    return None
+  rows = [r for r in drift_lib.load_jsonl(path) if r.get("grad_norm") is not None]
+  if not rows:
+    return None
+  out = {"grad_norm": float(np.mean([r["grad_norm"] for r in rows]))}
+  trainable = [r["trainable_grad_norm"] for r in rows if r.get("trainable_grad_norm") is not None]
+  if trainable:
+    out["trainable_grad_norm"] = float(np.mean(trainable))
+  if clip_norm and clip_norm > 0:
+    out["clipped_all"] = float(np.mean([r["grad_norm"] > clip_norm for r in rows]))
+    if trainable:
+      out["clipped_trainable"] = float(np.mean([v > clip_norm for v in trainable]))
+  return out
 
 
 def eval_defaults() -> dict[str, Any]:
@@ -257,6 +291,9 @@ def _run_summary(config, method, evals: Mapping[int, Mapping], base: Mapping,
   refreshes = drift_lib.load_refreshes(run_dir)
   if refreshes:
     out["drift"] = drift_lib.drift_summary(refreshes, sizes)
+  norms = grad_norm_stats(run_dir, float(config.optimizer.clip_norm))
+  if norms:
+    out["grad_norms"] = norms
   top_sets = drift_lib.load_importance_drift(run_dir)
   if top_sets:
     out["importance_drift"] = drift_lib.drift_summary(top_sets, sizes)
@@ -298,6 +335,9 @@ def aggregate(per_run: Mapping[str, Sequence[Mapping]]) -> dict[str, Any]:
       entry["drift"] = {"final_jaccard_first": _ms([d["final_jaccard_first"] for d in drifts]),
                         "num_refreshes": _ms([d["num_refreshes"] for d in drifts]),
                         "mean_migration": _ms([fg.mean_defined(d["migration"]) for d in drifts])}
+    norms = [r["grad_norms"] for r in runs if r.get("grad_norms")]
+    if norms:
+      entry["grad_norms"] = {k: _ms([n.get(k) for n in norms]) for k in norms[0]}
     imp = [r["importance_drift"] for r in runs if r.get("importance_drift")]
     if imp:
       entry["importance_drift"] = {
@@ -404,6 +444,16 @@ def results_markdown(results: Mapping[str, Any]) -> str:
       lines.append(f"| {m} | {_pm(st.get('old_task_drop'))} | {_pm(st.get('new_task_gain'))}"
                    f" | {_pm(d.get('final_jaccard_first'), 1, 3)} | "
                    f"{_pm(d.get('num_refreshes'), 1, 0)} | {_pm(d.get('mean_migration'), 1, 3)} |")
+  clipped = [(m, e["grad_norms"]) for m, e in methods.items() if e.get("grad_norms")]
+  if clipped:
+    lines += ["", "Gradient norms (mean over logged steps) and the share of logged steps "
+              "clipped, by the norm of all gradients and of the trainable ones:", "",
+              "| method | grad norm (all) | grad norm (trainable) | clipped (all) | "
+              "clipped (trainable) |", "|---|---|---|---|---|"]
+    for m, n in clipped:
+      lines.append(f"| {m} | {_pm(n.get('grad_norm'), 1, 3)} | "
+                   f"{_pm(n.get('trainable_grad_norm'), 1, 3)} | "
+                   f"{_pm(n.get('clipped_all'), 1, 2)} | {_pm(n.get('clipped_trainable'), 1, 2)} |")
   if results.get("importance_drift"):
     lines += ["", drift_lib.importance_drift_markdown(results["importance_drift"])]
   return "\n".join(lines) + "\n"
@@ -483,6 +533,7 @@ def _train_and_evaluate(cfg, run_dir: pathlib.Path, label: str, settings, data_k
 
 
 def _check_methods(methods, seeds, known=METHODS):
+  known = tuple(known) + tuple(v for v, m in VARIANTS.items() if m in known)
   unknown = [m for m in methods if m not in known]
   if unknown or not methods:
     raise ValueError(f"--methods: unknown or empty {list(methods)}; known: {list(known)}")
@@ -525,11 +576,9 @@ def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1
   for k in range(seeds):
     for m in methods:
       run_dir = workdir / m / f"seed{k}"
-      cfg = copy.deepcopy(train_cfg)
-      with cfg.unlocked():
-        cfg.method = m
-        cfg.seed = int(train_cfg.seed) + k
-        if m == "multi_stage" and ends:
+      cfg = method_config(train_cfg, m, int(train_cfg.seed) + k)
+      if m == "multi_stage" and ends:
+        with cfg.unlocked():
           cfg.total_steps = ends[-1]
       evals, train_seconds = _train_and_evaluate(cfg, run_dir, f"{m} seed{k}", settings,
                                                  data_kwargs, log)
@@ -566,16 +615,14 @@ def sequential_config(train_cfg, method: str, first: str, second: str, steps: in
   from the importance gathered on it. Multi-stage SFT in this protocol *is*
   the full run (AdamW over the same two stages), so it is not run twice.
   """
-  cfg = copy.deepcopy(train_cfg)
+  cfg = method_config(train_cfg, method, seed)
   with cfg.unlocked():
-    cfg.method = method
-    cfg.seed = int(seed)
     cfg.data.staged = True
     cfg.data.stages = [{"mixture": {first: 1.0}, "steps": int(steps)},
                        {"mixture": {second: 1.0}, "steps": int(steps)}]
     cfg.total_steps = 2 * int(steps)
     cfg.snapshot_steps = (int(steps),)
-    if method == "static":
+    if cfg.method == "static":
       cfg.epi.warmup_steps = int(steps)
   return cfg
 
