@@ -5,6 +5,8 @@
   epi-jax data stats
   epi-jax train --config configs/tiny.py --workdir DIR [--config.FIELD=VALUE ...]
   epi-jax compare --config configs/NAME.py --workdir DIR --methods ... --seeds N
+  epi-jax compare --protocol sequential --tasks A,B --config configs/NAME.py --workdir DIR
+  epi-jax verdicts DIR [DIR ...]
 
 Subcommands import their module lazily so that ``epi-jax --help`` is fast.
 """
@@ -21,6 +23,7 @@ _COMMANDS = {
     "train": ("epi_jax.training.cli", "train_main", "train one run from a config"),
     "compare": ("epi_jax.evaluation.cli", "compare_main", "compare methods end to end"),
     "evaluate": ("epi_jax.evaluation.cli", "evaluate_main", "evaluate a checkpoint"),
+    "verdicts": ("epi_jax.evaluation.cli", "verdicts_main", "print a comparison's verdicts"),
 }
 
 

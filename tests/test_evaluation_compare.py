@@ -152,3 +152,28 @@ def test_standin_eval_examples():
   assert out["logiqa"][0]["options"][out["logiqa"][0]["answer"]] == "7"
   assert len(out["logiqa"][0]["options"]) == 4
   assert "final_answer" not in out["chat"][0] and "final_answer" not in src["gsm8k"][0]
+
+
+@pytest.mark.parametrize("name", ["demo.py", "demo_gpu.py"])
+def test_demo_configs_validate(name):
+  from epi_jax.training import config as cfg_lib
+  config = cmp.load_config_file(str(REPO / "configs" / name))
+  train_cfg, settings = cmp.split_eval_config(config)
+  train_cfg = cfg_lib.validate(train_cfg)
+  assert train_cfg.epi.track_importance and train_cfg.total_steps % 2 == 0
+  assert all(settings["num_examples"][t] >= 32 for t in settings["tasks"])
+  if name == "demo_gpu.py":  # the sizes that resolve small differences
+    assert settings["num_examples"]["logiqa"] >= 300 and "logiqa" in settings["tasks"]
+    assert all(settings["num_examples"][t] >= 128 for t in settings["tasks"])
+
+
+def test_verdicts_cli(tmp_path, capsys):
+  (tmp_path / "results.json").write_text(json.dumps({
+      "protocol": "mixture", "seeds": [0, 1], "paired": {"resamples": 2000},
+      "verdicts": ["EPI > static on average normalized score: yes (diff +1.00, CI [+0.20, "
+                   "+1.80])"]}))
+  assert cli.verdicts_main([str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "over eval examples and seeds, 2000 resamples" in out
+  assert "- EPI > static on average normalized score: yes" in out
+  assert cli.verdicts_main([str(tmp_path / "missing")]) == 2

@@ -163,6 +163,26 @@ def compare_main(argv=None) -> int:
   return 0
 
 
+def verdicts_main(argv=None) -> int:
+  """``epi-jax verdicts DIR ...``: prints the verdicts of comparisons' ``results.json``."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or any(a in ("-h", "--help") for a in argv):
+    print("usage: epi-jax verdicts DIR [DIR ...]  (comparison workdirs)")
+    return 0 if argv else 2
+  status = 0
+  for d in argv:
+    path = pathlib.Path(d) / "results.json"
+    try:
+      results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      print(f"epi-jax verdicts: cannot read {path} ({e})", file=sys.stderr)
+      status = 2
+      continue
+    print(f"== {d} ({results.get('protocol', 'mixture')}) ==")
+    print(cmp.verdicts_markdown(results))
+  return status
+
+
 def evaluate_main(argv=None) -> int:
   """``epi-jax evaluate``: prints one snapshot's (or a pretrained model's) metrics as JSON."""
   import argparse  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,46 @@
+"""`make demo` on a 2-core CPU: SmolLM2-135M-Instruct, both protocols, two seeds.
+
+configs/smollm2_multitask.py with sizes that fit about 30 minutes on an idle
+2-core CPU, by the estimate in docs/RESULTS.md ("make demo: sizes and
+cost"): 12 steps of 2 x 128 tokens per run (about 1.7 s per step,
+BENCHMARKS.md), 32 held-out examples per loss task (GSM8K: its reference
+solutions), no LogiQA eval (300 questions cost about 8 minutes per model
+here) and the mixture runs evaluated at the end only. These eval sets are
+below what resolves small differences (>= 128 per task, >= 300 LogiQA
+questions): expect wide intervals; `make demo PRESET=gpu` (configs/demo_gpu.py)
+runs those sizes.
+"""
+
+import pathlib
+import runpy
+
+
+def get_config():
+  c = runpy.run_path(str(pathlib.Path(__file__).with_name("smollm2_multitask.py")))["get_config"]()
+  c.total_steps = 12               # sequential protocol: 6 steps on A, then 6 on B
+  c.log_every = 2
+  c.checkpoint_every = 12
+  c.snapshot_steps = ()
+  c.data.stages = [
+      {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0, "logiqa": 1.0}, "steps": 6},
+      {"mixture": {"alpaca": 1.0, "chat": 1.0}, "steps": 6},
+  ]
+  c.data.batch_size = 2
+  c.data.seq_len = 128
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 2
+  # Refresh every 3 steps (4 refreshes per run); importance tracked for every
+  # method, full SFT included, for the drift of the top-p set.
+  c.epi.update_interval = 3
+  c.epi.track_importance = True
+
+  c.eval.tasks = ["gsm8k", "code_alpaca", "alpaca", "chat"]
+  c.eval.num_examples = {"gsm8k": 32, "code_alpaca": 32, "alpaca": 32, "chat": 32,
+                         "logiqa": 300}
+  c.eval.num_generate = 0          # GSM8K exact match is ~0 at 135M: loss only here
+  c.eval.seq_len = 128
+  c.eval.batch_size = 16
+  # The sequential protocol always evaluates the end of A and the end; the
+  # mixture comparison only the final snapshot (its forgetting is then undefined).
+  c.eval.snapshots = "final"
+  return c
