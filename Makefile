@@ -27,7 +27,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # `make demo`: the sequential protocol (gsm8k, then chat) and the five-task comparison,
-# two seeds each, on a 2-core CPU (configs/demo.py; ~30 min by the estimate in
+# two seeds each, on a 2-core CPU (configs/demo.py; ~32 min by the estimate in
 # docs/RESULTS.md). `make demo PRESET=gpu`: configs/demo_gpu.py, three seeds, both orders,
 # about an hour on one GPU. The verdicts are printed first, then again at the end.
 PRESET ?= cpu
@@ -36,10 +36,12 @@ ifeq ($(PRESET),gpu)
 DEMO_CONFIG := configs/demo_gpu.py
 DEMO_SEEDS := 3
 DEMO_ORDERS := --both_orders=true
+DEMO_METHODS := full,multi_stage,static,epi,static_clip_trainable,epi_clip_trainable
 else
 DEMO_CONFIG := configs/demo.py
 DEMO_SEEDS := 2
 DEMO_ORDERS := --both_orders=false
+DEMO_METHODS := full,multi_stage,static,epi
 endif
 EPI := $(VENV)/bin/epi-jax
 demo: install
@@ -47,7 +49,7 @@ demo: install
 	$(EPI) compare --config $(DEMO_CONFIG) --workdir $(DEMO_DIR)/sequential \
 	  --protocol sequential --tasks gsm8k,chat --seeds $(DEMO_SEEDS) $(DEMO_ORDERS)
 	$(EPI) compare --config $(DEMO_CONFIG) --workdir $(DEMO_DIR)/mixture \
-	  --methods full,multi_stage,static,epi,epi_clip_trainable --seeds $(DEMO_SEEDS)
+	  --methods $(DEMO_METHODS) --seeds $(DEMO_SEEDS)
 	$(EPI) verdicts $(DEMO_DIR)/sequential $(DEMO_DIR)/mixture
 
 clean:

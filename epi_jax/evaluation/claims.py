@@ -57,7 +57,8 @@ def _sizes(base: Mapping[str, Mapping], tasks: Sequence[str]) -> dict[str, int]:
     if not ex:
       raise ValueError(f"base results for {t!r} have no per_example scores: evaluated "
                        "before they were stored? Delete the cached eval files and rerun.")
-    out[t] = len(next(iter(ex.values())))
+    key = "nll" if metrics.PRIMARY_METRIC[t][0] == "loss" else "correct"
+    out[t] = len(ex[key])
   return out
 
 
