@@ -93,3 +93,23 @@ def test_sequential_end_to_end_tiny(tmp_path):
              for t in texts)
   md = (workdir / "results.md").read_text()
   assert md.startswith("Verdicts") and "| epi - static |" in md and "drop on gsm8k" in md
+
+
+def test_staged_config_validation():
+  from epi_jax.training import config as cfg_lib
+  from epi_jax.training import inputs
+  c = cfg_lib.default_config()
+  c.method = "epi"
+  c.data.staged = True
+  c.optimizer.warmup_steps = 1
+  c.data.stages = [{"mixture": {"gsm8k": 1.0}, "steps": 3}, {"mixture": {"chat": 1.0}, "steps": 3}]
+  c.total_steps = 0
+  v = cfg_lib.validate(c)
+  assert v.total_steps == 6 and cfg_lib.uses_stages(v)
+  assert inputs.used_tasks(v) == ["gsm8k", "chat"]
+  c.total_steps = 5
+  with pytest.raises(ValueError, match="data.staged"):
+    cfg_lib.validate(c)
+  c.data.stages = []
+  with pytest.raises(ValueError, match="needs stages"):
+    cfg_lib.validate(c)

@@ -12,12 +12,22 @@
    snapshots (``eval.snapshots='all'``) or only its final one (``'final'``);
    results are cached per snapshot in ``<run>/eval/step_<N>.json`` together
    with the eval settings, so reruns only evaluate what is new.
-3. Writes ``workdir/results.json`` (layout below), ``workdir/results.md`` (the
-   tables) and ``workdir/plots/*.png``; returns the results.
+3. Pairs every two methods on the same eval examples (paired bootstrap,
+   :mod:`~epi_jax.evaluation.claims`) and answers the papers' claims.
+4. Writes ``workdir/results.json`` (layout below), ``workdir/results.md`` (the
+   verdicts, then the tables) and ``workdir/plots/*.png``; returns the results.
 
-``results.json``::
+``compare_sequential`` (``--protocol sequential``) is the A-then-B protocol;
+its ``results.json`` has ``orders: {"<A>_then_<B>": {"paired": ...}}``.
 
-  {"config": ..., "seeds": [...], "eval": {...}, "base": {task: metrics},
+``results.json`` (mixture)::
+
+  {"protocol": "mixture", "config": ..., "seeds": [...], "eval": {...},
+   "base": {task: metrics},
+   "paired": {"methods": {m: {quantity: {"value", "ci95"}}},
+              "pairs": {"A - B": {quantity: {"diff", "ci95"}}}, "verdicts": [...]},
+   "verdicts": ["EPI > static on average normalized score: ...", ...],
+   "importance_drift": {method: curves},        # with epi.track_importance
    "methods": {method: {
        "tasks": {task: {"metric", "mean", "std", "values"}},
        "normalized": {task | "average": {"mean", "std"}},
@@ -25,6 +35,7 @@
        "forgetting": {task | "mean": {"mean", "std"}},  # normalized points
        "stage_transfer": {...},                # multi_stage only
        "drift": {...},                         # methods with EPI refreshes
+       "grad_norms": {...},                    # logged grad norms, clipped shares
        "runs": [...], "eval_seconds": [...]}}}
 
 The eval settings come from ``config.eval`` (see :func:`eval_defaults`); the
