@@ -175,10 +175,11 @@ def analyze(rs: bootstrap.Resampler, quantities: Mapping[str, Mapping[str, np.nd
 
 
 def ci_cell(entry: Mapping | None, digits: int = 1, key: str = "diff") -> str:
-  """``+1.2 [-0.3, +2.6]`` of a ``{"diff"|"value", "ci95"}`` entry ("–" if none)."""
+  """``+1.2 [-0.3, +2.6]`` of a difference (``key="diff"``), ``105.0 [103.5, 107.2]``
+  of a value (``key="value"``); "–" if none."""
   if not entry:
     return "–"
   value = entry.get(key, entry.get("value"))
   lo, hi = entry["ci95"]
   sign = "+" if key == "diff" else ""
-  return f"{value:{sign}.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+  return f"{value:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
