@@ -1,10 +1,13 @@
 """EPI on stacked (scanned) layers: ``layer_axes`` gives the masks of the unstacked model."""
 
-import numpy as np
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import epi_jax
 from test_method import reference_masks
@@ -140,7 +143,6 @@ def test_bad_layer_axes_raise(bad, match):
 @pytest.mark.parametrize("layer_spec", ["sharded", "replicated"])
 @pytest.mark.parametrize("selection", ["global", "layer"])
 def test_sharded_stacked_masks_and_no_all_gather(layer_spec, selection):
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   n_layers = 4  # divisible by the mesh axis that shards it
   shapes = {"emb": (32, 16), "w": (n_layers, 16, 64), "b": (n_layers, 64)}
   lay = "fsdp" if layer_spec == "sharded" else None
@@ -173,3 +175,19 @@ def test_sharded_stacked_masks_and_no_all_gather(layer_spec, selection):
   for k in shapes:
     np.testing.assert_array_equal(np.asarray(a.mask[k]), np.asarray(b.mask[k]))
     assert b.mask[k].sharding.is_equivalent_to(sh[k], len(shapes[k]))
+
+
+def test_readme_stacked_layers_snippet_runs():
+  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = text[text.index("### Stacked (scanned) layers"):]
+  block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  namespace = {}
+  exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  state = namespace["state"]
+  g = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(0).random(p.shape), p.dtype),
+                   namespace["params"])
+  tx = namespace["tx"]
+  for _ in range(100):
+    _, state = jax.jit(tx.update)(g, state, namespace["params"])
+  mask = epi_jax.unpacked_mask(state)
+  assert not mask["layers"]["norm"].any() and mask["layers"]["mlp"].any()
