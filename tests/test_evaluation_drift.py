@@ -114,17 +114,16 @@ def test_top_p_importance_jaccard_on_constructed_snapshots():
 def test_trainer_tracker_matches_the_numpy_top_sets():
   """The trainer's on-device tracker (EPI's selection rule) on constructed importance."""
   import jax.numpy as jnp
-  import ml_collections
   import optax
 
   import epi_jax
+  from epi_jax.training import config as cfg_lib
   from epi_jax.training import importance_drift
-  cfg = ml_collections.ConfigDict({"method": "full", "epi": {
-      "isolation_ratio": 0.25, "update_interval": 2, "warmup_steps": None, "ema_decay": 0.9,
-      "normalization": "none", "selection": "global", "importance": "grad_sq",
-      "importance_dtype": "float32", "exclude": (), "track_importance": True,
-      "static_importance": None}})
-  assert importance_drift.tracks_importance(cfg)
+  cfg = cfg_lib.default_config()
+  cfg.method = "full"
+  cfg.epi.isolation_ratio, cfg.epi.update_interval = 0.25, 2
+  cfg.epi.normalization, cfg.epi.exclude, cfg.epi.track_importance = "none", (), True
+  assert importance_drift.records_drift(cfg)
   params = {"a": jnp.zeros(10), "b": jnp.zeros(10)}
   tx = epi_jax.isolate(optax.sgd(0.1), 0.25, 2, mode="none")
   state = tx.init(params)

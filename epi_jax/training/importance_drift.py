@@ -22,16 +22,17 @@ restore point: its first record after the resume has ``jaccard_prev`` and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from epi_jax.method import isolation
+import epi_jax
 from epi_jax.training import optim
 
 
-def tracks_importance(config) -> bool:
+def records_drift(config) -> bool:
   """Whether this run records ``importance_drift.jsonl``."""
   e = config.epi
   if not e.get("track_importance", False):
@@ -43,35 +44,18 @@ def tracks_importance(config) -> bool:
   return importance != "displacement"
 
 
-def _schedule(config) -> tuple[int, int]:
-  e = config.epi
-  return (e.update_interval if e.warmup_steps is None else e.warmup_steps), e.update_interval
+def _options(config):
+  """EPI's options of ``config`` on the evolving schedule (refresh steps W, W+T, ...)."""
+  return dataclasses.replace(optim.epi_options(config), mode="evolving")
 
 
 def top_set_fn(config) -> Callable[[Any], Any]:
-  """``fn(opt_state) -> {path: bool array}``: the top-p set of the importance.
-
-  EPI's selection rule, from ``epi_jax.method.isolation`` (one place for it).
-  """
-  e = config.epi
-  kwargs = dict(isolation_ratio=e.isolation_ratio, update_interval=e.update_interval,
-                normalization=e.normalization, selection=e.selection,
-                eligible=optim.eligible_fn(config), importance=e.importance,
-                importance_dtype=e.importance_dtype)
-  if hasattr(isolation, "select_mask"):  # the options API of epi_jax.method
-    options = isolation.EPIOptions(**kwargs)
-    return lambda opt_state: isolation.select_mask(
-        isolation.epi_state(opt_state).importance, options)[0]
-  # pylint: disable=protected-access
-  core = isolation._Core(kwargs["isolation_ratio"], kwargs["update_interval"], e.ema_decay,
-                         None, e.importance, e.normalization, e.selection, "evolving",
-                         kwargs["eligible"], False, e.importance_dtype,
-                         isolation._BITS_PER_PASS)
-
-  def fn(opt_state):
-    imp = isolation.epi_state(opt_state).importance
-    return core._select(imp, isolation._eligible_tree(kwargs["eligible"], imp))[0]
-  return fn
+  """``fn(opt_state) -> {path: bool array}``: the top-p set of the importance,
+  chosen by EPI's own rule (``epi_jax.select_mask``: the same normalization,
+  selection and eligible leaves as a refresh)."""
+  options = _options(config)
+  return lambda opt_state: epi_jax.select_mask(epi_jax.epi_state(opt_state).importance,
+                                               options)[0]
 
 
 def _counts(top, prev, first):
@@ -89,14 +73,14 @@ class ImportanceDrift:
   """Host-side tracker: ``record(step, opt_state)`` on the refresh schedule."""
 
   def __init__(self, config, *, resumed: bool = False):
-    self.warmup, self.interval = _schedule(config)
+    self._options = _options(config)
     self._select = jax.jit(top_set_fn(config))
     self._counts = jax.jit(_counts)
     self.prev = self.first = None
     self.resumed = resumed
 
   def due(self, step: int) -> bool:
-    return step >= self.warmup and (step - self.warmup) % self.interval == 0
+    return bool(epi_jax.is_refresh_step(step, self._options))
 
   def record(self, step: int, opt_state) -> dict[str, Any]:
     top = self._select(opt_state)
