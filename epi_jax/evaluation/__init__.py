@@ -1,14 +1,18 @@
 """Evaluation: per-task metrics, forgetting, drift analysis and the method comparison.
 
-* :func:`evaluate` scores a model on the five tasks (GSM8K exact match,
-  LogiQA option log-likelihood accuracy, held-out loss for the open tasks).
+* :func:`evaluate` scores a model on the five tasks (held-out answer-token
+  loss for all five, GSM8K on its reference solution; LogiQA option
+  log-likelihood accuracy; GSM8K exact match), with per-example scores.
 * :mod:`~epi_jax.evaluation.metrics`: answer extraction and the normalized
   average score; :mod:`~epi_jax.evaluation.forgetting`: forgetting arithmetic;
-  :mod:`~epi_jax.evaluation.drift`: mask-drift metrics and plots;
-  :mod:`~epi_jax.evaluation.compare`: ``epi-jax compare``.
+  :mod:`~epi_jax.evaluation.drift`: mask- and importance-drift metrics and plots;
+  :mod:`~epi_jax.evaluation.bootstrap`: paired bootstrap intervals and verdicts;
+  :mod:`~epi_jax.evaluation.claims`: the papers' claims tested with them;
+  :mod:`~epi_jax.evaluation.compare`: ``epi-jax compare`` (mixture and sequential).
 """
 
-from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, LOSS_TASKS, TASKS,
+from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENERATE, LOSS_TASKS,
+                                         TASKS,
                                          eval_gsm8k, eval_logiqa, eval_loss, evaluate,
                                          option_logprobs, pick_option, select_examples,
                                          sequence_logprob, sequence_nll, token_logprobs)
@@ -18,7 +22,7 @@ from epi_jax.evaluation.metrics import (PRIMARY_METRIC, exact_match,
                                         normalize_number, normalized_scores)
 
 __all__ = [
-    "DEFAULT_NUM_EXAMPLES", "LOSS_TASKS", "PRIMARY_METRIC", "TASKS", "eval_gsm8k",
+    "DEFAULT_NUM_EXAMPLES", "DEFAULT_NUM_GENERATE", "LOSS_TASKS", "PRIMARY_METRIC", "TASKS", "eval_gsm8k",
     "eval_logiqa", "eval_loss", "evaluate", "exact_match", "extract_gsm8k_answer",
     "forgetting_table", "gsm8k_match", "normalize_number",
     "normalized_scores", "option_logprobs", "pick_option", "select_examples",
