@@ -3,7 +3,7 @@
 configs/smollm2_multitask.py with sizes that fit about 30 minutes on an idle
 2-core CPU, by the estimate in docs/RESULTS.md ("make demo: sizes and
 cost"): 12 steps of 2 x 128 tokens per run (about 1.7 s per step,
-BENCHMARKS.md), 32 held-out examples per loss task (GSM8K: its reference
+BENCHMARKS.md), 24 held-out examples per loss task (GSM8K: its reference
 solutions), no LogiQA eval (300 questions cost about 8 minutes per model
 here) and the mixture runs evaluated at the end only. These eval sets are
 below what resolves small differences (>= 128 per task, >= 300 LogiQA
@@ -35,7 +35,7 @@ def get_config():
   c.epi.track_importance = True
 
   c.eval.tasks = ["gsm8k", "code_alpaca", "alpaca", "chat"]
-  c.eval.num_examples = {"gsm8k": 32, "code_alpaca": 32, "alpaca": 32, "chat": 32,
+  c.eval.num_examples = {"gsm8k": 24, "code_alpaca": 24, "alpaca": 24, "chat": 24,
                          "logiqa": 300}
   c.eval.num_generate = 0          # GSM8K exact match is ~0 at 135M: loss only here
   c.eval.seq_len = 128
