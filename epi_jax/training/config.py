@@ -17,7 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from epi_jax.data import ALL_CONFIGS, TASKS
-from epi_jax.method.isolation import IMPORTANCES, OptionError
+from epi_jax.method.options import IMPORTANCES, OptionError
 from epi_jax.training import optim
 
 METHODS = ("full", "multi_stage", "static", "epi")
