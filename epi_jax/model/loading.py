@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -32,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from epi_jax.model.config import ModelConfig
+from epi_jax.model import tensor_names as names
 from epi_jax.model.llama import Llama
 from epi_jax.model.tokenizer import ChatTokenizer
 
@@ -45,7 +45,7 @@ KNOWN_MODELS = {"smollm2-135m-instruct": SMOLLM2_PACKAGE}
 # ----------------------------------------------------------------------------
 
 
-def _slots(model: Llama) -> dict[str, nnx.Variable]:
+def param_slots(model: Llama) -> dict[str, nnx.Variable]:
   """Canonical tensor name -> Param of ``model`` (kernels are ``[in, out]``)."""
   slots = {"embed": model.embed.embedding, "norm": model.norm.scale}
   if model.lm_head is not None:
@@ -84,7 +84,7 @@ def _fill(config: ModelConfig, tensors: Iterator[tuple[str, str, Callable[[], np
   numpy array already in the module's layout.
   """
   model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  slots = _slots(model)
+  slots = param_slots(model)
   per_slot = None
   if shardings is not None and not isinstance(shardings, jax.sharding.Sharding) \
       and not callable(shardings):
@@ -129,34 +129,12 @@ def _fill(config: ModelConfig, tensors: Iterator[tuple[str, str, Callable[[], np
 # GGUF
 # ----------------------------------------------------------------------------
 
-_GGUF_LAYER = {
-    "attn_norm.weight": "attn_norm", "ffn_norm.weight": "mlp_norm",
-    "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v",
-    "attn_output.weight": "o", "ffn_gate.weight": "gate", "ffn_up.weight": "up",
-    "ffn_down.weight": "down", "attn_q.bias": "q_bias", "attn_k.bias": "k_bias",
-    "attn_v.bias": "v_bias",
-}
-
-
 def _gguf_field(reader, key, default=None):
   field = reader.fields.get(key)
   if field is None:
     return default
   value = field.contents()
   return value
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Undoes llama.cpp's Q/K row permutation (interleaved -> rotate-half).
-
-  ``convert_hf_to_gguf.py`` stores ``w.reshape(n_head, 2, d/2, in)
-  .swapaxes(1, 2)``; this is its inverse. Works for weights ``[out, in]`` and
-  biases ``[out]``.
-  """
-  out = w.shape[0]
-  rest = w.shape[1:]
-  return (w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2)
-          .reshape(w.shape))
 
 
 def gguf_config(reader, **overrides) -> ModelConfig:
@@ -168,7 +146,7 @@ def gguf_config(reader, **overrides) -> ModelConfig:
   get = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)
   hidden = int(get("embedding_length"))
   heads = int(get("attention.head_count"))
-  names = {t.name for t in reader.tensors}
+  present = {t.name for t in reader.tensors}
   embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
   vocab = int(get("vocab_size", 0)) or int(embd.shape[1])
   scaling = None
@@ -182,8 +160,8 @@ def gguf_config(reader, **overrides) -> ModelConfig:
       intermediate_size=int(get("feed_forward_length")),
       rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
       rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-      tie_embeddings="output.weight" not in names,
-      attention_bias="blk.0.attn_q.bias" in names,
+      tie_embeddings="output.weight" not in present,
+      attention_bias="blk.0.attn_q.bias" in present,
       max_position_embeddings=int(get("context_length", 2048)))
   fields.update(overrides)
   return ModelConfig(**fields)
@@ -213,31 +191,19 @@ def load_gguf(path, *, param_dtype=jnp.float32, dtype=None, shardings=None,
   def tensors():
     for t in reader.tensors:
       name = t.name
-      if name == "token_embd.weight":
-        slot = "embed"
-      elif name == "output_norm.weight":
-        slot = "norm"
-      elif name == "output.weight":
-        slot = "lm_head"
-      elif name == "rope_freqs.weight":
+      if name == "rope_freqs.weight":
         continue  # llama3 scaling factors; recomputed from the config
-      else:
-        m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-        if not m or m.group(2) not in _GGUF_LAYER:
-          raise ValueError(f"Unknown GGUF tensor {name!r}")
-        slot = f"layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
+      slot = names.slot_of(name, "gguf")
+      if slot is None:
+        raise ValueError(f"Unknown GGUF tensor {name!r}")
 
       def load(t=t, slot=slot):
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape)])  # numpy [out, in]
-        base = slot.rsplit(".", 1)[-1]
-        if permuted and base in ("q", "q_bias"):
-          w = _unpermute(w, config.num_heads)
-        elif permuted and base in ("k", "k_bias"):
-          w = _unpermute(w, config.num_kv_heads)
-        if w.ndim == 2 and slot != "embed":
-          w = w.T  # [out, in] -> [in, out]
-        return w
+        if permuted:
+          w = names.gguf_qk_order(w, slot, num_heads=config.num_heads,
+                                  num_kv_heads=config.num_kv_heads, to_gguf=False)
+        return names.swap_layout(w, slot)
       yield slot, name, load
 
   model = _fill(config, tensors(), shardings=shardings)
@@ -248,18 +214,6 @@ def load_gguf(path, *, param_dtype=jnp.float32, dtype=None, shardings=None,
 # ----------------------------------------------------------------------------
 # Hugging Face checkpoints
 # ----------------------------------------------------------------------------
-
-_HF_LAYER = {
-    "input_layernorm.weight": "attn_norm",
-    "post_attention_layernorm.weight": "mlp_norm",
-    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k",
-    "self_attn.v_proj.weight": "v", "self_attn.o_proj.weight": "o",
-    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
-    "self_attn.v_proj.bias": "v_bias",
-    "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
-    "mlp.down_proj.weight": "down",
-}
-
 
 def hf_config(cfg: dict[str, Any], **overrides) -> ModelConfig:
   """A :class:`ModelConfig` from a Hugging Face ``config.json`` dict."""
@@ -334,25 +288,15 @@ def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
         for name in f.keys():
           if name.endswith("rotary_emb.inv_freq"):
             continue
-          if name == "model.embed_tokens.weight":
-            slot = "embed"
-          elif name == "model.norm.weight":
-            slot = "norm"
-          elif name == "lm_head.weight":
-            if config.tie_embeddings:
-              continue  # some tied checkpoints store the copy anyway
-            slot = "lm_head"
-          else:
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-            if not m or m.group(2) not in _HF_LAYER:
-              raise ValueError(f"Unknown checkpoint tensor {name!r} in {fname}")
-            slot = f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+          slot = names.slot_of(name, "hf")
+          if slot is None:
+            raise ValueError(f"Unknown checkpoint tensor {name!r} in {fname}")
+          if slot == "lm_head" and config.tie_embeddings:
+            continue  # some tied checkpoints store the copy anyway
 
           def load(f=f, name=name, slot=slot):
-            w = np.asarray(f.get_tensor(name).astype(jnp.float32))
-            if w.ndim == 2 and slot != "embed":
-              w = w.T  # torch Linear [out, in] -> [in, out]
-            return w
+            # torch Linear [out, in] -> [in, out]
+            return names.swap_layout(np.asarray(f.get_tensor(name).astype(jnp.float32)), slot)
           yield slot, name, load
 
   model = _fill(config, tensors(), shardings=shardings)

@@ -59,6 +59,17 @@ class _ChatML:
       text += f"{IM_START}assistant\n"
     return text
 
+  def chat_template(self) -> str:
+    """:meth:`render_chat` as a Jinja chat template (Hugging Face / llama.cpp
+    convention), for exported checkpoints."""
+    head = ""
+    if self.default_system_prompt:
+      system = json.dumps(f"{IM_START}system\n{self.default_system_prompt}{IM_END}\n")
+      head = ("{%- if messages[0]['role'] != 'system' %}{{ " + system + " }}{%- endif %}")
+    return (head + "{%- for message in messages %}{{ '" + IM_START + "' + message['role'] + "
+            "'\\n' + message['content'] + '" + IM_END + "\\n' }}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{%- endif %}")
+
   def apply_chat_template(self, messages, add_generation_prompt: bool = False
                           ) -> tuple[list[int], list[bool]]:
     """Tokenizes a conversation.
@@ -149,10 +160,10 @@ class ChatTokenizer(_ChatML):
       raise ValueError(f"GGUF tokenizer.ggml.model={kind!r}: only byte-level BPE "
                        "('gpt2') is supported")
     tokens = field("tokenizer.ggml.tokens")
-    merges = field("tokenizer.ggml.merges")
+    merges = field("tokenizer.ggml.merges", [])  # absent: a byte-only vocabulary
     types = field("tokenizer.ggml.token_type")
-    if tokens is None or merges is None:
-      raise ValueError("GGUF lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    if tokens is None:
+      raise ValueError("GGUF lacks tokenizer.ggml.tokens")
     vocab = {t: i for i, t in enumerate(tokens)}
     try:
       bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
@@ -214,6 +225,11 @@ class ChatTokenizer(_ChatML):
 
   # -- interface -------------------------------------------------------------
 
+  @property
+  def backend(self):
+    """The wrapped ``tokenizers.Tokenizer``."""
+    return self._tok
+
   def encode(self, text: str) -> list[int]:
     """Token ids of ``text`` (special-token strings become their ids)."""
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -243,6 +259,19 @@ class ByteTokenizer(_ChatML):
     self.eos_id = 258
     self.stop_ids = (256, 258)
     self.default_system_prompt = default_system_prompt
+
+  @property
+  def backend(self):
+    """An equivalent ``tokenizers.Tokenizer`` (same ids): byte-level BPE with the
+    256 bytes as its vocabulary, no merges, and the 3 special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
+                            for s in self.SPECIALS])
+    return tok
 
   def token_id(self, token: str) -> int:
     if token not in self.SPECIALS:
@@ -274,3 +303,17 @@ class ByteTokenizer(_ChatML):
                          f"(vocab_size={self.vocab_size})")
     out.append(buf.decode("utf-8", errors="replace"))
     return "".join(out)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's byte -> printable character table (what byte-level BPE vocabularies use)."""
+  keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+  table, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return table
