@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import warnings
 
 import jax
 import numpy as np
@@ -13,13 +12,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from epi_jax.model import ByteTokenizer, load_gguf, load_hf_checkpoint  # noqa: E402
+from epi_jax.model import load_gguf, load_hf_checkpoint  # noqa: E402
 from epi_jax.model.export import export_hf, hf_config_dict  # noqa: E402
 from epi_jax.model.loading import hf_config  # noqa: E402
 from epi_jax.training import load_run, train  # noqa: E402
 from epi_jax.training.export import export_main, export_run  # noqa: E402
+from tiny_hf import save_tiny_hf  # noqa: E402
 
-VOCAB = 272  # ByteTokenizer's 259 ids fit
 STEPS = 3
 
 
@@ -40,35 +39,6 @@ def _hf_logits(directory, tokens):
   model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
   with torch.no_grad():
     return model.eval()(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
-
-
-def save_tiny_hf(directory, kind: str):
-  """A tiny random transformers model + the byte-level tokenizer, as a checkpoint dir."""
-  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-  if kind == "llama":
-    cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rms_norm_eps=1e-6,
-                                   rope_theta=5000.0,
-                                   rope_scaling={"rope_type": "linear", "factor": 2.0})
-    cls = transformers.LlamaForCausalLM
-  else:
-    cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=10000.0)
-    cls = transformers.Qwen2ForCausalLM
-  torch.manual_seed(0)
-  model = cls(cfg).eval()
-  with torch.no_grad():  # non-trivial norms and biases
-    for n, p in model.named_parameters():
-      if n.endswith("norm.weight") or n.endswith(".bias"):
-        p.add_(0.1 * torch.randn_like(p))
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    model.save_pretrained(directory)
-  tok = ByteTokenizer()
-  tok.backend.save(str(directory / "tokenizer.json"))
-  (directory / "tokenizer_config.json").write_text(json.dumps(
-      {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
-       "pad_token": "<|endoftext|>", "chat_template": tok.chat_template()}))
-  return directory
 
 
 def _config(model_name=None):

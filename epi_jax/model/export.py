@@ -33,13 +33,9 @@ import numpy as np
 
 from epi_jax.model import tensor_names as names
 from epi_jax.model.config import ModelConfig, _rope_type
-from epi_jax.model.loading import param_slots
+from epi_jax.model.loading import TOKENIZER_FILES, param_slots
 from epi_jax.model.tokenizer import ByteTokenizer
 
-# Tokenizer files copied as they are from a Hugging Face source checkpoint.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
 HF_DTYPES = ("float32", "bfloat16", "float16")
 GGUF_DTYPES = ("float16", "float32")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30

