@@ -154,3 +154,41 @@ def test_sharded_export_and_config_round_trip(trained, tmp_path):
 def test_export_bad_workdir_is_a_clear_error(tmp_path, capsys):
   assert export_main(["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
   assert "not a training run directory" in capsys.readouterr().err
+
+
+def _bpe_tokenizer():
+  """A small byte-level BPE with merges (as real checkpoints have), trained in place."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from epi_jax.model import ChatTokenizer
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["the quick brown fox jumps over the lazy dog 12 times"] * 20, trainer)
+  return ChatTokenizer(tok, default_system_prompt="You are helpful.")
+
+
+def test_gguf_with_bpe_merges_then_hf_from_that_gguf(tmp_path):
+  from epi_jax.model import Llama, get_config
+  from epi_jax.model.export import export_gguf
+  tok = _bpe_tokenizer()
+  assert tok.vocab_size <= 300
+  model = Llama(get_config("tiny", vocab_size=304), rngs=nnx.Rngs(1))
+  path = tmp_path / "bpe.gguf"
+  assert export_gguf(model, path, tokenizer=tok, dtype="float32") == []
+  back, back_tok, _ = load_gguf(path)
+  text = "the lazy fox, 12 <|im_end|>"
+  assert back_tok.encode(text) == tok.encode(text) and len(tok.encode("the quick")) < 9
+  assert back_tok.chat_template() == tok.chat_template()
+  # GGUF source -> HF: tokenizer.json and the ChatML template written from the GGUF's tokenizer.
+  out = tmp_path / "hf"
+  export_hf(back, out, tokenizer=back_tok, source=path)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert hf_tok(text)["input_ids"] == tok.encode(text)
+  messages = [{"role": "user", "content": "hi"}]
+  assert (hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+          == tok.render_chat(messages, add_generation_prompt=True))
+  tokens = _tokens()
+  assert _rel_err(forward(model, tokens), _hf_logits(out, tokens)) <= 1e-4

@@ -28,6 +28,23 @@ IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 _ROLES = ("system", "user", "assistant")
 
 
+# The system turn a ChatML template inserts; its newline is either a character or, inside a
+# Jinja string literal, the two characters backslash-n (then the text is unescaped).
+_TEMPLATE_SYSTEM = re.compile(r"<\|im_start\|>system(\n|\\n)(.*?)<\|im_end\|>", re.S)
+_JINJA_ESCAPES = re.compile(r"\\(.)")
+
+
+def template_system_prompt(template: str) -> str | None:
+  """The default system prompt of a ChatML chat template (None when it has none)."""
+  m = _TEMPLATE_SYSTEM.search(template)
+  if not m:
+    return None
+  if m.group(1) == "\n":
+    return m.group(2)
+  return _JINJA_ESCAPES.sub(lambda e: {"n": "\n", "t": "\t"}.get(e.group(1), e.group(1)),
+                            m.group(2))
+
+
 class _ChatML:
   """ChatML rendering shared by the tokenizers (needs ``encode``/``token_id``)."""
 
@@ -64,7 +81,8 @@ class _ChatML:
     convention), for exported checkpoints."""
     head = ""
     if self.default_system_prompt:
-      system = json.dumps(f"{IM_START}system\n{self.default_system_prompt}{IM_END}\n")
+      system = json.dumps(f"{IM_START}system\n{self.default_system_prompt}{IM_END}\n",
+                          ensure_ascii=False)
       head = ("{%- if messages[0]['role'] != 'system' %}{{ " + system + " }}{%- endif %}")
     return (head + "{%- for message in messages %}{{ '" + IM_START + "' + message['role'] + "
             "'\\n' + message['content'] + '" + IM_END + "\\n' }}{%- endfor %}"
@@ -188,11 +206,7 @@ class ChatTokenizer(_ChatML):
     special = [AddedToken(tokens[i], special=True, normalized=False)
                for i, t in enumerate(types or []) if int(t) in (3, 4)]
     tok.add_special_tokens(special)
-    template = field("tokenizer.chat_template", "") or ""
-    system = None
-    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
-    if m:
-      system = m.group(1)
+    system = template_system_prompt(field("tokenizer.chat_template", "") or "")
     eos = field("tokenizer.ggml.eos_token_id")
     pad = field("tokenizer.ggml.padding_token_id")
     return cls(tok, eos_id=None if eos is None else int(eos),
@@ -217,10 +231,7 @@ class ChatTokenizer(_ChatML):
         eos = tok.token_to_id(name(cfg["eos_token"]))
       if cfg.get("pad_token"):
         pad = tok.token_to_id(name(cfg["pad_token"]))
-      m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>",
-                    cfg.get("chat_template") or "", re.S)
-      if m:
-        system = m.group(1)
+      system = template_system_prompt(cfg.get("chat_template") or "")
     return cls(tok, eos_id=eos, pad_id=pad, default_system_prompt=system)
 
   # -- interface -------------------------------------------------------------
