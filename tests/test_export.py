@@ -149,6 +149,12 @@ def test_sharded_export_and_config_round_trip(trained, tmp_path):
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                   jax.tree.leaves(nnx.state(again, nnx.Param))):
     np.testing.assert_array_equal(a, b)
+  export_hf(model, tmp_path / "bf16", tokenizer=tok, source=source, dtype="bfloat16")
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  half, _, _ = load_hf_checkpoint(tmp_path / "bf16")
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                  jax.tree.leaves(nnx.state(half, nnx.Param))):
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3)
 
 
 def test_export_bad_workdir_is_a_clear_error(tmp_path, capsys):

@@ -29,6 +29,7 @@ import tempfile
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from epi_jax.model import tensor_names as names
@@ -59,12 +60,6 @@ def module_tensors(model) -> Iterator[ModuleTensor]:
     value = var.get_value()
     yield ModuleTensor(slot, tuple(value.shape),
                        lambda v=value: np.asarray(jax.device_get(v)))
-
-
-def _np_dtype(name: str):
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  return {"float32": np.float32, "float16": np.float16,
-          "bfloat16": ml_dtypes.bfloat16}[name]
 
 
 def _dtype_name(dtype) -> str:
@@ -207,11 +202,11 @@ def export_hf(model, out_dir, *, tokenizer=None, source=None, dtype: str | None 
   dtype = dtype or _dtype_name(config.param_dtype)
   if dtype not in HF_DTYPES:
     raise ValueError(f"dtype={dtype!r}: expected one of {HF_DTYPES}")
-  np_dtype = _np_dtype(dtype)
+  np_dtype = jnp.dtype(dtype)  # numpy dtypes, bfloat16 included (ml_dtypes)
   staged = _staging(out)
   try:
-    tensors = [t for t in module_tensors(model)]
-    shards = _shards(tensors, np.dtype(np_dtype).itemsize, max_shard_bytes)
+    tensors = list(module_tensors(model))
+    shards = _shards(tensors, np_dtype.itemsize, max_shard_bytes)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
       fname = ("model.safetensors" if len(shards) == 1
