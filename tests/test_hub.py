@@ -77,6 +77,14 @@ def test_cli_generate_and_train_by_hub_id_offline(hub, tmp_path):
       env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert train.returncode == 0, train.stderr[-3000:]
   assert '"name": "tiny-org/tiny-llama"' in (run / "config.json").read_text()
+  out = tmp_path / "exported"
+  export = subprocess.run([sys.executable, "-m", "epi_jax.cli", "export", "--workdir", str(run),
+                           "--format", "hf", "--out", str(out)],
+                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert export.returncode == 0, export.stderr[-3000:]
+  # The tokenizer files come from the Hub snapshot the run started from.
+  assert (out / "tokenizer_config.json").read_bytes() == (
+      hub[1] / "tokenizer_config.json").read_bytes()
   missing = subprocess.run([sys.executable, "-m", "epi_jax.cli", "generate", "--model",
                             "tiny-org/not-cached", "--prompt", "hi"],
                            env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
