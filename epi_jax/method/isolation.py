@@ -415,22 +415,28 @@ def _ema(options: EPIOptions, layout: list[_Leaf], state: EPIState, grads, param
   return jax.tree.unflatten(treedef, out)
 
 
-def _scores(options: EPIOptions, layout: list[_Leaf], importance, params) -> list[jax.Array]:
-  """float32 scores the selection ranks (before normalization)."""
-  leaves = jax.tree.leaves(importance)
-  if options.importance == "displacement":
-    # CPI-FT's score: how far each weight moved from theta_0, read from the
-    # params that the refresh step sees.
-    if params is None:
-      raise ValueError("importance='displacement' needs params: pass params to update().")
-    p_leaves = jax.tree.structure(importance).flatten_up_to(params)
-    return [jnp.abs(p.astype(t0.dtype) - t0).astype(jnp.float32)
-            for t0, p in zip(leaves, p_leaves)]
-  if options.importance_dtype == jnp.bfloat16:
-    # Ties inside one bf16 value broken by a fixed hash of the in-layer index.
-    return [compact.dequantize_with_tiebreak(imp, skip_axis=leaf.axis)
-            for leaf, imp in zip(layout, leaves)]
-  return [imp.astype(jnp.float32) for imp in leaves]
+def _ranked(options: EPIOptions, importance, params):
+  """What the selection ranks: the importance, or with ``displacement`` how far
+  each weight moved from theta_0 (CPI-FT's score), read from the params that the
+  refresh step sees."""
+  if options.importance != "displacement":
+    return importance
+  if params is None:
+    raise ValueError("importance='displacement' needs params: pass params to update().")
+  return jax.tree.map(lambda t0, p: jnp.abs(p.astype(t0.dtype) - t0).astype(jnp.float32),
+                      importance, params)
+
+
+def _scores(layout: list[_Leaf], ranked) -> list[jax.Array]:
+  """float32 scores of the ranked values, elementwise (fused where used)."""
+  out = []
+  for leaf, r in zip(layout, jax.tree.leaves(ranked)):
+    if r.dtype == jnp.bfloat16:
+      # Ties inside one bf16 value broken by a fixed hash of the in-layer index.
+      out.append(compact.dequantize_with_tiebreak(r, skip_axis=leaf.axis))
+    else:
+      out.append(r.astype(jnp.float32))
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -507,7 +513,7 @@ def select_mask(importance, options: EPIOptions, params=None) -> tuple[Any, jax.
   """The bool mask a refresh would choose from ``importance`` (and the global
   threshold): the top-k of the normalized scores. For benchmarks and analysis."""
   layout = _layout(options, importance)
-  scores = _scores(options, layout, importance, params)
+  scores = _scores(layout, _ranked(options, importance, params))
   scales, thrs, threshold = _cuts(options, layout, scores)
   masks = _top_masks(layout, scores, scales, thrs)
   return jax.tree.unflatten(jax.tree.structure(importance), masks), threshold
@@ -626,10 +632,11 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     do_refresh = do_refresh & (state.num_refreshes == 0)
 
   treedef = jax.tree.structure(state.importance)
-  # One materialized score list feeds both the refresh and the masks: a
-  # fusion that recomputed the EMA could round differently (FMA) and pick a
-  # different mask than the one the refresh counted.
-  scores = jax.lax.optimization_barrier(_scores(options, layout, importance, params))
+  # One materialized tree feeds both the refresh and the masks: a fusion that
+  # recomputed the EMA could round differently (FMA) and pick a different mask
+  # than the one the refresh counted. (The float32 scores of bf16 values are
+  # exact elementwise functions of it, recomputed where they are used.)
+  ranked = jax.lax.optimization_barrier(_ranked(options, importance, params))
   old_mask = treedef.flatten_up_to(state.mask)
   old_first = treedef.flatten_up_to(state.first_mask) if options.track_first_mask else None
   old_streak = treedef.flatten_up_to(state.out_streak) if options.release_after > 1 else ()
@@ -640,7 +647,8 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
   # the statistics of the new mask); the mask itself is then rebuilt
   # elementwise outside, fused with the update that it masks. Big arrays
   # returned through a cond's branches cost copies on every step.
-  def refresh(scores):
+  def refresh(ranked):
+    scores = _scores(layout, ranked)
     scales, thrs, threshold = _cuts(options, layout, scores)
     mask, _ = _with_hysteresis(options, _top_masks(layout, scores, scales, thrs),
                                old_mask, old_streak)
@@ -650,14 +658,15 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     return scales, thrs, _refresh_stats(options, layout, mask, old_mask, first, old_stats,
                                         threshold)
 
-  def keep(scores):
-    del scores
+  def keep(ranked):
+    del ranked
     ones = [jnp.ones(_scale("none", leaf, None).shape, jnp.float32) for leaf in layout]
     nevers = [jnp.full(o.shape, selection.NEVER, jnp.int32) for o in ones]
     return ones, nevers, old_stats
 
-  scales, thrs, stats = jax.lax.cond(do_refresh, refresh, keep, scores)
-  new, streak = _with_hysteresis(options, _top_masks(layout, scores, scales, thrs),
+  scales, thrs, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
+  new, streak = _with_hysteresis(options, _top_masks(layout, _scores(layout, ranked), scales,
+                                                     thrs),
                                  old_mask, old_streak)
   pick = lambda n, o: jnp.where(do_refresh, n, o)  # pylint: disable=unnecessary-lambda-assignment
   mask = [pick(n, o) for n, o in zip(new, old_mask)]
