@@ -7,6 +7,7 @@
   epi-jax compare --config configs/NAME.py --workdir DIR --methods ... --seeds N
   epi-jax compare --protocol sequential --tasks A,B --config configs/NAME.py --workdir DIR
   epi-jax verdicts DIR [DIR ...]
+  epi-jax export --workdir RUN [--snapshot N] --format hf|gguf --out PATH
 
 Subcommands import their module lazily so that ``epi-jax --help`` is fast.
 """
@@ -24,6 +25,8 @@ _COMMANDS = {
     "compare": ("epi_jax.evaluation.cli", "compare_main", "compare methods end to end"),
     "evaluate": ("epi_jax.evaluation.cli", "evaluate_main", "evaluate a checkpoint"),
     "verdicts": ("epi_jax.evaluation.cli", "verdicts_main", "print a comparison's verdicts"),
+    "export": ("epi_jax.training.export", "export_main",
+               "export a run as a Hugging Face checkpoint or a GGUF"),
 }
 
 
