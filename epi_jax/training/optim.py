@@ -50,8 +50,13 @@ def eligible_fn(config):
   return lambda path: not any(s in path for s in exclude)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """The optax transformation of ``config.method`` (see the module docstring)."""
+def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
+  """The optax transformation of ``config.method`` (see the module docstring).
+
+  ``layer_axes``: ``{param path: layer axis or None}``
+  (``sharding.layer_axes(spec.axes)``); passed to EPI when some param stacks
+  layers (``model.scan_layers``), so that the masks match the unscanned layout.
+  """
   inner = _adamw(config)
   if config.method in ("full", "multi_stage"):
     return inner
@@ -59,6 +64,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
   importance = e.importance
   if config.method == "static" and e.static_importance:
     importance = e.static_importance  # e.g. CPI-FT's "displacement"
+  stacked = layer_axes is not None and any(a is not None for a in layer_axes.values())
+  extra = {"layer_axes": layer_axes} if stacked else {}
   return epi_jax.isolate(
       inner, e.isolation_ratio, e.update_interval, e.ema_decay,
       warmup_steps=e.warmup_steps, importance=importance,
@@ -66,7 +73,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
       mode="static" if config.method == "static" else "evolving",
       eligible=eligible_fn(config), track_first_mask=config.method == "epi",
       importance_dtype=e.importance_dtype, packed_mask=e.packed_mask,
-      release_after=e.release_after, reset_on_release=e.reset_on_release)
+      release_after=e.release_after, reset_on_release=e.reset_on_release, **extra)
 
 
 def is_epi(config) -> bool:

@@ -29,7 +29,10 @@ LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("embed", "fsdp"),
     ("norm", None),
+    ("layers", None),                # scan_layers: the stacked blocks' leading axis
 )
+LAYERS_AXIS = "layers"
+
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -117,6 +120,17 @@ def state_shardings(abstract_state, param_shapes: Mapping[str, Any],
     return rep
 
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def layer_axes(axes: Mapping[str, Sequence[str | None]]) -> dict[str, int | None]:
+  """EPI's ``layer_axes`` for params with logical ``axes`` ``{path: names}``.
+
+  The index of the ``layers`` axis (``scan_layers``: slice ``i`` is layer
+  ``i``'s param) or None (the leaf is one layer's param), so EPI normalizes
+  and selects per layer whichever the layout.
+  """
+  return {k: (list(a).index(LAYERS_AXIS) if LAYERS_AXIS in (a or ()) else None)
+          for k, a in axes.items()}
 
 
 def batch_sharding(mesh) -> NamedSharding:

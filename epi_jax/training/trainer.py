@@ -155,7 +155,7 @@ def abstract_state(config, mesh):
   """
   config = cfg_lib.validate(config)
   spec = model_lib.spec_for(model_lib.model_config(config.model))
-  tx = optim.make_optimizer(config)
+  tx = optim.make_optimizer(config, sharding.layer_axes(spec.axes))
   p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
   abstract = jax.eval_shape(_init_fn(config, tx), spec.shapes)
   return abstract, sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
@@ -185,7 +185,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
                      f"{config.optimizer.grad_accum_steps} x {bs_shards}")
   data_kwargs = inputs.ensure_data(config)
   spec, params, tokenizer = model_lib.build(config.model, config.seed, mesh)
-  tx = optim.make_optimizer(config)
+  tx = optim.make_optimizer(config, sharding.layer_axes(spec.axes))
   p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
   init_state = _init_fn(config, tx)
   abstract = jax.eval_shape(init_state, params)
