@@ -34,11 +34,18 @@ def schedule(config) -> optax.Schedule:
       decay_steps=decay_steps, end_value=lr * float(o.min_lr_ratio))
 
 
-def _adamw(config) -> optax.GradientTransformation:
+def _decays(params, layer_axes):
+  """Weight decay on matrices: ndim >= 2 per layer (a stacked layer axis not counted)."""
+  if not layer_axes:
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+  return {k: p.ndim - (layer_axes.get(k) is not None) >= 2 for k, p in params.items()}
+
+
+def _adamw(config, layer_axes=None) -> optax.GradientTransformation:
   o = config.optimizer
   adamw = optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                       weight_decay=o.weight_decay,
-                      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+                      mask=lambda params: _decays(params, layer_axes))
   if o.clip_norm and o.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
   return adamw
@@ -57,7 +64,7 @@ def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
   (``sharding.layer_axes(spec.axes)``); passed to EPI when some param stacks
   layers (``model.scan_layers``), so that the masks match the unscanned layout.
   """
-  inner = _adamw(config)
+  inner = _adamw(config, layer_axes)
   if config.method in ("full", "multi_stage"):
     return inner
   e = config.epi
