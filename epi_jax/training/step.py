@@ -82,6 +82,9 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
       init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([NUM_TASKS], jnp.float32),
               jnp.zeros([NUM_TASKS], jnp.float32))
       (grads, loss_sum, tl, tt), _ = jax.lax.scan(body, init, micro)
+    # Gradients laid out like their params: with scan_layers the stacked
+    # gradients are otherwise free to be replicated (a full copy per device).
+    grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
