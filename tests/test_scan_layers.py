@@ -135,12 +135,15 @@ def _train(method, scan, mesh_shape, params0):
     state, m = train_step(state, b)
     losses.append(float(m["loss"]))
   out = jax.device_get(state["params"])
-  mask = (jax.device_get(unpacked_mask(state["opt_state"])) if optim.is_epi(config)
-          else None)
+  mask = per_layer = None
+  if optim.is_epi(config):
+    mask = jax.device_get(unpacked_mask(state["opt_state"]))
+    per_layer = jax.device_get(step_lib.per_layer_isolated(
+        state["opt_state"], sharding.layer_axes(spec.axes)))
   if scan:
     out = model_lib.unstack_layers(out)
     mask = model_lib.unstack_layers(mask) if mask is not None else None
-  return losses, out, mask
+  return losses, out, mask, per_layer
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +157,8 @@ def params0():
 def test_scanned_training_equals_unscanned(params0, method, mesh_shape):
   if np.prod(mesh_shape) > jax.device_count():
     pytest.fail(f"needs {np.prod(mesh_shape)} devices (tests/conftest.py sets 8 fake ones)")
-  ref_losses, ref_params, ref_mask = _train(method, False, mesh_shape, params0)
-  losses, params, mask = _train(method, True, mesh_shape, params0)
+  ref_losses, ref_params, ref_mask, ref_per_layer = _train(method, False, mesh_shape, params0)
+  losses, params, mask, per_layer = _train(method, True, mesh_shape, params0)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert ref_losses[-1] != ref_losses[0]
   for k, v in ref_params.items():
@@ -164,6 +167,10 @@ def test_scanned_training_equals_unscanned(params0, method, mesh_shape):
     assert sum(int(m.sum()) for m in ref_mask.values()) > 0
     for k, m in ref_mask.items():
       np.testing.assert_array_equal(mask[k], m, err_msg=k)
+    # refreshes.jsonl's per-layer fractions: the same keys and values in both layouts.
+    assert per_layer.keys() == ref_per_layer.keys()
+    for k, v in ref_per_layer.items():
+      np.testing.assert_allclose(per_layer[k], v, err_msg=k)
 
 
 # ---------------------------------------------------------------------------

@@ -106,7 +106,22 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
                  donate_argnums=0)
 
 
-def per_layer_isolated(opt_state) -> dict[str, jax.Array]:
-  """``{param path: isolated fraction}`` of the current EPI mask."""
+def per_layer_isolated(opt_state, layer_axes=None) -> dict[str, jax.Array]:
+  """``{param path: isolated fraction}`` of the current EPI mask.
+
+  A param stacked over layers (``layer_axes``, ``model.scan_layers``) is
+  reported per layer under the unscanned names ``layers/<i>/...``, so the
+  keys are the same in either layout.
+  """
   mask = unpacked_mask(opt_state)  # bools, also with config.epi.packed_mask
-  return {k: jnp.mean(m.astype(jnp.float32)) for k, m in mask.items()}
+  out = {}
+  for k, m in mask.items():
+    axis = (layer_axes or {}).get(k)
+    m = m.astype(jnp.float32)
+    if axis is None:
+      out[k] = jnp.mean(m)
+      continue
+    per = jnp.mean(m, axis=tuple(a for a in range(m.ndim) if a != axis))
+    rest = k.removeprefix("layers/")
+    out.update({f"layers/{i}/{rest}": per[i] for i in range(per.shape[0])})
+  return out

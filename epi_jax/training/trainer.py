@@ -17,6 +17,7 @@ writes ``config.json``, metrics, TensorBoard and ``DONE``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import signal
@@ -211,7 +212,9 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
                    if optim.is_epi(config) else 0)
 
   train_step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
-  per_layer = jax.jit(step_lib.per_layer_isolated) if optim.is_epi(config) else None
+  per_layer = (jax.jit(functools.partial(step_lib.per_layer_isolated,
+                                         layer_axes=sharding.layer_axes(spec.axes)))
+               if optim.is_epi(config) else None)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=step,
                                      total_steps=total,
                                      progress_bar=config.progress_bar)
