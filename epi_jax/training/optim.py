@@ -57,31 +57,42 @@ def eligible_fn(config):
   return lambda path: not any(s in path for s in exclude)
 
 
-def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
-  """The optax transformation of ``config.method`` (see the module docstring).
+def is_epi(config) -> bool:
+  return config.method in ("static", "epi")
 
-  ``layer_axes``: ``{param path: layer axis or None}``
-  (``sharding.layer_axes(spec.axes)``); passed to EPI when some param stacks
-  layers (``model.scan_layers``), so that the masks match the unscanned layout.
-  """
-  inner = _adamw(config, layer_axes)
-  if config.method in ("full", "multi_stage"):
-    return inner
+
+def epi_options(config, layer_axes=None) -> epi_jax.EPIOptions:
+  """The EPI options of ``config`` (method static or epi): the one mapping from
+  the config to EPI, validated by ``EPIOptions`` (raises ``ValueError``)."""
   e = config.epi
   importance = e.importance
   if config.method == "static" and e.static_importance:
     importance = e.static_importance  # e.g. CPI-FT's "displacement"
-  stacked = layer_axes is not None and any(a is not None for a in layer_axes.values())
-  extra = {"layer_axes": layer_axes} if stacked else {}
-  return epi_jax.isolate(
-      inner, e.isolation_ratio, e.update_interval, e.ema_decay,
-      warmup_steps=e.warmup_steps, importance=importance,
+  return epi_jax.EPIOptions(
+      isolation_ratio=e.isolation_ratio, update_interval=e.update_interval,
+      ema_decay=e.ema_decay, warmup_steps=e.warmup_steps, importance=importance,
       normalization=e.normalization, selection=e.selection,
       mode="static" if config.method == "static" else "evolving",
-      eligible=eligible_fn(config), track_first_mask=config.method == "epi",
-      importance_dtype=e.importance_dtype, packed_mask=e.packed_mask,
-      release_after=e.release_after, reset_on_release=e.reset_on_release, **extra)
+      eligible=eligible_fn(config), layer_axes=layer_axes,
+      track_first_mask=config.method == "epi", importance_dtype=e.importance_dtype,
+      packed_mask=e.packed_mask, release_after=e.release_after)
 
 
-def is_epi(config) -> bool:
-  return config.method in ("static", "epi")
+def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
+  """The optax transformation of ``config.method`` (see the module docstring).
+
+  ``layer_axes``: ``{param path: layer axis or None}`` (``sharding.layer_axes``
+  of the model's logical axes): with ``model.scan_layers`` EPI and the weight
+  decay mask then treat every slice of a stacked param as its own layer.
+  """
+  inner = _adamw(config, layer_axes)
+  if not is_epi(config):
+    return inner
+  o = epi_options(config, layer_axes)
+  return epi_jax.isolate(
+      inner, o.isolation_ratio, o.update_interval, o.ema_decay, warmup_steps=o.warmup_steps,
+      importance=o.importance, normalization=o.normalization, selection=o.selection,
+      mode=o.mode, eligible=o.eligible, layer_axes=o.layer_axes,
+      track_first_mask=o.track_first_mask, importance_dtype=o.importance_dtype,
+      packed_mask=o.packed_mask, release_after=o.release_after,
+      reset_on_release=config.epi.reset_on_release)

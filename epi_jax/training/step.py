@@ -18,7 +18,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from epi_jax.data import ALL_CONFIGS
-from epi_jax.method.isolation import epi_state, unpacked_mask
+from epi_jax.method import epi_metrics
+from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.training import optim, sharding
 
 NUM_TASKS = len(ALL_CONFIGS)
@@ -95,10 +96,7 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
                "tokens": jnp.sum(batch["loss_mask"] > 0), "grad_norm": grad_norm,
                "lr": lr_fn(state["step"])}
     if use_epi:
-      e = epi_state(opt_state)
-      metrics.update(isolated_fraction=e.isolated_fraction, num_flipped=e.num_flipped,
-                     jaccard_prev=e.jaccard_prev, jaccard_first=e.jaccard_first,
-                     num_refreshes=e.num_refreshes)
+      metrics.update(epi_metrics(opt_state))
     return new_state, metrics
 
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -107,21 +105,6 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
 
 
 def per_layer_isolated(opt_state, layer_axes=None) -> dict[str, jax.Array]:
-  """``{param path: isolated fraction}`` of the current EPI mask.
-
-  A param stacked over layers (``layer_axes``, ``model.scan_layers``) is
-  reported per layer under the unscanned names ``layers/<i>/...``, so the
-  keys are the same in either layout.
-  """
-  mask = unpacked_mask(opt_state)  # bools, also with config.epi.packed_mask
-  out = {}
-  for k, m in mask.items():
-    axis = (layer_axes or {}).get(k)
-    m = m.astype(jnp.float32)
-    if axis is None:
-      out[k] = jnp.mean(m)
-      continue
-    per = jnp.mean(m, axis=tuple(a for a in range(m.ndim) if a != axis))
-    rest = k.removeprefix("layers/")
-    out.update({f"layers/{i}/{rest}": per[i] for i in range(per.shape[0])})
-  return out
+  """``{param path: isolated fraction}`` of the current EPI mask (a stacked
+  leaf: one entry per layer, ``path[l]``)."""
+  return _per_layer(opt_state, layer_axes)
