@@ -49,10 +49,13 @@ def test_memory_plan_tiny_adds_up(tmp_path, capsys):
 def test_memory_plan_sharded_params_split(tmp_path):
   out = tmp_path / "plan.json"
   _module().main(["--config", str(REPO / "configs" / "tiny.py"), "--data.seq_len=128",
-                  "--mesh.data=1", "--mesh.fsdp=4", "--mesh.tensor=2", "--variants", "full",
-                  "--json", str(out)])
-  (r,) = json.loads(out.read_text())
+                  "--mesh.data=1", "--mesh.fsdp=4", "--mesh.tensor=2",
+                  "--variants", "full,epi compact", "--json", str(out)])
+  full, compact = json.loads(out.read_text())
   n = param_count(get_config("tiny"))
   # Every matrix of tiny divides the fsdp x tensor mesh; only the norm scales are whole.
   norms = 64 * (2 * 2 + 1)
-  assert r["bytes"]["params"] == 4 * ((n - norms) // 8 + norms)
+  assert full["bytes"]["params"] == 4 * ((n - norms) // 8 + norms)
+  # Compact EPI state (bf16 importance + two bit-packed masks, ~2.25 B/param) is sharded
+  # like the params (4 B/param): the packed masks too, not replicated.
+  assert compact["bytes"]["epi"] <= 0.6 * compact["bytes"]["params"]

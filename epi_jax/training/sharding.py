@@ -107,16 +107,29 @@ def state_shardings(abstract_state, param_shapes: Mapping[str, Any],
 
   A leaf is per-parameter when the last dict key on its path names a
   parameter and its shape equals that parameter's; it then gets the
-  parameter's sharding. Everything else (counters, scalars) is replicated.
+  parameter's sharding. A leaf of the parameter's rank but another shape
+  (EPI's bit-packed masks: the last axis 8x shorter) keeps the parameter's
+  spec on every dimension it still divides. Everything else (counters,
+  scalars) is replicated.
   """
   rep = NamedSharding(mesh, P())
+
+  def fit(spec, shape):
+    dims = list(spec) + [None] * (len(shape) - len(spec))
+    size = lambda a: math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+    return P(*[a if a is not None and d % size(a) == 0 else None
+               for a, d in zip(dims, shape)])
 
   def pick(path, leaf):
     for key in reversed(path):
       name = getattr(key, "key", None)
       if isinstance(name, str) and name in params_sharding:
-        same = tuple(leaf.shape) == tuple(param_shapes[name].shape)
-        return params_sharding[name] if same else rep
+        shape = tuple(param_shapes[name].shape)
+        if tuple(leaf.shape) == shape:
+          return params_sharding[name]
+        if len(leaf.shape) == len(shape):
+          return NamedSharding(mesh, fit(params_sharding[name].spec, leaf.shape))
+        return rep
     return rep
 
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
