@@ -9,12 +9,15 @@ segment id (0 = padding), for ``q [B, Lq, H, D]`` and ``k, v [B, Lk, K, D]``
 * ``"einsum"``: two einsums and a masked float32 softmax (the reference).
 * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``.
 * ``"cudnn"``: cuDNN flash attention on GPU (``implementation="cudnn"``):
-  causal, padding by sequence lengths. It cannot express several segments
-  per row, so packed rows (``packed=True``) fall back to ``"xla"`` with a
-  one-line notice.
+  causal, padding by sequence lengths (rows right-padded, as the data
+  pipeline makes them). It cannot express several segments per row, so
+  packed rows (``packed=True``) fall back to ``"xla"`` with a one-line notice.
 * ``"splash"``: the Pallas TPU splash attention kernel with segment ids
   (``jax.experimental.pallas.ops.tpu.splash_attention``); runs in Pallas
-  interpret mode off TPU (slow: tests only).
+  interpret mode off TPU (slow: tests only). Not yet wrapped in a
+  ``shard_map``: XLA cannot partition a Pallas call, so on a multi-device
+  TPU mesh it still needs one over the batch and head axes (untested here:
+  no TPU).
 * ``"auto"``: by backend: ``splash`` on TPU, ``cudnn`` on GPU,
   :data:`CPU_DEFAULT` on CPU.
 
