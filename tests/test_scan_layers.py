@@ -197,3 +197,17 @@ def test_checkpoint_of_the_other_layout_is_refused(tmp_path, params0):
   restored, _, step = ckpt.restore_latest(same)
   assert step == 1 and set(restored["params"]) == set(params0)
   ckpt.close()
+
+
+def test_scanned_model_exports_like_unscanned(models, tmp_path):
+  from epi_jax.model.export import export_hf  # pylint: disable=g-import-not-at-top
+  from epi_jax.model.loading import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
+  model, scanned = models
+  export_hf(model, tmp_path / "plain")
+  export_hf(scanned, tmp_path / "scanned")
+  a, _, _ = load_hf_checkpoint(tmp_path / "plain")
+  b, _, _ = load_hf_checkpoint(tmp_path / "scanned")
+  pa, pb = model_lib.flat_params(a), model_lib.flat_params(b)
+  assert pa.keys() == pb.keys()
+  for k, v in pa.items():
+    np.testing.assert_array_equal(np.asarray(pb[k]), np.asarray(v), err_msg=k)

@@ -21,9 +21,7 @@ unstacked model.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
@@ -32,18 +30,8 @@ import optax
 from flax import nnx
 
 from epi_jax.method import compact, selection
-
-IMPORTANCES = ("grad_sq", "grad_abs", "taylor", "displacement")
-NORMALIZATIONS = ("layer_mean", "layer_max", "none")
-SELECTIONS = ("global", "layer")
-MODES = ("evolving", "static", "none")
-
-# None (all), a pytree of bools shaped like the params, or a predicate on the
-# path string, ``(path) -> bool`` or ``(path, layer) -> bool``.
-Eligible = Union[None, Any, Callable[..., bool]]
-# None (no stacked leaves), a pytree of ``int | None`` shaped like the params,
-# or ``(path, shape) -> int | None``: the axis of a leaf that indexes layers.
-LayerAxes = Union[None, Any, Callable[[str, tuple], Optional[int]]]
+from epi_jax.method.layout import Leaf, eligible_mask, leaf_layout, path_str
+from epi_jax.method.options import EPIOptions, Eligible, LayerAxes, is_refresh_step
 
 
 class EPIState(NamedTuple):
@@ -101,264 +89,6 @@ class RefreshStats(NamedTuple):
 
 
 # ---------------------------------------------------------------------------
-# Options: validated once, here.
-# ---------------------------------------------------------------------------
-
-def _concrete(x) -> Optional[float]:
-  """A Python number for a number or a concrete scalar array; None if traced."""
-  if isinstance(x, bool):
-    return None
-  if isinstance(x, (int, float)):
-    return x
-  if isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype") or getattr(x, "shape", None) != ():
-    return None
-  try:
-    return complex(x).real if jnp.iscomplexobj(x) else float(x)
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def _importance_dtype(importance_dtype) -> jnp.dtype:
-  if importance_dtype is None:
-    return jnp.dtype(jnp.float32)
-  if isinstance(importance_dtype, jax.core.Tracer) or (
-      hasattr(importance_dtype, "shape") and hasattr(importance_dtype, "dtype")):
-    raise ValueError(
-        "importance_dtype is an array, not a dtype: with optax.inject_hyperparams "
-        "pass it as a string ('bfloat16') or list it in static_args.")
-  try:
-    dtype = jnp.dtype(importance_dtype)
-  except TypeError as e:
-    raise ValueError(f"Unknown importance_dtype={importance_dtype!r}.") from e
-  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(
-        f"importance_dtype must be float32 or bfloat16, got {importance_dtype!r}.")
-  return dtype
-
-
-class OptionError(ValueError):
-  """A bad EPI option; ``field`` names it."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(message)
-    self.field = field
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EPIOptions:
-  """Every option of EPI, validated on construction (see ``epi_transform``).
-
-  ``isolation_ratio``, ``ema_decay`` and ``update_interval`` may be arrays
-  (traced under ``optax.inject_hyperparams``); concrete values are checked,
-  traced ones are taken as given.
-  """
-  isolation_ratio: Any
-  update_interval: Any
-  ema_decay: Any = 0.99
-  warmup_steps: Optional[int] = None
-  importance: str = "grad_sq"
-  normalization: str = "layer_mean"
-  selection: str = "global"
-  mode: str = "evolving"
-  eligible: Eligible = None
-  layer_axes: LayerAxes = None
-  track_first_mask: bool = False
-  importance_dtype: Any = None
-  packed_mask: bool = False
-  release_after: Optional[int] = None
-
-  def __post_init__(self):
-    def bad(field, what):
-      raise OptionError(field, f"{field} {what}, got {getattr(self, field)!r}.")
-
-    ratio = _concrete(self.isolation_ratio)
-    if ratio is not None and not 0.0 <= ratio <= 1.0:
-      bad("isolation_ratio", "must be in [0, 1]")
-    interval = _concrete(self.update_interval)
-    if interval is not None and (interval < 1 or int(interval) != interval):
-      bad("update_interval", "must be an integer >= 1")
-    decay = _concrete(self.ema_decay)
-    if decay is not None and not 0.0 <= decay < 1.0:
-      bad("ema_decay", "must be in [0, 1)")
-    warmup = _concrete(self.warmup_steps)
-    if warmup is not None and (warmup < 0 or int(warmup) != warmup):
-      bad("warmup_steps", "must be an integer >= 0")
-    for name, allowed in (("importance", IMPORTANCES), ("normalization", NORMALIZATIONS),
-                          ("selection", SELECTIONS), ("mode", MODES)):
-      if getattr(self, name) not in allowed:
-        bad(name, f"is unknown: expected one of {allowed}")
-    for name in ("track_first_mask", "packed_mask"):
-      if not isinstance(getattr(self, name), bool):
-        bad(name, "must be a bool")
-    try:
-      object.__setattr__(self, "importance_dtype", _importance_dtype(self.importance_dtype))
-    except ValueError as e:
-      raise OptionError("importance_dtype", str(e)) from None
-    r = 1 if self.release_after is None else self.release_after
-    if isinstance(r, jax.core.Tracer) or hasattr(r, "dtype"):
-      raise OptionError("release_after", "release_after is an array: with "
-                        "optax.inject_hyperparams list it in static_args (it sets the "
-                        "state's structure).")
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 255:
-      bad("release_after", "must be an int in [1, 255]")
-    object.__setattr__(self, "release_after", r)
-    if self.importance == "displacement" and self.importance_dtype != jnp.float32:
-      raise OptionError("importance_dtype", "importance='displacement' keeps the initial "
-                        "params; it does not take importance_dtype=bfloat16.")
-    for name in ("eligible", "layer_axes"):
-      if isinstance(getattr(self, name), (jax.Array, jax.core.Tracer)):
-        raise OptionError(name, f"{name} is an array: with optax.inject_hyperparams a "
-                          f"callable {name} is taken for a schedule; list '{name}' in "
-                          "static_args.")
-
-  @property
-  def warmup(self):
-    """W: the step of the first refresh (``update_interval`` when unset)."""
-    return self.update_interval if self.warmup_steps is None else self.warmup_steps
-
-
-def is_refresh_step(step, options: EPIOptions):
-  """Whether the update numbered ``step`` (1-based) refreshes the mask.
-
-  Plain arithmetic on Python ints or arrays: evolving refreshes at the steps
-  ``s >= 1`` with ``s >= W`` and ``(s - W) % T == 0`` (``W, W+T, ...``; with
-  ``W = 0``: ``T, 2T, ...``); static only at the first of them; ``mode="none"``
-  never.
-  """
-  w, t = options.warmup, options.update_interval
-  if options.mode == "none":
-    return step != step  # False, as a bool or a bool array like `step`
-  if options.mode == "static":
-    return step == w + t * (w < 1)  # the first scheduled step: W, or T if W = 0
-  return (step >= w) & (step >= 1) & ((step - w) % t == 0)
-
-
-# ---------------------------------------------------------------------------
-# Layout: per leaf, its layer axis and which of its slices are eligible.
-# ---------------------------------------------------------------------------
-
-def path_str(path) -> str:
-  """'a/b/0/kernel' for a jax key path: what ``eligible`` predicates receive."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
-class _Leaf(NamedTuple):
-  """Static facts of one leaf: its layer axis and per-slice eligibility."""
-  axis: Optional[int]          # None: the whole leaf is one layer
-  eligible: tuple[bool, ...]   # one per slice along `axis` (one if axis is None)
-  shape: tuple[int, ...]
-
-  @property
-  def any_eligible(self) -> bool:
-    return any(self.eligible)
-
-  @property
-  def slice_size(self) -> int:
-    n = 1
-    for i, d in enumerate(self.shape):
-      if i != self.axis:
-        n *= d
-    return n
-
-  @property
-  def num_eligible(self) -> int:
-    return sum(self.eligible) * self.slice_size
-
-  def broadcast(self, values) -> jax.Array:
-    """Per-slice values ``[L]`` shaped to broadcast against the leaf."""
-    v = jnp.asarray(values)
-    if self.axis is None:
-      return v.reshape(())
-    return jnp.expand_dims(v, [a for a in range(len(self.shape)) if a != self.axis])
-
-  @property
-  def reduce_axes(self) -> Optional[tuple[int, ...]]:
-    """Axes a per-slice reduction runs over (None: all, keeping no axis)."""
-    if self.axis is None:
-      return None
-    return tuple(a for a in range(len(self.shape)) if a != self.axis)
-
-
-def _num_positional(fn) -> int:
-  try:
-    params = inspect.signature(fn).parameters.values()
-  except (TypeError, ValueError):
-    return 1
-  if any(p.kind == p.VAR_POSITIONAL for p in params):
-    return 2
-  return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-
-
-def _per_leaf(value, tree, what: str, callable_fn) -> list:
-  """``value`` as a list over ``tree``'s leaves: a matching pytree or a callable."""
-  if callable(value) and not isinstance(value, (dict, list, tuple)):
-    return [callable_fn(path_str(p), x)
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  treedef = jax.tree.structure(tree)
-  try:
-    # None is a leaf here (it is an empty subtree for jax.tree.structure).
-    leaves = treedef.flatten_up_to(value)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"{what} does not match the params: expected a pytree with structure "
-        f"{treedef}, got {jax.tree.structure(value)}.") from e
-  return leaves
-
-
-def _layout(options: EPIOptions, tree) -> list[_Leaf]:
-  """The static layout of ``tree`` (params, grads or importance)."""
-  shapes = [tuple(x.shape) for x in jax.tree.leaves(tree)]
-  paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  if options.layer_axes is None:
-    axes = [None] * len(shapes)
-  else:
-    axes = _per_leaf(options.layer_axes, tree, "layer_axes",
-                     lambda path, x: options.layer_axes(path, tuple(x.shape)))
-  norm_axes = []
-  for path, shape, axis in zip(paths, shapes, axes):
-    if axis is not None:
-      if isinstance(axis, bool) or not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
-        raise ValueError(f"layer_axes of {path!r} (shape {shape}) is {axis!r}: expected None "
-                         f"or an int axis in [{-len(shape)}, {len(shape)}).")
-      axis %= len(shape)
-    norm_axes.append(axis)
-
-  e = options.eligible
-  if e is None:
-    elig = [(True,) * (shape[a] if a is not None else 1) for shape, a in zip(shapes, norm_axes)]
-  elif callable(e) and not isinstance(e, (dict, list, tuple)):
-    two = _num_positional(e) >= 2
-    elig = []
-    for path, shape, a in zip(paths, shapes, norm_axes):
-      layers = range(shape[a]) if a is not None else [None]
-      elig.append(tuple(bool(e(path, l)) if two else bool(e(path)) for l in layers))
-  else:
-    leaves = _per_leaf(e, tree, "eligible", None)
-    for leaf in leaves:
-      if not isinstance(leaf, (bool, jnp.bool_)) and not (
-          hasattr(leaf, "dtype") and leaf.shape == () and leaf.dtype == bool):
-        raise ValueError(f"eligible leaves must be Python bools, got {leaf!r}.")
-    elig = [(bool(b),) * (shape[a] if a is not None else 1)
-            for b, shape, a in zip(leaves, shapes, norm_axes)]
-  return [_Leaf(a, el, s) for a, el, s in zip(norm_axes, elig, shapes)]
-
-
-def _eligible_mask(leaf: _Leaf) -> Any:
-  """True (all slices eligible) or a bool array broadcasting over the leaf."""
-  if all(leaf.eligible):
-    return True
-  return leaf.broadcast(jnp.asarray(leaf.eligible))
-
-
-# ---------------------------------------------------------------------------
 # Importance.
 # ---------------------------------------------------------------------------
 
@@ -396,7 +126,7 @@ def _real_f32(x) -> jax.Array:
   return jnp.real(jnp.asarray(x)).astype(jnp.float32)
 
 
-def _ema(options: EPIOptions, layout: list[_Leaf], state: EPIState, grads, params):
+def _ema(options: EPIOptions, layout: list[Leaf], state: EPIState, grads, params):
   """The new importance: ``beta I + (1 - beta) s(g)``; unchanged on a
   non-finite gradient. With ``displacement`` the kept theta_0 (no EMA)."""
   imp_leaves, treedef = jax.tree.flatten(state.importance)
@@ -415,29 +145,35 @@ def _ema(options: EPIOptions, layout: list[_Leaf], state: EPIState, grads, param
   return jax.tree.unflatten(treedef, out)
 
 
-def _scores(options: EPIOptions, layout: list[_Leaf], importance, params) -> list[jax.Array]:
-  """float32 scores the selection ranks (before normalization)."""
-  leaves = jax.tree.leaves(importance)
-  if options.importance == "displacement":
-    # CPI-FT's score: how far each weight moved from theta_0, read from the
-    # params that the refresh step sees.
-    if params is None:
-      raise ValueError("importance='displacement' needs params: pass params to update().")
-    p_leaves = jax.tree.structure(importance).flatten_up_to(params)
-    return [jnp.abs(p.astype(t0.dtype) - t0).astype(jnp.float32)
-            for t0, p in zip(leaves, p_leaves)]
-  if options.importance_dtype == jnp.bfloat16:
-    # Ties inside one bf16 value broken by a fixed hash of the in-layer index.
-    return [compact.dequantize_with_tiebreak(imp, skip_axis=leaf.axis)
-            for leaf, imp in zip(layout, leaves)]
-  return [imp.astype(jnp.float32) for imp in leaves]
+def _ranked(options: EPIOptions, importance, params):
+  """What the selection ranks: the importance, or with ``displacement`` how far
+  each weight moved from theta_0 (CPI-FT's score), read from the params that the
+  refresh step sees."""
+  if options.importance != "displacement":
+    return importance
+  if params is None:
+    raise ValueError("importance='displacement' needs params: pass params to update().")
+  return jax.tree.map(lambda t0, p: jnp.abs(p.astype(t0.dtype) - t0).astype(jnp.float32),
+                      importance, params)
+
+
+def _scores(layout: list[Leaf], ranked) -> list[jax.Array]:
+  """float32 scores of the ranked values, elementwise (fused where used)."""
+  out = []
+  for leaf, r in zip(layout, jax.tree.leaves(ranked)):
+    if r.dtype == jnp.bfloat16:
+      # Ties inside one bf16 value broken by a fixed hash of the in-layer index.
+      out.append(compact.dequantize_with_tiebreak(r, skip_axis=leaf.axis))
+    else:
+      out.append(r.astype(jnp.float32))
+  return out
 
 
 # ---------------------------------------------------------------------------
 # Selection: per-slice normalization, then top-k by counting.
 # ---------------------------------------------------------------------------
 
-def _scale(normalization: str, leaf: _Leaf, score) -> jax.Array:
+def _scale(normalization: str, leaf: Leaf, score) -> jax.Array:
   """The factor that normalizes a leaf's (or each slice's) scores.
 
   Scores are multiplied by ``1 / (mean + tiny)`` rather than divided by the
@@ -453,14 +189,14 @@ def _scale(normalization: str, leaf: _Leaf, score) -> jax.Array:
   return 1.0 / (reduce(score, axis=leaf.reduce_axes, keepdims=leaf.axis is not None) + tiny)
 
 
-def _bits(leaf: _Leaf, score, scale) -> jax.Array:
+def _bits(leaf: Leaf, score, scale) -> jax.Array:
   """Normalized score bits; -1 (never selected) at ineligible slices."""
   bits = selection.score_bits(score * scale)
-  elig = _eligible_mask(leaf)
+  elig = eligible_mask(leaf)
   return bits if elig is True else jnp.where(elig, bits, -1)
 
 
-def _cuts(options: EPIOptions, layout: list[_Leaf], scores: list[jax.Array]):
+def _cuts(options: EPIOptions, layout: list[Leaf], scores: list[jax.Array]):
   """Per-leaf scales and bit thresholds of a refresh, and the global threshold.
 
   Only these small arrays (a scalar, or one value per slice) leave the
@@ -497,7 +233,7 @@ def _cuts(options: EPIOptions, layout: list[_Leaf], scores: list[jax.Array]):
   return scales, thrs, threshold
 
 
-def _top_masks(layout: list[_Leaf], scores, scales, thrs) -> list[jax.Array]:
+def _top_masks(layout: list[Leaf], scores, scales, thrs) -> list[jax.Array]:
   """Bool top-k masks, elementwise from the cuts of ``_cuts``."""
   return [_bits(leaf, s, d) >= t if leaf.any_eligible else jnp.zeros(leaf.shape, jnp.bool_)
           for leaf, s, d, t in zip(layout, scores, scales, thrs)]
@@ -506,8 +242,8 @@ def _top_masks(layout: list[_Leaf], scores, scales, thrs) -> list[jax.Array]:
 def select_mask(importance, options: EPIOptions, params=None) -> tuple[Any, jax.Array]:
   """The bool mask a refresh would choose from ``importance`` (and the global
   threshold): the top-k of the normalized scores. For benchmarks and analysis."""
-  layout = _layout(options, importance)
-  scores = _scores(options, layout, importance, params)
+  layout = leaf_layout(options, importance)
+  scores = _scores(layout, _ranked(options, importance, params))
   scales, thrs, threshold = _cuts(options, layout, scores)
   masks = _top_masks(layout, scores, scales, thrs)
   return jax.tree.unflatten(jax.tree.structure(importance), masks), threshold
@@ -584,7 +320,7 @@ def _init_epi(options: EPIOptions, params) -> EPIState:
   # No leaves: an empty model, or optax.tree.map_params' placeholder, whose
   # per-parameter fields must come out as tree.maps over it.
   if jax.tree.leaves(params):
-    layout = _layout(options, params)
+    layout = leaf_layout(options, params)
     if options.mode != "none" and not any(leaf.any_eligible for leaf in layout):
       raise ValueError("No parameter is eligible for isolation: check `eligible`.")
 
@@ -614,7 +350,7 @@ def _init_epi(options: EPIOptions, params) -> EPIState:
 
 def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState:
   """Importance EMA, then (on schedule) a refresh of the mask."""
-  layout = _layout(options, state.importance)
+  layout = leaf_layout(options, state.importance)
   importance = _ema(options, layout, state, grads, params)
   new_state = state._replace(count=optax.safe_increment(state.count), importance=importance)
   if options.mode == "none":
@@ -626,10 +362,11 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     do_refresh = do_refresh & (state.num_refreshes == 0)
 
   treedef = jax.tree.structure(state.importance)
-  # One materialized score list feeds both the refresh and the masks: a
-  # fusion that recomputed the EMA could round differently (FMA) and pick a
-  # different mask than the one the refresh counted.
-  scores = jax.lax.optimization_barrier(_scores(options, layout, importance, params))
+  # One materialized tree feeds both the refresh and the masks: a fusion that
+  # recomputed the EMA could round differently (FMA) and pick a different mask
+  # than the one the refresh counted. (The float32 scores of bf16 values are
+  # exact elementwise functions of it, recomputed where they are used.)
+  ranked = jax.lax.optimization_barrier(_ranked(options, importance, params))
   old_mask = treedef.flatten_up_to(state.mask)
   old_first = treedef.flatten_up_to(state.first_mask) if options.track_first_mask else None
   old_streak = treedef.flatten_up_to(state.out_streak) if options.release_after > 1 else ()
@@ -640,7 +377,8 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
   # the statistics of the new mask); the mask itself is then rebuilt
   # elementwise outside, fused with the update that it masks. Big arrays
   # returned through a cond's branches cost copies on every step.
-  def refresh(scores):
+  def refresh(ranked):
+    scores = _scores(layout, ranked)
     scales, thrs, threshold = _cuts(options, layout, scores)
     mask, _ = _with_hysteresis(options, _top_masks(layout, scores, scales, thrs),
                                old_mask, old_streak)
@@ -650,14 +388,15 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     return scales, thrs, _refresh_stats(options, layout, mask, old_mask, first, old_stats,
                                         threshold)
 
-  def keep(scores):
-    del scores
+  def keep(ranked):
+    del ranked
     ones = [jnp.ones(_scale("none", leaf, None).shape, jnp.float32) for leaf in layout]
     nevers = [jnp.full(o.shape, selection.NEVER, jnp.int32) for o in ones]
     return ones, nevers, old_stats
 
-  scales, thrs, stats = jax.lax.cond(do_refresh, refresh, keep, scores)
-  new, streak = _with_hysteresis(options, _top_masks(layout, scores, scales, thrs),
+  scales, thrs, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
+  new, streak = _with_hysteresis(options, _top_masks(layout, _scores(layout, ranked), scales,
+                                                     thrs),
                                  old_mask, old_streak)
   pick = lambda n, o: jnp.where(do_refresh, n, o)  # pylint: disable=unnecessary-lambda-assignment
   mask = [pick(n, o) for n, o in zip(new, old_mask)]
@@ -927,7 +666,7 @@ def per_layer_isolated(state, layer_axes: LayerAxes = None) -> dict[str, jax.Arr
   options = EPIOptions(isolation_ratio=0.0, update_interval=1, layer_axes=layer_axes)
   out = {}
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
-  for (path, m), leaf in zip(flat, _layout(options, mask)):
+  for (path, m), leaf in zip(flat, leaf_layout(options, mask)):
     name = path_str(path)
     if leaf.axis is None:
       out[name] = jnp.mean(m.astype(jnp.float32))

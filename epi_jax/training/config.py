@@ -17,7 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from epi_jax.data import ALL_CONFIGS, TASKS
-from epi_jax.method.isolation import IMPORTANCES, OptionError
+from epi_jax.method.options import IMPORTANCES, OptionError
 from epi_jax.model.attention import IMPLEMENTATIONS as ATTENTIONS
 from epi_jax.training import optim
 
@@ -60,8 +60,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.data_dir = config_dict.placeholder(str)
   c.data.raw_dir = config_dict.placeholder(str)
   c.data.max_examples_per_task = config_dict.placeholder(int)
-  # Where the data is neither prepared nor preparable (no raw files), train on
-  # a small built-in stand-in instead of failing (for tests and demos).
+  # Base URL serving the raw files under the raw dir's relative paths, for the
+  # downloads of files no raw dir holds (None: $EPI_DATA_MIRROR, else upstream).
+  c.data.mirror = config_dict.placeholder(str)
+  # Where the data is not prepared and no raw dir holds its files, train on a
+  # small built-in stand-in instead of downloading them (for tests and demos).
   c.data.allow_standin = False
 
   c.optimizer = ml_collections.ConfigDict()
@@ -202,6 +205,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for f in ("batch_size", "seq_len"):
     _need(_is_int(d[f]) and d[f] >= 1, f"data.{f}", d[f], "must be an int >= 1")
   _need(isinstance(d.packing, bool), "data.packing", d.packing, "must be a bool")
+  _need(d.mirror is None or (isinstance(d.mirror, str) and "://" in d.mirror), "data.mirror",
+        d.mirror, "must be None or a base URL like https://host/path")
   _need(d.max_examples_per_task is None or d.max_examples_per_task >= 1,
         "data.max_examples_per_task", d.max_examples_per_task, "must be None or >= 1")
 
