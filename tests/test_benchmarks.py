@@ -6,7 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from epi_jax.model.config import get_config, train_flops_per_token
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,3 +37,28 @@ def test_bench_opt_refresh_bytes_tiny(tmp_path):
              and o["packed_mask"] and not o["track_first_mask"]]
   assert compact and compact[0]["bytes_per_param"] <= 2.2
   assert "| n params | variant |" in proc.stdout
+
+
+def test_peer_torch_smoke(tmp_path):
+  """benchmarks/peer_torch.py runs the peer and our two steps, each in its own process."""
+  out = tmp_path / "peer.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peer_torch.py"), "--smoke",
+                         "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert set(res["rows"]) == {"torch", "full", "epi"}
+  for row in res["rows"].values():
+    assert row["step_s"] > 0 and row["gflops"] > 0
+    # Random init, same token ids: both frameworks start near ln(vocab).
+    assert abs(row["first_loss"] - np.log(272)) < 0.5, row
+  assert "peer/ours" in proc.stdout
+
+
+def test_train_flops_per_token_of_smollm2():
+  # 6 x 134.5M matmul params + attention at 256 tokens: ~0.86 GFLOP per training token.
+  cfg = get_config("smollm2-135m")
+  assert abs(train_flops_per_token(cfg, 256) / 1e9 - 0.86) < 0.01
+  assert train_flops_per_token(cfg, 512) > train_flops_per_token(cfg, 256)

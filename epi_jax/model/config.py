@@ -193,3 +193,17 @@ def param_count(config: ModelConfig) -> int:
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   return int(sum(math.prod(leaf.shape) for leaf in leaves))
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs of one training token (forward + backward = 3x forward).
+
+  ``2 x`` the matmul params (attention projections, MLP, LM head) plus the
+  attention scores and values at ``seq_len`` (the causal half not skipped),
+  times 3: the usual MFU accounting. Norms, softmax and RoPE are left out.
+  """
+  d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+  per_layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * config.intermediate_size
+  matmul = config.num_layers * per_layer + config.vocab_size * d
+  attention = config.num_layers * 2 * h * hd * seq_len
+  return 3.0 * 2.0 * (matmul + attention)
