@@ -21,6 +21,7 @@ def get_config():
   c.model.init = "random"
   c.model.compute_dtype = "bfloat16"
   c.model.remat = True
+  c.model.scan_layers = True   # compile time independent of depth
 
   c.data.stages = [
       {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0}, "steps": 700},

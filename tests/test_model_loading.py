@@ -179,12 +179,10 @@ def test_unpermute_inverts_llama_cpp_permute():
   assert not np.array_equal(_permute(w, 3), w)
 
 
-def test_gguf_loader_matches_transformers(llama_ckpt, tmp_path):
-  """Writes the tiny Llama as a llama.cpp-style GGUF (permuted Q/K, F32)."""
+def _write_gguf(ref, path):
+  """Writes the tiny Llama ``ref`` as a llama.cpp-style GGUF (permuted Q/K, F32)."""
   gguf = pytest.importorskip("gguf")
-  ref, _ = llama_ckpt
   c = ref.config
-  path = tmp_path / "tiny.gguf"
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_block_count(c.num_hidden_layers)
   w.add_context_length(c.max_position_embeddings)
@@ -229,8 +227,33 @@ def test_gguf_loader_matches_transformers(llama_ckpt, tmp_path):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+  return path
+
+
+def test_gguf_loader_matches_transformers(llama_ckpt, tmp_path):
+  ref, _ = llama_ckpt
+  path = _write_gguf(ref, tmp_path / "tiny.gguf")
   model, tok, config = load_gguf(path)
   assert not config.tie_embeddings and config.num_kv_heads == 2
   assert tok.eos_id == 2 and tok.encode("<|im_start|>!") == [1, 3]
   tokens_ = _tokens()
   assert _rel_err(forward(model, tokens_), _torch_logits(ref, tokens_)) <= 1e-4
+
+
+def test_loading_into_scanned_layout_equals_loading_then_stacking(llama_ckpt, tmp_path):
+  from epi_jax.training.model import flat_params, stack_layers
+  ref, directory = llama_ckpt
+  gguf_path = _write_gguf(ref, tmp_path / "tiny.gguf")
+  mesh = jax.make_mesh((1,), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  for load, src in ((load_hf_checkpoint, directory), (load_gguf, gguf_path)):
+    plain, _, _ = load(src)
+    scanned, _, config = load(src, scan_layers=True, shardings=replicated)
+    assert config.scan_layers and not plain.config.scan_layers
+    want, got = stack_layers(flat_params(plain)), flat_params(scanned)
+    assert set(got) == set(want) and got["layers/mlp/up/kernel"].shape[0] == 2
+    for k, v in want.items():
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+    assert got["layers/attn/q/kernel"].sharding == replicated
+    tokens = _tokens()
+    assert _rel_err(forward(scanned, tokens), _torch_logits(ref, tokens)) <= 1e-4

@@ -91,7 +91,8 @@ def test_large_configs_abstract_state_and_shardings(name, expect_billion):
   for k, p in params.items():
     for field in (e_shard.importance, e_shard.mask, e_shard.first_mask):
       assert field[k] == p_shard[k], k
-    if p.ndim == 2:  # every matrix is split over the mesh
+    stacked = k.startswith("layers/") and not k.split("/")[1].isdigit()  # scan_layers
+    if p.ndim - stacked == 2:  # every matrix is split over the mesh
       assert p_shard[k].spec != jax.sharding.PartitionSpec(), k
     per_device += math.prod(p_shard[k].shard_shape(p.shape)) * (4 + 4 + 4 + 4 + 1 + 1)
   # params + adam mu/nu + importance (fp32) + two bool masks, per device.

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from epi_jax.model.attention import IMPLEMENTATIONS
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -44,6 +46,10 @@ class ModelConfig:
     dtype: compute dtype of activations and matmuls; ``None`` means
       ``param_dtype``. Logits are always returned in float32.
     remat: rematerialize each block in the backward pass (saves memory).
+    scan_layers: stack the blocks' params on a leading ``layers`` axis and run
+      them with one ``jax.lax.scan`` (compile time independent of depth).
+    attention: attention kernel, one of
+      ``epi_jax.model.attention.IMPLEMENTATIONS`` (``'auto'`` picks by backend).
   """
   vocab_size: int
   hidden_size: int
@@ -61,6 +67,8 @@ class ModelConfig:
   param_dtype: Any = jnp.float32
   dtype: Any = None
   remat: bool = False
+  scan_layers: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -72,6 +80,9 @@ class ModelConfig:
       raise ValueError(
           f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide "
           f"num_heads={self.num_heads}")
+    if self.attention not in IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of "
+                       f"{IMPLEMENTATIONS}")
     if self.rope_scaling is not None:
       kind = _rope_type(self.rope_scaling)
       if kind not in ("default", "linear", "llama3"):

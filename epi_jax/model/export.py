@@ -56,8 +56,10 @@ def module_tensors(model) -> Iterator[ModuleTensor]:
   The one place the exporters read the module: a stacked (scanned) layer
   layout yields its per-layer slices here.
   """
-  for slot, var in param_slots(model).items():
+  for slot, (var, index) in param_slots(model).items():
     value = var.get_value()
+    if index is not None:  # scan_layers: layer ``index`` of a stacked Param
+      value = value[index]
     yield ModuleTensor(slot, tuple(value.shape),
                        lambda v=value: np.asarray(jax.device_get(v)))
 

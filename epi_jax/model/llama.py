@@ -25,8 +25,13 @@ parameter                  shape                      logical axes
 ``lm_head.kernel`` (untied)  [hidden, vocab]           ('embed', 'vocab')
 =========================  =========================  ===================
 
-Every kernel is 2-D ``[in, out]`` and the layers are a list (not scanned), so
-each weight matrix of each layer is exactly one pytree leaf.
+Every kernel is 2-D ``[in, out]``. By default the layers are a list, so each
+weight matrix of each layer is exactly one pytree leaf (``layers/3/attn/q/kernel``).
+With ``ModelConfig.scan_layers`` the blocks are one stacked Block: every
+``layers/...`` param has a leading ``layers`` logical axis of size
+``num_layers`` (``layers/attn/q/kernel`` is ``[L, hidden, heads*head_dim]``
+with axes ``('layers', 'embed', 'heads')``) and the blocks run in a
+``jax.lax.scan`` (remat per block when ``remat``).
 
 Call API: ``model(tokens)`` -> float32 logits ``[B, L, V]``;
 ``model(tokens, cache=cache)`` -> ``(logits, new_cache)`` (see
@@ -45,12 +50,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta as flax_meta
 
+from epi_jax.model.attention import attention
 from epi_jax.model.config import ModelConfig, _rope_type
-
-# Large finite negative: rows whose every key is masked (padding queries) get a
-# uniform softmax instead of NaNs.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 def _param(value, axes: tuple[str, ...]) -> nnx.Param:
   """A Param annotated with logical ``axes``.
@@ -156,12 +157,13 @@ class KVCache:
   """Keys/values of all layers for ``size`` slots, filled up to ``end``.
 
   Attributes:
-    k, v: per-layer lists of ``[B, size, num_kv_heads, head_dim]``.
+    k, v: per-layer lists of ``[B, size, num_kv_heads, head_dim]``, or with
+      ``scan_layers`` one stacked ``[num_layers, B, size, num_kv_heads, head_dim]``.
     segment_ids: ``[B, size]`` segment of each filled slot (0 = empty/padding).
     end: int32 scalar, number of slots written so far (same for all rows).
   """
-  k: list[jax.Array]
-  v: list[jax.Array]
+  k: list[jax.Array] | jax.Array
+  v: list[jax.Array] | jax.Array
   segment_ids: jax.Array
   end: jax.Array
 
@@ -175,6 +177,10 @@ def init_cache(config: ModelConfig, batch_size: int, size: int,
   """An empty :class:`KVCache` of ``size`` slots (compute dtype by default)."""
   dtype = dtype or config.compute_dtype
   shape = (batch_size, size, config.num_kv_heads, config.head_dim)
+  if config.scan_layers:
+    stacked = jnp.zeros((config.num_layers, *shape), dtype)
+    return KVCache(k=stacked, v=stacked, segment_ids=jnp.zeros((batch_size, size), jnp.int32),
+                   end=jnp.zeros((), jnp.int32))
   zeros = lambda: jnp.zeros(shape, dtype)
   return KVCache(k=[zeros() for _ in range(config.num_layers)],
                  v=[zeros() for _ in range(config.num_layers)],
@@ -197,38 +203,29 @@ class Attention(nnx.Module):
     self.o = Dense(c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"), **kw)
     self.num_heads, self.num_kv_heads = c.num_heads, c.num_kv_heads
     self.head_dim = c.head_dim
+    self.implementation = c.attention
 
-  def __call__(self, x, positions, segment_ids, inv_freq, layer_cache=None):
+  def __call__(self, x, positions, segment_ids, inv_freq, layer_cache=None,
+               packed=True):
     b, l, _ = x.shape
     q = self.q(x).reshape(b, l, self.num_heads, self.head_dim)
     k = self.k(x).reshape(b, l, self.num_kv_heads, self.head_dim)
     v = self.v(x).reshape(b, l, self.num_kv_heads, self.head_dim)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    q_idx = jnp.arange(l)
+    new_kv = None
     if layer_cache is None:
-      k_seg, k_idx = segment_ids, q_idx
+      out = attention(q, k, v, q_segment_ids=segment_ids,
+                      implementation=self.implementation, packed=packed)
     else:
       ck, cv, k_seg, end = layer_cache
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, end, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, end, 0, 0))
-      q_idx = q_idx + end
-      k_idx = jnp.arange(k.shape[1])
       new_kv = (k, v)
-    # mask [B, Lq, Lk]: causal by slot, same non-zero segment.
-    mask = (k_idx[None, None, :] <= q_idx[None, :, None])
-    mask = mask & (segment_ids[:, :, None] == k_seg[:, None, :])
-    mask = mask & (k_seg[:, None, :] != 0)
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(self.head_dim)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+      out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=k_seg,
+                      q_offset=end, implementation=self.implementation)
     out = self.o(out.reshape(b, l, self.num_heads * self.head_dim))
-    return (out, new_kv) if layer_cache is not None else (out, None)
+    return out, new_kv
 
 
 class MLP(nnx.Module):
@@ -256,16 +253,22 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **nkw)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids, inv_freq, layer_cache=None):
+  def __call__(self, x, positions, segment_ids, inv_freq, layer_cache=None,
+               packed=True):
     h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, inv_freq,
-                          layer_cache)
+                          layer_cache, packed)
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
     return x, new_kv
 
 
-def _block_forward(block, x, positions, segment_ids, inv_freq):
-  return block(x, positions, segment_ids, inv_freq)[0]
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """``num_layers`` Blocks as one Block whose params have a leading ``layers`` axis."""
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return Block(config, rngs=rngs)
+  return make(rngs)
 
 
 class Llama(nnx.Module):
@@ -276,7 +279,10 @@ class Llama(nnx.Module):
     self.config = c
     self.embed = Embed(c.vocab_size, c.hidden_size, param_dtype=c.param_dtype,
                        dtype=c.compute_dtype, rngs=rngs)
-    self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    if c.scan_layers:
+      self.layers = _stacked_blocks(c, rngs)
+    else:
+      self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
     self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=c.param_dtype,
                         dtype=c.compute_dtype)
     self.lm_head = (None if c.tie_embeddings else
@@ -285,7 +291,7 @@ class Llama(nnx.Module):
                           rngs=rngs))
 
   def __call__(self, tokens, *, positions=None, segment_ids=None,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, packed: bool = True):
     """Runs the decoder.
 
     Args:
@@ -297,6 +303,8 @@ class Llama(nnx.Module):
         earlier tokens with the same segment id. Default: all ones.
       cache: optional :class:`KVCache`; the new keys/values are written at
         slots ``[cache.end, cache.end + L)``.
+      packed: rows may hold several segments (``False`` lets
+        ``attention='cudnn'`` use its fused kernel; see ``epi_jax.model.attention``).
 
     Returns:
       float32 logits ``[B, L, vocab]``, or ``(logits, new_cache)`` when
@@ -314,21 +322,14 @@ class Llama(nnx.Module):
     inv_freq = rope_frequencies(self.config)
     x = self.embed(tokens)
     if cache is None:
-      forward = (nnx.remat(_block_forward) if self.config.remat
-                 else _block_forward)
-      for block in self.layers:
-        x = forward(block, x, positions, segment_ids, inv_freq)
+      x = self._run_blocks(x, positions, segment_ids, inv_freq, packed)
       new_cache = None
     else:
       seg = jax.lax.dynamic_update_slice(cache.segment_ids,
                                          segment_ids.astype(jnp.int32),
                                          (0, cache.end))
-      ks, vs = [], []
-      for i, block in enumerate(self.layers):
-        x, (k, v) = block(x, positions, segment_ids, inv_freq,
-                          (cache.k[i], cache.v[i], seg, cache.end))
-        ks.append(k)
-        vs.append(v)
+      x, ks, vs = self._run_blocks_cached(x, positions, segment_ids, inv_freq,
+                                          cache, seg)
       new_cache = KVCache(k=ks, v=vs, segment_ids=seg, end=cache.end + l)
     x = self.norm(x)
     if self.lm_head is None:
@@ -337,3 +338,42 @@ class Llama(nnx.Module):
       logits = self.lm_head(x)
     logits = logits.astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
+
+  def _run_blocks(self, x, positions, segment_ids, inv_freq, packed):
+    if not self.config.scan_layers:
+      def forward(block, x, positions, segment_ids, inv_freq):
+        return block(x, positions, segment_ids, inv_freq, None, packed)[0]
+      if self.config.remat:
+        forward = nnx.remat(forward)
+      for block in self.layers:
+        x = forward(block, x, positions, segment_ids, inv_freq)
+      return x
+    graphdef, stacked = nnx.split(self.layers)
+
+    def body(x, layer_state):
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, positions, segment_ids, inv_freq, None, packed)[0], None
+
+    if self.config.remat:  # per block, as MaxText: only the carry is saved
+      body = jax.checkpoint(body, prevent_cse=False)
+    return jax.lax.scan(body, x, stacked)[0]
+
+  def _run_blocks_cached(self, x, positions, segment_ids, inv_freq, cache, seg):
+    if not self.config.scan_layers:
+      ks, vs = [], []
+      for i, block in enumerate(self.layers):
+        x, (k, v) = block(x, positions, segment_ids, inv_freq,
+                          (cache.k[i], cache.v[i], seg, cache.end))
+        ks.append(k)
+        vs.append(v)
+      return x, ks, vs
+    graphdef, stacked = nnx.split(self.layers)
+
+    def body(x, xs):
+      layer_state, ck, cv = xs
+      block = nnx.merge(graphdef, layer_state)
+      x, kv = block(x, positions, segment_ids, inv_freq, (ck, cv, seg, cache.end))
+      return x, kv
+
+    x, (ks, vs) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+    return x, ks, vs

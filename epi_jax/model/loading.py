@@ -58,23 +58,30 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 # ----------------------------------------------------------------------------
 
 
-def param_slots(model: Llama) -> dict[str, nnx.Variable]:
-  """Canonical tensor name -> Param of ``model`` (kernels are ``[in, out]``)."""
-  slots = {"embed": model.embed.embedding, "norm": model.norm.scale}
+def param_slots(model: Llama) -> dict[str, tuple[nnx.Variable, int | None]]:
+  """Canonical tensor name -> (Param of ``model``, layer index in a stacked Param).
+
+  Kernels are ``[in, out]``. With ``scan_layers`` every ``layers.<i>.*`` name
+  points at slice ``i`` of the stacked Param; otherwise the index is None.
+  """
+  slots = {"embed": (model.embed.embedding, None), "norm": (model.norm.scale, None)}
   if model.lm_head is not None:
-    slots["lm_head"] = model.lm_head.kernel
-  for i, blk in enumerate(model.layers):
+    slots["lm_head"] = (model.lm_head.kernel, None)
+  scanned = model.config.scan_layers
+  blocks = ([model.layers] * model.config.num_layers if scanned else model.layers)
+  for i, blk in enumerate(blocks):
     p = f"layers.{i}."
-    slots.update({
-        p + "attn_norm": blk.attn_norm.scale, p + "mlp_norm": blk.mlp_norm.scale,
-        p + "q": blk.attn.q.kernel, p + "k": blk.attn.k.kernel,
-        p + "v": blk.attn.v.kernel, p + "o": blk.attn.o.kernel,
-        p + "gate": blk.mlp.gate.kernel, p + "up": blk.mlp.up.kernel,
-        p + "down": blk.mlp.down.kernel})
+    index = i if scanned else None
+    named = {
+        "attn_norm": blk.attn_norm.scale, "mlp_norm": blk.mlp_norm.scale,
+        "q": blk.attn.q.kernel, "k": blk.attn.k.kernel, "v": blk.attn.v.kernel,
+        "o": blk.attn.o.kernel, "gate": blk.mlp.gate.kernel, "up": blk.mlp.up.kernel,
+        "down": blk.mlp.down.kernel}
     for n in ("q", "k", "v"):
       bias = getattr(blk.attn, n).bias
       if bias is not None:
-        slots[p + n + "_bias"] = bias
+        named[n + "_bias"] = bias
+    slots.update({p + n: (var, index) for n, var in named.items()})
   return slots
 
 
@@ -98,7 +105,7 @@ def _fill(config: ModelConfig, tensors: Iterator[tuple[str, str, Callable[[], np
   """
   model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   slots = param_slots(model)
-  per_slot = None
+  per_var = None
   if shardings is not None and not isinstance(shardings, jax.sharding.Sharding) \
       and not callable(shardings):
     # A State/pytree matching nnx.state(model, nnx.Param): match by path.
@@ -108,29 +115,47 @@ def _fill(config: ModelConfig, tensors: Iterator[tuple[str, str, Callable[[], np
             for path, s in nnx.to_flat_state(shardings)}
     paths = {id(v): tuple(path) for path, v in nnx.iter_graph(model)
              if isinstance(v, nnx.Variable)}
-    per_slot = {name: flat.get(paths[id(var)]) for name, var in slots.items()}
+    per_var = {id(var): flat.get(paths[id(var)]) for var, _ in slots.values()}
+
+  def place(slot, var, array):
+    dtype = var.get_value().dtype
+    sharding = (per_var.get(id(var)) if per_var is not None
+                else _sharding_for(shardings, slot, var))
+    if sharding is None:
+      var.set_value(jnp.asarray(array, dtype=dtype))
+    else:
+      host = np.asarray(array)
+      var.set_value(jax.make_array_from_callback(
+          host.shape, sharding, lambda idx, h=host: jnp.asarray(h[idx], dtype=dtype)))
+
+  # Stacked (scan_layers) params: layer slices gather in a host buffer of the
+  # param's dtype, placed once all layers have arrived.
+  stacks: dict[int, tuple[np.ndarray, set[int]]] = {}
   filled = set()
   for slot, source, load in tensors:
     if slot not in slots:
       raise ValueError(f"Unexpected tensor {source!r} (maps to {slot!r}) not in "
                        f"the model built from the config")
-    var = slots[slot]
+    var, index = slots[slot]
     want = tuple(var.get_value().shape)
+    if index is not None:
+      want = want[1:]
     array = load()
     if tuple(array.shape) != want:
       raise ValueError(f"Shape mismatch for tensor {source!r}: checkpoint has "
                        f"{tuple(array.shape)}, the model expects {want}")
-    dtype = var.get_value().dtype
-    sharding = (per_slot.get(slot) if per_slot is not None
-                else _sharding_for(shardings, slot, var))
-    if sharding is None:
-      value = jnp.asarray(array, dtype=dtype)
-    else:
-      host = np.asarray(array)
-      value = jax.make_array_from_callback(
-          want, sharding, lambda idx, h=host: jnp.asarray(h[idx], dtype=dtype))
-    var.set_value(value)
     filled.add(slot)
+    if index is None:
+      place(slot, var, array)
+      continue
+    value = var.get_value()
+    buffer, done = stacks.setdefault(
+        id(var), (np.empty(value.shape, np.dtype(value.dtype)), set()))
+    buffer[index] = array
+    done.add(index)
+    if len(done) == value.shape[0]:
+      place(slot, var, buffer)
+      del stacks[id(var)]
   missing = sorted(set(slots) - filled)
   if missing:
     raise ValueError(f"Checkpoint lacks tensor(s) for {missing[:8]}"
@@ -181,7 +206,7 @@ def gguf_config(reader, **overrides) -> ModelConfig:
 
 
 def load_gguf(path, *, param_dtype=jnp.float32, dtype=None, shardings=None,
-              ) -> tuple[Llama, ChatTokenizer, ModelConfig]:
+              scan_layers: bool = False) -> tuple[Llama, ChatTokenizer, ModelConfig]:
   """Loads a GGUF file: dequantized weights, tokenizer and config.
 
   Args:
@@ -191,13 +216,16 @@ def load_gguf(path, *, param_dtype=jnp.float32, dtype=None, shardings=None,
     shardings: ``None`` (default device), one ``jax.sharding.Sharding`` for
       all params, a pytree like ``nnx.state(model, nnx.Param)`` of shardings
       (e.g. ``nnx.get_named_sharding``), or ``callable(slot_name, param)``.
+    scan_layers: load into the stacked layout (``ModelConfig.scan_layers``);
+      each stacked param is assembled on the host before it is placed.
   """
   import gguf
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file not found: {path}")
   reader = gguf.GGUFReader(str(path))
-  config = gguf_config(reader, param_dtype=param_dtype, dtype=dtype)
+  config = gguf_config(reader, param_dtype=param_dtype, dtype=dtype,
+                       scan_layers=scan_layers)
   arch = _gguf_field(reader, "general.architecture")
   permuted = arch in ("llama", "mistral")  # qwen2 uses neox-style rope as-is
 
@@ -268,7 +296,7 @@ def hf_config(cfg: dict[str, Any], **overrides) -> ModelConfig:
 
 
 def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
-                       shardings=None
+                       shardings=None, scan_layers: bool = False
                        ) -> tuple[Llama, ChatTokenizer | None, ModelConfig]:
   """Loads a Hugging Face checkpoint directory (safetensors).
 
@@ -281,7 +309,7 @@ def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
   if not cfg_path.is_file():
     raise FileNotFoundError(f"No config.json in checkpoint directory {directory}")
   cfg = json.loads(cfg_path.read_text())
-  config = hf_config(cfg, param_dtype=param_dtype, dtype=dtype)
+  config = hf_config(cfg, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers)
   index = directory / "model.safetensors.index.json"
   if index.is_file():
     weight_map = json.loads(index.read_text())["weight_map"]
@@ -386,7 +414,7 @@ def resolve_model_path(name_or_path: str) -> pathlib.Path:
 
 
 def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, dtype=None,
-                    shardings=None, verbose: bool = False
+                    shardings=None, scan_layers: bool = False, verbose: bool = False
                     ) -> tuple[Llama, ChatTokenizer, ModelConfig]:
   """Loads a pretrained model, its tokenizer and config in one call.
 
@@ -398,18 +426,20 @@ def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, dtype=None,
     param_dtype: parameter dtype (float32 master weights by default).
     dtype: compute dtype; ``None`` means ``param_dtype``.
     shardings: see :func:`load_gguf`.
+    scan_layers: load into the stacked layout (see :func:`load_gguf`).
     verbose: print the load time to stderr.
   """
   start = time.perf_counter()
   path = resolve_model_path(name_or_path)
   if path.is_dir():
     model, tok, config = load_hf_checkpoint(path, param_dtype=param_dtype,
-                                            dtype=dtype, shardings=shardings)
+                                            dtype=dtype, shardings=shardings,
+                                            scan_layers=scan_layers)
     if tok is None:
       raise FileNotFoundError(f"No tokenizer.json in checkpoint directory {path}")
   elif path.suffix == ".gguf":
     model, tok, config = load_gguf(path, param_dtype=param_dtype, dtype=dtype,
-                                   shardings=shardings)
+                                   shardings=shardings, scan_layers=scan_layers)
   else:
     raise ValueError(f"Unsupported model file {path} (expected .gguf or a "
                      "checkpoint directory)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -28,6 +29,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+_PER_LAYER_KEY = re.compile(r"layers\.\d+\.")
 
 
 def _pkey(k: str) -> str:
@@ -146,6 +150,7 @@ class Checkpointer:
     """
     target = to_storable(abstract_state)
     for step in sorted(self._mngr.all_steps(), reverse=True):
+      self._check_layer_layout(step, target["params"])
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
@@ -157,6 +162,21 @@ class Checkpointer:
               file=sys.stderr)
         self._quarantine(step)
     return None
+
+  def _check_layer_layout(self, step: int, params: dict[str, Any]) -> None:
+    """Refuses (never quarantines) a checkpoint of the other ``model.scan_layers`` layout."""
+    try:
+      stored = set(self._mngr.item_metadata(step)["state"]["params"].keys())
+    except Exception:  # pylint: disable=broad-except
+      return  # unreadable metadata: restore will report and quarantine it
+    per_layer = lambda keys: any(_PER_LAYER_KEY.match(k) for k in keys)
+    if stored != set(params) and per_layer(stored) != per_layer(params):
+      have, want = [("scan_layers=False (layers.<i>.*)" if per_layer(k) else
+                     "scan_layers=True (stacked layers.*)") for k in (stored, params)]
+      raise ValueError(
+          f"checkpoint {self.directory / str(step)} has the {have} param layout, this "
+          f"model has {want}: resume with the checkpoint's config.model.scan_layers, "
+          "or start a new workdir")
 
   def _quarantine(self, step: int) -> None:
     if jax.process_index() == 0:

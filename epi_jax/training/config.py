@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from epi_jax.data import ALL_CONFIGS, TASKS
 from epi_jax.method.options import IMPORTANCES, OptionError
+from epi_jax.model.attention import IMPLEMENTATIONS as ATTENTIONS
 from epi_jax.training import optim
 
 METHODS = ("full", "multi_stage", "static", "epi")
@@ -45,6 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights
   c.model.compute_dtype = "float32"
   c.model.remat = False
+  c.model.scan_layers = False      # blocks stacked on a 'layers' axis, run by lax.scan
+  c.model.attention = "auto"       # auto | xla | einsum | cudnn | splash (epi_jax.model.attention)
 
   c.data = ml_collections.ConfigDict()
   c.data.mixture = {t: 1.0 for t in TASKS}
@@ -199,6 +202,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(m.compute_dtype in DTYPES, "model.compute_dtype", m.compute_dtype,
         f"expected one of {DTYPES}")
   _need(isinstance(m.remat, bool), "model.remat", m.remat, "must be a bool")
+  _need(isinstance(m.scan_layers, bool), "model.scan_layers", m.scan_layers, "must be a bool")
+  _need(m.attention in ATTENTIONS, "model.attention", m.attention,
+        f"expected one of {ATTENTIONS}")
 
   d = c.data
   _check_mixture(d.mixture, "data.mixture")

@@ -44,16 +44,16 @@ def records_drift(config) -> bool:
   return importance != "displacement"
 
 
-def _options(config):
+def _options(config, layer_axes=None):
   """EPI's options of ``config`` on the evolving schedule (refresh steps W, W+T, ...)."""
-  return dataclasses.replace(optim.epi_options(config), mode="evolving")
+  return dataclasses.replace(optim.epi_options(config, layer_axes), mode="evolving")
 
 
-def top_set_fn(config) -> Callable[[Any], Any]:
+def top_set_fn(config, layer_axes=None) -> Callable[[Any], Any]:
   """``fn(opt_state) -> {path: bool array}``: the top-p set of the importance,
   chosen by EPI's own rule (``epi_jax.select_mask``: the same normalization,
   selection and eligible leaves as a refresh)."""
-  options = _options(config)
+  options = _options(config, layer_axes)
   return lambda opt_state: epi_jax.select_mask(epi_jax.epi_state(opt_state).importance,
                                                options)[0]
 
@@ -72,9 +72,9 @@ def _counts(top, prev, first):
 class ImportanceDrift:
   """Host-side tracker: ``record(step, opt_state)`` on the refresh schedule."""
 
-  def __init__(self, config, *, resumed: bool = False):
-    self._options = _options(config)
-    self._select = jax.jit(top_set_fn(config))
+  def __init__(self, config, *, layer_axes=None, resumed: bool = False):
+    self._options = _options(config, layer_axes)
+    self._select = jax.jit(top_set_fn(config, layer_axes))
     self._counts = jax.jit(_counts)
     self.prev = self.first = None
     self.resumed = resumed

@@ -8,6 +8,7 @@ statistics and the checkpoints use as names.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -79,7 +80,8 @@ def model_config(mc) -> ModelConfig | None:
     raise ValueError(f"config.model.name={mc.name!r} with init='random' must be one of "
                      f"{config_names()}")
   return get_config(mc.name, param_dtype=_DTYPES[mc.param_dtype],
-                    dtype=_DTYPES[mc.compute_dtype], remat=mc.remat)
+                    dtype=_DTYPES[mc.compute_dtype], remat=mc.remat,
+                    scan_layers=mc.scan_layers, attention=mc.attention)
 
 
 def build(mc, seed: int, mesh=None):
@@ -112,12 +114,49 @@ def build(mc, seed: int, mesh=None):
 
   model, tokenizer, cfg = load_pretrained(
       mc.name, param_dtype=_DTYPES[mc.param_dtype], dtype=_DTYPES[mc.compute_dtype],
-      shardings=per_var if mesh is not None else None)
-  if mc.remat:
-    cfg = dataclasses.replace(cfg, remat=True)
+      shardings=per_var if mesh is not None else None, scan_layers=mc.scan_layers)
+  # remat and the attention kernel do not change the params: set them on the spec.
+  cfg = dataclasses.replace(cfg, remat=mc.remat, attention=mc.attention)
   return spec_for(cfg), flat_params(model), tokenizer
 
 
 def load_for_eval(mc):
   """``(spec, params, tokenizer)`` on the default device (pretrained: its weights)."""
   return build(mc, seed=0, mesh=None)
+
+
+_LAYER_KEY = re.compile(r"layers/(\d+)/(.+)")
+
+
+def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+  """Unscanned flat params (``layers/<i>/...``) -> the ``scan_layers`` layout (``layers/...``).
+
+  Raises:
+    ValueError: when the params are not in the unscanned layout.
+  """
+  out, per_layer = {}, {}
+  for k, v in params.items():
+    m = _LAYER_KEY.fullmatch(k)
+    if m:
+      per_layer.setdefault(m.group(2), {})[int(m.group(1))] = v
+    elif k.startswith("layers/"):
+      raise ValueError(f"param {k!r} is already in the scan_layers layout")
+    else:
+      out[k] = v
+  for rest, by_layer in per_layer.items():
+    out[f"layers/{rest}"] = jnp.stack([by_layer[i] for i in range(len(by_layer))])
+  return out
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+  """Inverse of :func:`stack_layers`."""
+  out = {}
+  for k, v in params.items():
+    if _LAYER_KEY.fullmatch(k):
+      raise ValueError(f"param {k!r} is already in the unscanned layout")
+    if k.startswith("layers/"):
+      rest = k[len("layers/"):]
+      out.update({f"layers/{i}/{rest}": v[i] for i in range(v.shape[0])})
+    else:
+      out[k] = v
+  return out

@@ -83,11 +83,21 @@ def clips_trainable(config) -> bool:
   return is_epi(config) and o.clip_scope == "trainable" and bool(o.clip_norm and o.clip_norm > 0)
 
 
-def _adamw(config) -> optax.GradientTransformation:
+def _decays(params, layer_axes):
+  """Weight decay on matrices: ndim >= 2 per layer (a stacked layer axis not counted)."""
+  if not layer_axes:
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+  # tree_map_with_path, not a dict comprehension: optax.tree_map_params (used by
+  # reset_on_release) calls init with a leafless placeholder for the params.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim - (layer_axes.get(path[0].key) is not None) >= 2, params)
+
+
+def _adamw(config, layer_axes=None) -> optax.GradientTransformation:
   o = config.optimizer
   adamw = optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                       weight_decay=o.weight_decay,
-                      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+                      mask=lambda params: _decays(params, layer_axes))
   if o.clip_norm and o.clip_norm > 0:
     clip = (clip_by_trainable_norm(o.clip_norm) if clips_trainable(config)
             else optax.clip_by_global_norm(o.clip_norm))
@@ -130,8 +140,13 @@ def tracks_importance(config) -> bool:
 
 
 def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
-  """The optax transformation of ``config.method`` (see the module docstring)."""
-  inner = _adamw(config)
+  """The optax transformation of ``config.method`` (see the module docstring).
+
+  ``layer_axes``: ``{param path: layer axis or None}`` (``sharding.layer_axes``
+  of the model's logical axes): with ``model.scan_layers`` EPI and the weight
+  decay mask then treat every slice of a stacked param as its own layer.
+  """
+  inner = _adamw(config, layer_axes)
   if not tracks_importance(config):
     return inner
   o = epi_options(config, layer_axes)

@@ -29,7 +29,10 @@ LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("embed", "fsdp"),
     ("norm", None),
+    ("layers", None),                # scan_layers: the stacked blocks' leading axis
 )
+LAYERS_AXIS = "layers"
+
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -104,19 +107,43 @@ def state_shardings(abstract_state, param_shapes: Mapping[str, Any],
 
   A leaf is per-parameter when the last dict key on its path names a
   parameter and its shape equals that parameter's; it then gets the
-  parameter's sharding. Everything else (counters, scalars) is replicated.
+  parameter's sharding. A leaf of the parameter's rank but another shape
+  (EPI's bit-packed masks: the last axis 8x shorter) keeps the parameter's
+  spec on every dimension it still divides. Everything else (counters,
+  scalars) is replicated.
   """
   rep = NamedSharding(mesh, P())
+
+  def fit(spec, shape):
+    dims = list(spec) + [None] * (len(shape) - len(spec))
+    size = lambda a: math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+    return P(*[a if a is not None and d % size(a) == 0 else None
+               for a, d in zip(dims, shape)])
 
   def pick(path, leaf):
     for key in reversed(path):
       name = getattr(key, "key", None)
       if isinstance(name, str) and name in params_sharding:
-        same = tuple(leaf.shape) == tuple(param_shapes[name].shape)
-        return params_sharding[name] if same else rep
+        shape = tuple(param_shapes[name].shape)
+        if tuple(leaf.shape) == shape:
+          return params_sharding[name]
+        if len(leaf.shape) == len(shape):
+          return NamedSharding(mesh, fit(params_sharding[name].spec, leaf.shape))
+        return rep
     return rep
 
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def layer_axes(axes: Mapping[str, Sequence[str | None]]) -> dict[str, int | None]:
+  """EPI's ``layer_axes`` for params with logical ``axes`` ``{path: names}``.
+
+  The index of the ``layers`` axis (``scan_layers``: slice ``i`` is layer
+  ``i``'s param) or None (the leaf is one layer's param), so EPI normalizes
+  and selects per layer whichever the layout.
+  """
+  return {k: (list(a).index(LAYERS_AXIS) if LAYERS_AXIS in (a or ()) else None)
+          for k, a in axes.items()}
 
 
 def batch_sharding(mesh) -> NamedSharding:

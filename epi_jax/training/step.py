@@ -25,11 +25,14 @@ from epi_jax.training import optim, sharding
 NUM_TASKS = len(ALL_CONFIGS)
 
 
-def loss_sums(spec, params, batch):
-  """``(sum of CE over masked tokens, (per-task CE sums, per-task token counts))``."""
+def loss_sums(spec, params, batch, packed: bool = True):
+  """``(sum of CE over masked tokens, (per-task CE sums, per-task token counts))``.
+
+  ``packed``: rows may hold several segments (``config.data.packing``).
+  """
   model = spec.bind(params)
   logits = model(batch["inputs"], positions=batch["positions"],
-                 segment_ids=batch["segment_ids"]).astype(jnp.float32)
+                 segment_ids=batch["segment_ids"], packed=packed).astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   w = batch["loss_mask"].astype(jnp.float32)
   # task_ids of padding are -1: one_hot gives a zero row.
@@ -51,10 +54,11 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
   lr_fn = optim.schedule(config)
   use_epi = optim.is_epi(config)
   clip_trainable = optim.clips_trainable(config)
+  packed = bool(config.data.packing)
 
   def grads_and_sums(params, batch, denom):
     def f(p, b):
-      s, aux = loss_sums(spec, p, b)
+      s, aux = loss_sums(spec, p, b, packed)
       return s / denom, (s, aux)
     return jax.grad(f, has_aux=True)(params, batch)
 
@@ -81,6 +85,9 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
       init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([NUM_TASKS], jnp.float32),
               jnp.zeros([NUM_TASKS], jnp.float32))
       (grads, loss_sum, tl, tt), _ = jax.lax.scan(body, init, micro)
+    # Gradients laid out like their params: with scan_layers the stacked
+    # gradients are otherwise free to be replicated (a full copy per device).
+    grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
     grad_norm = optax.tree.norm(grads)
     extra = {}
     if use_epi:

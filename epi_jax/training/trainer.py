@@ -17,6 +17,7 @@ writes ``config.json``, metrics, TensorBoard and ``DONE``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import signal
@@ -151,7 +152,7 @@ def abstract_state(config, mesh):
   """
   config = cfg_lib.validate(config)
   spec = model_lib.spec_for(model_lib.model_config(config.model))
-  tx = optim.make_optimizer(config)
+  tx = optim.make_optimizer(config, sharding.layer_axes(spec.axes))
   p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
   abstract = jax.eval_shape(_init_fn(config, tx), spec.shapes)
   return abstract, sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
@@ -181,7 +182,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
                      f"{config.optimizer.grad_accum_steps} x {bs_shards}")
   data_kwargs = inputs.ensure_data(config)
   spec, params, tokenizer = model_lib.build(config.model, config.seed, mesh)
-  tx = optim.make_optimizer(config)
+  layer_axes = sharding.layer_axes(spec.axes)
+  tx = optim.make_optimizer(config, layer_axes)
   p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
   init_state = _init_fn(config, tx)
   abstract = jax.eval_shape(init_state, params)
@@ -207,9 +209,11 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
                    if optim.is_epi(config) else 0)
 
   train_step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
-  epi_opts = optim.epi_options(config) if optim.is_epi(config) else None
-  per_layer = jax.jit(step_lib.per_layer_isolated) if epi_opts is not None else None
-  drift = (importance_drift.ImportanceDrift(config, resumed=restored is not None)
+  epi_opts = optim.epi_options(config, layer_axes) if optim.is_epi(config) else None
+  per_layer = (jax.jit(functools.partial(step_lib.per_layer_isolated, layer_axes=layer_axes))
+               if epi_opts is not None else None)
+  drift = (importance_drift.ImportanceDrift(config, layer_axes=layer_axes,
+                                            resumed=restored is not None)
            if importance_drift.records_drift(config) else None)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=step,
                                      total_steps=total,
