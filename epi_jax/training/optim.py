@@ -51,7 +51,19 @@ def eligible_fn(config):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """The optax transformation of ``config.method`` (see the module docstring)."""
+  """The optax transformation of ``config.method`` (see the module docstring).
+
+  With ``optimizer.skip_nonfinite`` it is wrapped in ``optax.apply_if_finite``:
+  a step with non-finite gradients leaves params and optimizer (EPI) state as
+  they were.
+  """
+  tx = _method_optimizer(config)
+  if config.optimizer.skip_nonfinite:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)  # never give up
+  return tx
+
+
+def _method_optimizer(config) -> optax.GradientTransformation:
   inner = _adamw(config)
   if config.method in ("full", "multi_stage"):
     return inner
