@@ -82,8 +82,8 @@ def parse_config_flags(fv: flags.FlagValues, argv, prog: str) -> str | None:
   saved, sys.argv = sys.argv, [prog] + list(argv)
   try:
     fv(sys.argv)
-  except (flags.Error, ValueError, FileNotFoundError, AttributeError, KeyError,
-          TypeError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file runs arbitrary code: whatever it raises is a bad config.
     msg = _last_line(e)
     if isinstance(e, (AttributeError, KeyError)):
       msg = f"--config override names a field the config file does not have: {msg}"

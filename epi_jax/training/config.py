@@ -130,6 +130,8 @@ def _fill_defaults(config, defaults, prefix=""):
 
 
 def _need(cond: bool, field: str, value: Any, what: str):
+  if isinstance(value, float) and not math.isfinite(value) and "finite" not in what:
+    what += " (and finite)"
   if not cond:
     raise ValueError(f"Invalid config.{field}={value!r}: {what}")
 

@@ -172,11 +172,11 @@ class NonFiniteError(RuntimeError):
   """The loss or params became inf/nan; the run stopped, its last checkpoint is finite."""
 
 
-def _refuse_unless_all_ok(problem: str | None, what: str) -> None:
-  """Raises RunRefused on every process when process 0 found ``problem``."""
+def _refuse_unless_all_ok(problem: workdir_lib.RunRefused | None, what: str) -> None:
+  """Raises ``problem`` (found by process 0) on every process."""
   if ckpt_lib.all_processes_agree(problem is not None):
-    raise workdir_lib.RunRefused(problem or f"process 0 refused to start ({what}); "
-                                 "see its message")
+    raise problem or workdir_lib.RunRefused(f"process 0 refused to start ({what}); "
+                                            "see its message")
 
 
 def _check_workdir(config, workdir: pathlib.Path, allow_config_change: bool):
@@ -187,15 +187,15 @@ def _check_workdir(config, workdir: pathlib.Path, allow_config_change: bool):
     try:
       saved = json.loads(cfg_lib.to_json(cfg_lib.from_json(path.read_text())))
     except (ValueError, TypeError) as e:
-      problem = (f"{path} cannot be read ({e}): not resuming over it; "
-                 "use a new --workdir or restore the file")
+      problem = workdir_lib.RunRefused(f"{path} cannot be read ({e}): not resuming over "
+                                       "it; use a new --workdir or restore the file")
     else:
       try:
         changes = workdir_lib.check_resume(saved, json.loads(cfg_lib.to_json(config)),
                                            workdir=workdir,
                                            allow_config_change=allow_config_change)
       except workdir_lib.ConfigChanged as e:
-        problem = str(e)
+        problem = e
   _refuse_unless_all_ok(problem, "config mismatch")
   return changes
 
@@ -206,7 +206,7 @@ def _take_lock(workdir: pathlib.Path):
     try:
       lock.acquire()
     except workdir_lib.WorkdirLocked as e:
-      problem = str(e)
+      problem = e
   _refuse_unless_all_ok(problem, "workdir locked")
   return lock
 
