@@ -370,3 +370,65 @@ def test_base_model_eval_with_default_settings(tmp_path):
   out = cmp.run_eval(model, tok, settings, cmp.eval_data(config, settings["tasks"]),
                      log=lambda m: None)
   assert set(out["results"]) == set(settings["tasks"])
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+
+def _train_cmd(workdir, total):
+  cmd = [sys.executable, "-m", "epi_jax.cli", "train", "--config", str(ROOT / "configs/tiny.py"),
+         "--workdir", str(workdir), f"--config.total_steps={total}",
+         "--config.checkpoint_every=3", "--config.log_every=1", "--config.keep_checkpoints=2",
+         "--config.data.seq_len=128", "--config.data.mixture.logiqa=0.0",
+         "--config.progress_bar=False", "--config.mesh.data=1"]
+  return cmd, dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+
+
+def _max_step(workdir) -> int:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  try:
+    return max((r["step"] for r in metrics_lib.read_jsonl(path)), default=0)
+  except (OSError, ValueError):
+    return 0  # being rewritten
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_resumes_bit_identically(tmp_path):
+  """SIGKILL at >= 10 random points (start-up, mid-step, during async saves); every
+  resumed run continues exactly: the final losses, params and optimizer state equal
+  those of an uninterrupted run."""
+  import random
+  import signal
+  import time
+  total, rng = 30, random.Random(16)
+  ref = tmp_path / "ref"
+  cmd, env = _train_cmd(ref, total)
+  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  run, kills, seen = tmp_path / "run", 0, 0
+  cmd, env = _train_cmd(run, total)
+  while kills < 10:
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    if rng.random() < 0.2:  # during start-up or restore
+      time.sleep(rng.uniform(0.5, 8.0))
+    else:  # after some progress past the last kill, a random fraction into a step
+      target = seen + rng.randint(1, 3)
+      while _max_step(run) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+      time.sleep(rng.uniform(0.0, 0.4))
+    assert proc.poll() is None, "the run ended before it was killed: raise total"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kills += 1
+    seen = max(seen, _max_step(run))
+  assert not trainer.is_finished(run)
+  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert losses(run) == losses(ref) and len(losses(ref)) == total
+  config = cfg_lib.validate(trainer.load_config(ref))
+  states = [ckpt_lib.Checkpointer(w, 2).restore_latest(_target(config)) for w in (ref, run)]
+  assert states[0][2] == states[1][2] == total
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(states[0][0]),
+               jax.device_get(states[1][0]))

@@ -7,6 +7,15 @@ continued run is identical to an uninterrupted one), then trains to
 ``config.total_steps``, writing metrics, checkpoints and snapshots. SIGTERM
 or SIGINT stops it after the current step with a checkpoint.
 
+Before anything in ``workdir`` is written: the mesh must fit, no other run may
+hold the workdir (``WORKDIR/LOCK``) and an existing run's ``config.json`` must
+mean the same as ``config`` (see ``workdir.py``); a refused start raises
+``RunRefused`` and changes nothing. Every step reports whether it kept loss,
+gradients and params finite; that is checked (one host sync) before every
+log, snapshot and checkpoint, so a non-finite state is never saved: the run
+raises ``NonFiniteError`` instead (or, with ``optimizer.skip_nonfinite``,
+such updates are skipped).
+
 Multi-process (``jax.distributed`` initialized first, see ``distributed.py``):
 every process runs this same function; each loads only its rows of the
 deterministic global batch (so the data does not depend on the process
