@@ -54,15 +54,20 @@ def _target(config):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def test_flipped_bytes_checkpoint_falls_back_and_resumes_exactly(reference_run, tmp_path, capfd):
-  workdir = _copy_run(reference_run, tmp_path / "run")
-  files = [p for p in (workdir / "checkpoints" / "6" / "state").rglob("*")
+def _flip_64_bytes(directory):
+  """XORs 64 bytes in the middle of the largest (array data) file under ``directory``."""
+  files = [p for p in pathlib.Path(directory).rglob("*")
            if p.is_file() and "metadata" not in p.name and "manifest" not in p.name]
-  data = max(files, key=lambda p: p.stat().st_size)  # the array data
+  data = max(files, key=lambda p: p.stat().st_size)
   raw = bytearray(data.read_bytes())
   mid = len(raw) // 2
   raw[mid:mid + 64] = bytes(b ^ 0x5A for b in raw[mid:mid + 64])
   data.write_bytes(bytes(raw))
+
+
+def test_flipped_bytes_checkpoint_falls_back_and_resumes_exactly(reference_run, tmp_path, capfd):
+  workdir = _copy_run(reference_run, tmp_path / "run")
+  _flip_64_bytes(workdir / "checkpoints" / "6" / "state")
   (workdir / "DONE").unlink()
   result = train(small_config(), workdir)
   err = capfd.readouterr().err
@@ -72,6 +77,14 @@ def test_flipped_bytes_checkpoint_falls_back_and_resumes_exactly(reference_run, 
   assert losses(workdir) == losses(reference_run.workdir)
   for k, v in reference_run.params.items():
     np.testing.assert_array_equal(np.asarray(result.params[k]), np.asarray(v))
+
+
+def test_flipped_bytes_snapshot_is_refused(reference_run, tmp_path):
+  workdir = _copy_run(reference_run, tmp_path / "run")
+  trainer.load_run(workdir, snapshot=2)  # intact
+  _flip_64_bytes(workdir / "snapshots" / "2")
+  with pytest.raises(ValueError, match="snapshot .*2 is damaged: checksum mismatch"):
+    trainer.load_run(workdir, snapshot=2)
 
 
 def test_restored_nonfinite_params_are_refused(reference_run, tmp_path, capfd):
@@ -432,3 +445,15 @@ def test_kill_9_at_random_points_resumes_bit_identically(tmp_path):
   assert states[0][2] == states[1][2] == total
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(states[0][0]),
                jax.device_get(states[1][0]))
+
+
+def test_data_prepare_cli_names_the_broken_file(tmp_path, capsys):
+  from epi_jax.data import cli as data_cli
+  (tmp_path / "raw" / "codealpaca").mkdir(parents=True)
+  (tmp_path / "raw" / "codealpaca" / "code_alpaca_2k.json").write_text("")
+  (tmp_path / "raw" / "codealpaca" / "new_codealpaca.json").write_text("[]")
+  assert data_cli.main(["prepare", "--raw_dir", str(tmp_path / "raw"), "--data_dir",
+                        str(tmp_path / "data"), "--tasks", "code_alpaca"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "code_alpaca_2k.json: the file is empty" in err, err
+  assert not list((tmp_path / "data").rglob("*.array_record*"))  # no partial dataset

@@ -34,8 +34,13 @@ def prepare_main(argv=None) -> int:
   _common(parser)
   args = parser.parse_args(argv)
   start = time.perf_counter()
-  stats = epi_data.prepare(raw_dir=args.raw_dir, data_dir=args.data_dir,
-                           tasks=_tasks(args.tasks))
+  try:
+    stats = epi_data.prepare(raw_dir=args.raw_dir, data_dir=args.data_dir,
+                             tasks=_tasks(args.tasks))
+  except (ValueError, FileNotFoundError) as e:  # a missing or unreadable raw file, named
+    print(f"epi-jax data prepare: {str(e).splitlines()[0] if str(e) else e!r}",
+          file=sys.stderr)
+    return 2
   for task, s in stats.items():
     state = "built" if s["built"] else "already built"
     print(f"{task:12s} train {s['train']:6d}  test {s['test']:5d}  {state} "

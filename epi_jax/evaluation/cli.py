@@ -176,7 +176,11 @@ def evaluate_main(argv=None) -> int:
   else:
     from epi_jax.training import list_snapshots, load_config, load_run  # pylint: disable=g-import-not-at-top
     run = pathlib.Path(args.workdir)
-    config = load_config(run)
+    try:
+      config = load_config(run)
+    except (FileNotFoundError, ValueError) as e:
+      print(f"epi-jax evaluate: {e}", file=sys.stderr)
+      return 2
     data_kwargs = ({"data_dir": args.data_dir} if args.data_dir
                    else cmp.eval_data(config, settings["tasks"]))
     snaps = list_snapshots(run)

@@ -102,15 +102,16 @@ def _params_finite(params) -> jax.Array:
   return all_finite(params)
 
 
-def verify(storable: dict[str, Any], integrity: dict[str, Any] | None) -> str | None:
-  """Why a restored state must not be used (damaged, non-finite), or None."""
+def verify(stored, integrity: dict[str, Any] | None, params) -> str | None:
+  """Why a restored tree must not be used (checksums differ from ``integrity``,
+  ``params`` not finite), or None."""
   if integrity is not None:
-    saved, got = integrity.get("arrays", {}), checksums(storable)
+    saved, got = integrity.get("arrays", {}), checksums(stored)
     bad = sorted(k for k in set(saved) | set(got) if saved.get(k) != got.get(k))
     if bad:
       return (f"checksum mismatch in {len(bad)} of {len(got)} arrays "
               f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
-  if not bool(_params_finite(storable["params"])):
+  if not bool(_params_finite(params)):
     return "its params hold inf or nan"
   return None
 
@@ -216,7 +217,8 @@ class Checkpointer:
         items["integrity"] = ocp.args.JsonRestore()
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        problem = verify(out["state"], dict(out["integrity"]) if has_sums else None)
+        problem = verify(out["state"], dict(out["integrity"]) if has_sums else None,
+                         out["state"]["params"])
       except Exception as e:  # pylint: disable=broad-except
         problem = f"failed to restore ({type(e).__name__}: {str(e)[:300]})"
       if problem is None:
@@ -230,6 +232,10 @@ class Checkpointer:
               f"moving it to {self.workdir / 'checkpoints_corrupt'} and trying the "
               "previous one", file=sys.stderr)
       self._quarantine(step)
+    if jax.process_index() == 0 and self.workdir.joinpath("checkpoints_corrupt").exists():
+      print(f"[epi_jax] no checkpoint in {self.directory} could be restored (the damaged "
+            f"ones are in {self.workdir / 'checkpoints_corrupt'}): starting from step 0",
+            file=sys.stderr)
     return None
 
   def _quarantine(self, step: int) -> None:
@@ -248,17 +254,33 @@ class Checkpointer:
     self._mngr.close()
 
 
+def _snapshot_sums_path(workdir, step: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / "snapshots" / f"{step}.checksums.json"
+
+
 def save_snapshot(workdir, step: int, params: dict[str, Any]) -> None:
-  """Params-only snapshot ``WORKDIR/snapshots/<step>`` (synchronous, atomic)."""
+  """Params-only snapshot ``WORKDIR/snapshots/<step>`` (synchronous, atomic), and
+  its checksums beside it (``<step>.checksums.json``)."""
   path = (pathlib.Path(workdir) / "snapshots" / str(step)).absolute()
   if all_processes_agree(path.exists()):  # every process must take part, or none
     return
+  stored = {_pkey(k): v for k, v in params.items()}
+  sums = {"version": INTEGRITY_VERSION, "arrays": checksums(stored)}
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, {_pkey(k): v for k, v in params.items()})
+    ckptr.save(path, stored)
+  if jax.process_index() == 0:
+    sums_path = _snapshot_sums_path(workdir, step)
+    tmp = sums_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sums))
+    tmp.replace(sums_path)
 
 
 def load_snapshot(workdir, step: int, shapes: dict[str, Any]) -> dict[str, Any]:
-  """The params of snapshot ``step`` on the default device."""
+  """The params of snapshot ``step`` on the default device, verified.
+
+  Raises:
+    ValueError: when its checksums differ or its params are not finite.
+  """
   path = (pathlib.Path(workdir) / "snapshots" / str(step)).absolute()
   if not path.exists():
     raise FileNotFoundError(f"No snapshot {path}")
@@ -267,6 +289,11 @@ def load_snapshot(workdir, step: int, shapes: dict[str, Any]) -> dict[str, Any]:
             for k, v in shapes.items()}
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.restore(path, target)
+  sums_path = _snapshot_sums_path(workdir, step)
+  integrity = json.loads(sums_path.read_text()) if sums_path.exists() else None
+  problem = verify(stored, integrity, stored)
+  if problem:
+    raise ValueError(f"snapshot {path} is damaged: {problem}")
   return {k: stored[_pkey(k)] for k in shapes}
 
 
