@@ -254,11 +254,12 @@ def test_nonfinite_optimizer_values_refused(field, value):
     (["--config.data.mixture.lima=1.0"], "does not have"),
 ])
 def test_cli_bad_config_one_line_exit_2(args, message, tmp_path, capsys):
+  from epi_jax.evaluation import cli as eval_cli
   argv = ["--config", str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path / "w"), *args]
-  assert train_cli.train_main(argv) == 2
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and message in err, err
-  assert "tpu_llama3_8b" not in err
+  for main in (train_cli.train_main, eval_cli.compare_main):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, (main, err)
   assert not (tmp_path / "w").exists()
 
 

@@ -90,8 +90,8 @@ def _parse_compare(argv):
   flags.DEFINE_string("methods", ",".join(cmp.METHODS), "Comma-separated methods.",
                       flag_values=fv)
   flags.DEFINE_integer("seeds", 1, "Number of seeds per method.", flag_values=fv)
-  from epi_jax.training.cli import parse_config_flags  # pylint: disable=g-import-not-at-top
-  bad = parse_config_flags(fv, argv, "epi-jax compare")
+  from epi_jax.training.cli import parse_config_flags, unknown_overrides  # pylint: disable=g-import-not-at-top
+  bad = unknown_overrides(argv) or parse_config_flags(fv, argv, "epi-jax compare")
   if bad:
     raise ValueError(bad)
   return fv

@@ -42,7 +42,7 @@ def _flag_values() -> flags.FlagValues:
   return fv
 
 
-def _unknown_overrides(argv) -> str | None:
+def unknown_overrides(argv) -> str | None:
   """A message naming the first ``--config.FIELD`` that the trainer does not know."""
   from epi_jax.data import ALL_CONFIGS  # pylint: disable=g-import-not-at-top
   from epi_jax.training.config import default_config  # pylint: disable=g-import-not-at-top
@@ -102,7 +102,7 @@ def parse_config_flags(fv: flags.FlagValues, argv, prog: str) -> str | None:
 
 def train_main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  bad = _unknown_overrides(argv)
+  bad = unknown_overrides(argv)
   if bad:
     print(f"epi-jax train: {bad}", file=sys.stderr)
     return 2
