@@ -38,8 +38,8 @@ def prepare_main(argv=None) -> int:
     stats = epi_data.prepare(raw_dir=args.raw_dir, data_dir=args.data_dir,
                              tasks=_tasks(args.tasks))
   except (ValueError, FileNotFoundError) as e:  # a missing or unreadable raw file, named
-    print(f"epi-jax data prepare: {str(e).splitlines()[0] if str(e) else e!r}",
-          file=sys.stderr)
+    msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    print(f"epi-jax data prepare: {msg.splitlines()[0] if msg else repr(e)}", file=sys.stderr)
     return 2
   for task, s in stats.items():
     state = "built" if s["built"] else "already built"

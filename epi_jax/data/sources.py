@@ -96,7 +96,7 @@ def _load_json_list(path: pathlib.Path) -> list[Any]:
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
+    raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; "
                      "truncated or damaged?): re-download it") from None
   if not isinstance(data, list):
     raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")

@@ -41,7 +41,7 @@ FREE_FIELDS = ("progress_bar", "async_checkpointing", "data.data_dir", "data.raw
                "eval")
 # May change on resume with allow_config_change=True.
 SAFE_FIELDS = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-               "snapshot_steps", "model.remat", "mesh", "data.allow_standin")
+               "snapshot_steps", "model.remat", "mesh")
 
 
 class RunRefused(ValueError):
