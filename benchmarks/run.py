@@ -107,19 +107,20 @@ def bench_opt(sizes, reps):
 def bench_refresh(sizes, reps):
   import jax
   import jax.numpy as jnp
-  from epi_jax.method import isolation
+  import epi_jax
+  from epi_jax.method import selection
+  options = epi_jax.EPIOptions(isolation_ratio=0.01, update_interval=INTERVAL)
   out = []
   for n_req in sizes:
     params = _params(int(n_req), jnp)
     n = sum(x.size for x in jax.tree.leaves(params))
     k = n // 100
     imp = jax.tree.map(lambda p: jax.random.exponential(jax.random.key(2), p.shape), params)
-    elig = jax.tree.map(lambda _: True, params)
-    fns = {}
-    for bpp in (1, 4):  # 8 bits/pass: 34 s at 1e7 on CPU, left out
-      core = isolation._Core(0.01, INTERVAL, 0.99, None, "grad_sq", "layer_mean", "global",
-                             "evolving", None, False, None, bpp)
-      fns[f"epi select ({bpp} bit/pass)"] = jax.jit(lambda i, c=core: c._select(i, elig))
+    fns = {"epi select (1 bit/pass)": jax.jit(lambda i: epi_jax.select_mask(i, options))}
+    # The same search resolving 4 bits per pass (8 bits/pass: 34 s at 1e7 on CPU, left out).
+    count_k = selection.count_from_int(k)
+    fns["epi select (4 bit/pass)"] = jax.jit(lambda i: selection.kth_largest_bits(
+        [selection.score_bits(x / jnp.mean(x)) for x in jax.tree.leaves(i)], count_k, 4))
     flat = lambda i: jnp.concatenate([x.ravel() for x in jax.tree.leaves(i)])  # noqa: E731
     fns["lax.top_k"] = jax.jit(lambda i: jax.lax.top_k(flat(i), k)[0][-1])
     fns["sort"] = jax.jit(lambda i: jnp.sort(flat(i))[n - k])
@@ -171,7 +172,6 @@ _SHARDED = r"""
 import json, time, jax, jax.numpy as jnp, optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import epi_jax
-from epi_jax.method import isolation
 mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 n_rows = {rows}
 shapes = {{"w0": (n_rows, 1024), "w1": (n_rows, 1024), "b": (8192,)}}
@@ -180,10 +180,8 @@ res = {{}}
 with jax.set_mesh(mesh):
   sh = {{k: NamedSharding(mesh, s) for k, s in specs.items()}}
   imp = jax.device_put({{k: jax.random.exponential(jax.random.key(0), s) for k, s in shapes.items()}}, sh)
-  elig = {{k: True for k in shapes}}
-  core = isolation._Core(0.01, 100, 0.99, None, "grad_sq", "layer_mean", "global", "evolving",
-                         None, False, None, isolation._BITS_PER_PASS)
-  f = jax.jit(lambda i: core._select(i, elig))
+  options = epi_jax.EPIOptions(isolation_ratio=0.01, update_interval=100)
+  f = jax.jit(lambda i: epi_jax.select_mask(i, options))
   hlo = f.lower(imp).compile().as_text()
   jax.block_until_ready(f(imp))
   ts = []

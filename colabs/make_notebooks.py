@@ -10,7 +10,10 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).resolve().parent
-REPO = "epi-jax/epi_jax"  # GitHub org/name the badges and the install cell point to.
+# The one place that names the repository: the badges and the install cell point here.
+# For a fork, change it and rerun this script (or set EPI_JAX_REPO=https://github.com/you/fork
+# in the runtime before the install cell).
+REPO = "epi-jax/epi_jax"
 
 
 def badge(name):
@@ -118,9 +121,11 @@ def make_config(method="epi", steps=None):
   c.seed = 0
   c.progress_bar = not SMOKE
   c.async_checkpointing = not SMOKE
-  c.data.raw_dir = os.environ.get("EPI_RAW_DATA_DIR")  # the raw task files (see the data README)
-  # Without raw files, a small built-in stand-in: the notebook runs, but it is a demo, not a benchmark.
-  c.data.allow_standin = True
+  # The raw task files: EPI_RAW_DATA_DIR (e.g. a mounted Drive folder) if set; otherwise they are
+  # downloaded from their upstream sources (pinned sha256; EPI_DATA_MIRROR for a mirror).
+  c.data.raw_dir = os.environ.get("EPI_RAW_DATA_DIR")
+  # Smoke mode only: without raw files, a small built-in stand-in instead of downloading.
+  c.data.allow_standin = SMOKE
   if SMOKE:  # configs/tiny.py, shrunk: a random tiny Llama with byte tokens, seconds per step on CPU.
     c.model.name, c.model.init = "tiny", "random"
     c.total_steps = steps or 6
@@ -132,7 +137,9 @@ def make_config(method="epi", steps=None):
     c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.weight_decay = 3e-3, 2, 0.01
     c.epi.isolation_ratio, c.epi.update_interval, c.epi.ema_decay = 0.05, 2, 0.9
   else:  # configs/smollm2_multitask.py, scaled up for a TPU / GPU.
-    c.model.name, c.model.init = "smollm2-135m-instruct", "pretrained"
+    # From the Hugging Face Hub (config, tokenizer, safetensors; HF_TOKEN for gated models).
+    c.model.name = os.environ.get("EPI_COLAB_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    c.model.init = "pretrained"
     c.model.compute_dtype = "float32" if RUNTIME == "cpu" else "bfloat16"
     c.model.remat = RUNTIME != "cpu"
     c.total_steps = steps or 600
@@ -164,11 +171,14 @@ def multitask_sft():
           "(`epi_jax.training.train`): it finds the runtime (TPU, GPU or CPU), lays the mesh over "
           "the devices it finds, trains, then evaluates each task with `epi_jax.evaluation.evaluate` "
           "against the model it started from.\n\n"
-          "**Data.** Point `EPI_RAW_DATA_DIR` at the raw task files (e.g. a mounted Drive folder; "
-          "the data README lists the upstream sources); without them the trainer falls back to a "
-          "small built-in stand-in. **Smoke mode** (`EPI_COLAB_SMOKE=1`, set by CI) swaps in a "
-          "random tiny Llama with byte tokens and a few steps, so the notebook runs on a CPU in "
-          "minutes."),
+          "**Data and model.** The raw task files are downloaded from their upstream sources "
+          "(pinned sha256, cached; `EPI_DATA_MIRROR` points at a mirror, `EPI_RAW_DATA_DIR` at "
+          "files you already have) and the model from the Hugging Face Hub "
+          "(`HuggingFaceTB/SmolLM2-135M-Instruct`, or `EPI_COLAB_MODEL`). At the end the model is "
+          "exported as a Hugging Face checkpoint for transformers, vLLM or lm-evaluation-harness. "
+          "**Smoke mode** (`EPI_COLAB_SMOKE=1`, set by CI) swaps in a random tiny Llama with byte "
+          "tokens and a few steps, and the built-in stand-in data where the raw files are not "
+          "local, so the notebook runs on a CPU in minutes."),
       new_code_cell(INSTALL),
       new_code_cell(WORKDIR_CELL + '\nWORKDIR = WORKDIR / "02_multitask_sft"\nprint("workdir:", WORKDIR)'),
       new_code_cell(CONFIG_CELL + '''
@@ -248,6 +258,16 @@ for a, group, label in ((ax[0], acc, "accuracy"), (ax[1], loss, "held-out loss")
   a.set_xticks(x); a.set_xticklabels(group); a.set_title(label); a.legend()
 plt.tight_layout(); plt.show()
 assert all(np.isfinite(primary(t, scores["EPI"][t])[1]) for t in TASKS)'''),
+      new_markdown_cell("## Export\n\nThe final snapshot as a Hugging Face checkpoint "
+                        "(`epi-jax export --workdir RUN --format hf --out DIR` on the command "
+                        "line; `--format gguf` for llama.cpp)."),
+      new_code_cell('''from epi_jax.training.export import export_run
+EXPORT = WORKDIR / "export_hf"
+if not (EXPORT / "config.json").is_file():
+  for note in export_run(result.workdir, EXPORT, fmt="hf"):
+    print("note:", note)
+print(sorted(p.name for p in EXPORT.iterdir()))
+assert (EXPORT / "config.json").is_file() and (EXPORT / "tokenizer.json").is_file()'''),
   ]
   return name, cells
 

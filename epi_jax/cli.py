@@ -5,6 +5,7 @@
   epi-jax data stats
   epi-jax train --config configs/tiny.py --workdir DIR [--config.FIELD=VALUE ...]
   epi-jax compare --config configs/NAME.py --workdir DIR --methods ... --seeds N
+  epi-jax export --workdir RUN [--snapshot N] --format hf|gguf --out PATH
 
 Subcommands import their module lazily so that ``epi-jax --help`` is fast.
 """
@@ -21,6 +22,8 @@ _COMMANDS = {
     "train": ("epi_jax.training.cli", "train_main", "train one run from a config"),
     "compare": ("epi_jax.evaluation.cli", "compare_main", "compare methods end to end"),
     "evaluate": ("epi_jax.evaluation.cli", "evaluate_main", "evaluate a checkpoint"),
+    "export": ("epi_jax.training.export", "export_main",
+               "export a run as a Hugging Face checkpoint or a GGUF"),
 }
 
 

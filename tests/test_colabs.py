@@ -30,3 +30,23 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
   NotebookClient(nb, timeout=900, kernel_name="python3",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()
   print(f"{path.name}: {time.time() - start:.1f} s in smoke mode")
+
+
+def test_real_runtime_config_downloads_data_and_model():
+  """Outside smoke mode the notebooks' config downloads (no stand-in) and takes the model
+  from the Hub; the install cell uses the one repository URL."""
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS[0].parent /
+                                                "make_notebooks.py")
+  make = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make)
+  from epi_jax.training import validate
+  for smoke in (False, True):
+    scope = {"SMOKE": smoke, "os": os}
+    exec(make.CONFIG_CELL, scope)  # pylint: disable=exec-used
+    config = validate(scope["make_config"]("epi"))
+    assert config.data.allow_standin == smoke
+    assert config.model.name == ("tiny" if smoke else "HuggingFaceTB/SmolLM2-135M-Instruct")
+  assert f"https://github.com/{make.REPO}" in make.INSTALL
+  assert all(make.REPO in nbformat.read(p, as_version=4).cells[0].source for p in NOTEBOOKS)

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from epi_jax.model import load_gguf, load_hf_checkpoint, load_pretrained  # noqa: E402
-from epi_jax.model.loading import _unpermute  # noqa: E402
+from epi_jax.model.tensor_names import permute_qk, unpermute_qk  # noqa: E402
 
 VOCAB = 128
 
@@ -174,7 +174,8 @@ def _permute(w, n_head):
 
 def test_unpermute_inverts_llama_cpp_permute():
   w = np.arange(8 * 6 * 3, dtype=np.float32).reshape(48, 3)
-  np.testing.assert_array_equal(_unpermute(_permute(w, 3), 3), w)
+  np.testing.assert_array_equal(unpermute_qk(_permute(w, 3), 3), w)
+  np.testing.assert_array_equal(permute_qk(w, 3), _permute(w, 3))  # the exporter's
   assert not np.array_equal(_permute(w, 3), w)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Sequence
 
@@ -50,8 +51,12 @@ def get_builder(task: str, data_dir=None) -> EpiSft:
 
 
 def prepare(raw_dir=None, data_dir=None, tasks: Sequence[str] | None = None,
-            verbose: bool = False) -> dict[str, Any]:
+            verbose: bool = False, mirror: str | None = None) -> dict[str, Any]:
   """Builds the datasets (skipping those already built) and returns their stats.
+
+  A task whose raw files are not all in the manual dir has them downloaded
+  first (pinned sizes and sha256, cached; see :mod:`epi_jax.data.download`);
+  every download of the call completes and verifies before anything is built.
 
   Args:
     raw_dir: the manual dir with the raw task files; default
@@ -59,18 +64,33 @@ def prepare(raw_dir=None, data_dir=None, tasks: Sequence[str] | None = None,
     data_dir: where to write; default :func:`default_data_dir`.
     tasks: configs to build; default :data:`TASKS` (add ``"lima"`` for LIMA).
     verbose: show TFDS's progress bars and log lines.
+    mirror: base URL serving the raw files under their relative paths
+      (default ``$EPI_DATA_MIRROR``, else the upstream URLs).
 
   Returns:
     ``{task: {"train": n, "test": n, "drops": {reason: n}, "seconds": s,
     "built": bool}}`` where ``built`` says whether this call built it.
+
+  Raises:
+    epi_jax.data.download.DownloadError: a raw file could not be downloaded
+      or failed its checksum (the message names it).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from epi_jax.data import download  # pylint: disable=g-import-not-at-top
+  from epi_jax.utils import assets  # pylint: disable=g-import-not-at-top
   tasks = _check_tasks(tasks)
   data_dir = pathlib.Path(data_dir or default_data_dir())
-  manual = _builder.resolve_raw_dir(raw_dir) if raw_dir is not None else None
-  if manual is None and any(t != "chat" for t in tasks):
-    manual = _builder.resolve_raw_dir(None)
-  config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
+  manual = pathlib.Path(raw_dir) if raw_dir is not None else assets.default_raw_data_dir()
+  fetch = [t for t in tasks if t != "chat" and not download.has_raw_files(manual, t)
+           and not get_builder(t, data_dir).is_prepared()]
+  fetched = None
+  if fetch:
+    print(f"[epi_jax] raw files of {fetch} not found in {manual or '(no raw dir)'}: "
+          f"downloading them into {data_dir / 'downloads'} (once)", file=sys.stderr, flush=True)
+    fetched = download.download_raw_files(fetch, data_dir, mirror=mirror)
+  configs = {t: tfds.download.DownloadConfig(
+      manual_dir=str(fetched if t in fetch else manual) if (t in fetch or manual) else None)
+             for t in tasks}
   stats = {}
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   verbosity = absl_logging.get_verbosity()
@@ -83,7 +103,7 @@ def prepare(raw_dir=None, data_dir=None, tasks: Sequence[str] | None = None,
       b = get_builder(task, data_dir)
       built = not b.is_prepared()
       if built:
-        b.download_and_prepare(download_config=config)
+        b.download_and_prepare(download_config=configs[task])
       stats[task] = {
           **{s: int(b.info.splits[s].num_examples) for s in SPLITS},
           "drops": dict(b.info.metadata.get("drops", {})),

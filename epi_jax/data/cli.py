@@ -26,21 +26,27 @@ def _tasks(arg):
 
 
 def prepare_main(argv=None) -> int:
-  """``epi-jax data prepare [--raw_dir DIR] [--data_dir DIR]``: builds every config."""
+  """``epi-jax data prepare [--raw_dir DIR] [--data_dir DIR] [--mirror URL]``: builds every
+  config, downloading the raw files no raw dir holds."""
   parser = argparse.ArgumentParser(prog="epi-jax data prepare", description=prepare_main.__doc__)
   parser.add_argument("--raw_dir", default=None,
                       help="folder with the raw task files (default $EPI_RAW_DATA_DIR or "
-                           "../shared/data beside the checkout)")
+                           "../shared/data beside the checkout); files missing there are "
+                           "downloaded")
+  parser.add_argument("--mirror", default=None,
+                      help="base URL serving the raw files under the raw dir's relative "
+                           "paths (default $EPI_DATA_MIRROR, else the upstream URLs)")
   _common(parser)
   args = parser.parse_args(argv)
   start = time.perf_counter()
+  from epi_jax.data.download import DownloadError  # pylint: disable=g-import-not-at-top
   try:
     stats = epi_data.prepare(raw_dir=args.raw_dir, data_dir=args.data_dir,
-                             tasks=_tasks(args.tasks))
-  except (ValueError, FileNotFoundError) as e:  # a missing or unreadable raw file, named
+                             tasks=_tasks(args.tasks), mirror=args.mirror)
+  except (DownloadError, FileNotFoundError, ValueError) as e:
     msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     print(f"epi-jax data prepare: {msg.splitlines()[0] if msg else repr(e)}", file=sys.stderr)
-    return 2
+    return 1
   for task, s in stats.items():
     state = "built" if s["built"] else "already built"
     print(f"{task:12s} train {s['train']:6d}  test {s['test']:5d}  {state} "

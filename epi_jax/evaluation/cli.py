@@ -5,6 +5,7 @@
       [--config.FIELD=VALUE ...] [--eval.FIELD=VALUE ...]
   epi-jax evaluate --workdir RUN [--snapshot N] [--eval.FIELD=VALUE ...]
   epi-jax evaluate --model smollm2-135m-instruct [--eval.FIELD=VALUE ...]
+  epi-jax evaluate --model HuggingFaceTB/SmolLM2-135M-Instruct[@REVISION] [...]
 
 ``--config.FIELD=VALUE`` overrides a trainer field (ml_collections
 ``config_flags``). ``--eval.FIELD=VALUE`` overrides an eval setting (see
@@ -155,7 +156,8 @@ def evaluate_main(argv=None) -> int:
   parser.add_argument("--workdir", help="a training run directory")
   parser.add_argument("--snapshot", type=int, default=None,
                       help="step of the snapshot (default: the final one)")
-  parser.add_argument("--model", help="evaluate a pretrained model instead of a run")
+  parser.add_argument("--model", help="evaluate a pretrained model instead of a run: a known "
+                      "name, a Hub id org/name[@revision], a .gguf file or a checkpoint dir")
   parser.add_argument("--data_dir", default=None, help="prepared data (default: the run's)")
   parser.add_argument("--output", default=None, help="also write the JSON here")
   args = parser.parse_args(rest)
@@ -170,7 +172,11 @@ def evaluate_main(argv=None) -> int:
     return 2
   if args.model:
     from epi_jax.model import load_pretrained  # pylint: disable=g-import-not-at-top
-    model, tok, _ = load_pretrained(args.model)
+    try:
+      model, tok, _ = load_pretrained(args.model)
+    except (FileNotFoundError, ValueError) as e:
+      print(f"epi-jax evaluate: {e}", file=sys.stderr)
+      return 2
     data_kwargs = {"data_dir": args.data_dir}
     out = cmp.run_eval(model, tok, settings, data_kwargs, log=_err)
   else:

@@ -78,27 +78,36 @@ def _fmix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
-  """Row-major element index (uint32, wrapping) built from per-axis iotas."""
+def _flat_index(shape: tuple[int, ...], skip_axis: int | None = None) -> jax.Array:
+  """Row-major element index (uint32, wrapping) built from per-axis iotas.
+
+  With ``skip_axis`` the index is that within each slice along that axis (the
+  axis is left out), so every layer of a stacked leaf gets the same indices as
+  the same layer stored as a leaf of its own.
+  """
   idx = jnp.zeros(shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(len(shape))):
+    if axis == skip_axis:
+      continue
     idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
     stride *= shape[axis]
   return idx
 
 
-def stochastic_round_bf16(x: jax.Array, count: jax.Array, salt: int) -> jax.Array:
+def stochastic_round_bf16(x: jax.Array, count: jax.Array, salt: int = 0,
+                          skip_axis: int | None = None) -> jax.Array:
   """float32 -> bfloat16, rounding up with probability = the dropped fraction.
 
-  For finite non-negative ``x`` (importance scores). ``count`` (int32 scalar)
-  and ``salt`` (a Python int, e.g. the leaf number) select the random bits.
+  For finite non-negative ``x`` (importance scores). ``count`` (int32 scalar),
+  ``salt`` (a Python int) and the element's index (within its slice along
+  ``skip_axis``, see ``_flat_index``) select the random bits.
   """
   x = x.astype(jnp.float32)
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   seed = _fmix32(count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
                  + jnp.uint32((salt * 0x632BE5AB) % 2**32))
-  noise = _fmix32(_flat_index(x.shape) ^ seed) >> 16
+  noise = _fmix32(_flat_index(x.shape, skip_axis) ^ seed) >> 16
   rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
   rounded = jnp.where(jnp.isfinite(x), rounded, bits)  # inf/NaN: plain cast
   # Finite values have 16 low zero bits here: the cast to bf16 is exact.
@@ -111,7 +120,8 @@ def num_bytes(tree) -> int:
              for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
-def dequantize_with_tiebreak(imp: jax.Array, salt: int) -> jax.Array:
+def dequantize_with_tiebreak(imp: jax.Array, salt: int = 0,
+                             skip_axis: int | None = None) -> jax.Array:
   """bf16 importance -> float32 with the 16 dropped bits filled by a fixed hash.
 
   Keeps the order of distinct bf16 values and breaks ties inside one bf16
@@ -119,6 +129,6 @@ def dequantize_with_tiebreak(imp: jax.Array, salt: int) -> jax.Array:
   instead of dropping a whole group of equal values at the threshold.
   """
   bits = jax.lax.bitcast_convert_type(imp.astype(jnp.float32), jnp.uint32)
-  low = _fmix32(_flat_index(imp.shape) ^ jnp.uint32((salt * 0x27D4EB2F + 1) % 2**32)) >> 16
+  low = _fmix32(_flat_index(imp.shape, skip_axis) ^ jnp.uint32((salt * 0x27D4EB2F + 1) % 2**32)) >> 16
   filled = jax.lax.bitcast_convert_type(bits | low, jnp.float32)
   return jnp.where(jnp.isfinite(filled) & (imp > 0), filled, imp.astype(jnp.float32))

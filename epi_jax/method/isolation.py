@@ -1,6 +1,6 @@
 """Evolving Parameter Isolation (EPI) as optax gradient transformations.
 
-Two forms share one state and one refresh rule:
+Two forms share one state and one update (``_update_epi``):
 
 * ``epi_transform``: chain-first. ``optax.chain(epi_transform(...), adamw)``
   zeroes the *gradients* of isolated entries. Cheap and composable, but a
@@ -10,12 +10,18 @@ Two forms share one state and one refresh rule:
   gradients, ``inner`` runs as usual, and its *final* updates are zeroed at
   isolated entries, so isolated weights are bit-for-bit frozen.
 
-See ``EPI_SPEC.md`` (shared with the project) for the default semantics.
+Every option is validated once, by ``EPIOptions``. The semantics (defaults,
+the refresh schedule, what each option does) are in ``docs/METHOD.md``.
+
+Stacked layers: with ``layer_axes`` a leaf that holds every layer of a weight
+type (``nnx.scan`` / MaxText / Levanter layouts) is treated slice by slice, as
+if each layer were a leaf of its own: the same masks, bit for bit, as on the
+unstacked model.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
@@ -24,17 +30,8 @@ import optax
 from flax import nnx
 
 from epi_jax.method import compact, selection
-
-IMPORTANCES = ("grad_sq", "grad_abs", "taylor", "displacement")
-NORMALIZATIONS = ("layer_mean", "layer_max", "none")
-SELECTIONS = ("global", "layer")
-MODES = ("evolving", "static", "none")
-
-Eligible = Union[None, Any, Callable[[str], bool]]
-# Threshold bits resolved per pass of the selection (see
-# selection.kth_largest_bits). 1 (bisection, 31 cheap passes) measured 5-10x
-# faster on CPU than 4 (8 passes of 15 compares each): BENCHMARKS.md.
-_BITS_PER_PASS = 1
+from epi_jax.method.layout import Leaf, eligible_mask, leaf_layout, path_str
+from epi_jax.method.options import EPIOptions, Eligible, LayerAxes, is_refresh_step
 
 
 class EPIState(NamedTuple):
@@ -42,7 +39,8 @@ class EPIState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32).
-    importance: EMA of the importance score s(g), per parameter.
+    importance: EMA of the importance score s(g), per parameter (with
+      ``importance="displacement"``: the initial params theta_0).
     mask: True where the parameter is isolated (frozen), per parameter: a
       bool array shaped like the parameter, or with ``packed_mask=True`` its
       bits packed into uint8 along the last axis (see ``compact``); use
@@ -80,95 +78,31 @@ class IsolateState(NamedTuple):
   inner: optax.OptState
 
 
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
+class RefreshStats(NamedTuple):
+  """The scalar statistics a refresh writes into ``EPIState``."""
+  num_refreshes: chex.Array
+  isolated_fraction: chex.Array
+  num_flipped: chex.Array
+  jaccard_prev: chex.Array
+  jaccard_first: chex.Array
+  threshold: chex.Array
 
 
-def _validate(isolation_ratio, update_interval, ema_decay, warmup_steps,
-              importance, normalization, selection_, mode, bits_per_pass):
-  # Traced values (from inject_hyperparams) are checked where they are set.
-  if _is_number(isolation_ratio) and not 0.0 <= isolation_ratio <= 1.0:
-    raise ValueError(f"isolation_ratio must be in [0, 1], got {isolation_ratio}.")
-  if _is_number(update_interval) and (update_interval < 1
-                                      or int(update_interval) != update_interval):
-    raise ValueError(f"update_interval must be an integer >= 1, got {update_interval}.")
-  if _is_number(ema_decay) and not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
-  if warmup_steps is not None and _is_number(warmup_steps) and (
-      warmup_steps < 0 or int(warmup_steps) != warmup_steps):
-    raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps}.")
-  for name, value, allowed in (("importance", importance, IMPORTANCES),
-                               ("normalization", normalization, NORMALIZATIONS),
-                               ("selection", selection_, SELECTIONS),
-                               ("mode", mode, MODES)):
-    if value not in allowed:
-      raise ValueError(f"Unknown {name}={value!r}; expected one of {allowed}.")
-  if not isinstance(bits_per_pass, int) or not 1 <= bits_per_pass <= 8:
-    raise ValueError(f"bits_per_pass must be an int in [1, 8], got {bits_per_pass}.")
-
-
-def path_str(path) -> str:
-  """'a/b/0/kernel' for a jax key path: what ``eligible`` predicates receive."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
-def _eligible_tree(eligible: Eligible, params) -> Any:
-  """A pytree of Python bools shaped like params."""
-  if eligible is None:
-    return jax.tree.map(lambda _: True, params)
-  if callable(eligible) and not isinstance(eligible, (dict, list, tuple)):
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: bool(eligible(path_str(p))), params)
-  params_struct = jax.tree.structure(params)
-  try:
-    elig_struct = jax.tree.structure(eligible)
-  except Exception as e:  # pragma: no cover - defensive
-    raise ValueError(f"eligible is not a pytree: {e}") from e
-  if elig_struct != params_struct:
-    raise ValueError(
-        "eligible does not match the params: expected a pytree of bools with "
-        f"structure {params_struct}, got {elig_struct}.")
-  leaves = jax.tree.leaves(eligible)
-  for leaf in leaves:
-    if not isinstance(leaf, (bool, jnp.bool_)) and not (
-        hasattr(leaf, "dtype") and leaf.shape == () and leaf.dtype == bool):
-      raise ValueError(f"eligible leaves must be Python bools, got {leaf!r}.")
-  return jax.tree.map(bool, eligible)
-
+# ---------------------------------------------------------------------------
+# Importance.
+# ---------------------------------------------------------------------------
 
 def _score(importance: str, g, p):
-  g = g.astype(jnp.float32)
+  """s(g) in float32; complex entries score by their modulus (|g|^2, |g|)."""
+  work = jnp.complex64 if jnp.iscomplexobj(g) else jnp.float32
+  g = g.astype(work)
   if importance == "grad_sq":
-    return g * g
+    return (jnp.real(g * jnp.conj(g)) if work == jnp.complex64 else g * g).astype(jnp.float32)
   if importance == "grad_abs":
-    return jnp.abs(g)
+    return jnp.abs(g).astype(jnp.float32)
   if p is None:
-    raise ValueError("importance='taylor' needs params: pass params to update().")
-  return jnp.abs(g * p.astype(jnp.float32))
-
-
-def _scale(normalization: str, imp) -> jax.Array:
-  """The per-leaf factor that normalizes scores: ``1 / (mean + tiny)`` etc.
-
-  Scores are multiplied by it rather than divided by the mean: XLA:CPU's
-  vectorized division is not correctly rounded, so two fusions dividing the
-  same values could disagree in the last bit; a product is exact everywhere.
-  """
-  imp = imp.astype(jnp.float32)
-  tiny = jnp.finfo(jnp.float32).tiny
-  if normalization == "layer_mean":
-    return 1.0 / (jnp.mean(imp) + tiny)
-  if normalization == "layer_max":
-    return 1.0 / (jnp.max(imp) + tiny)
-  return jnp.float32(1.0)
+    raise ValueError(f"importance={importance!r} needs params: pass params to update().")
+  return jnp.abs(g * p.astype(jnp.promote_types(work, p.dtype))).astype(jnp.float32)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -178,285 +112,303 @@ def _all_finite(tree) -> jax.Array:
   otherwise; XLA does not fold ``x - x`` for floats). On XLA:CPU it is ~1.8x
   faster than ``all(isfinite(x))``, which materializes a bool array first.
   """
-  total = sum(jnp.sum(x - x, dtype=jnp.float32) for x in jax.tree.leaves(tree))
+  total = jnp.float32(0.0)
+  for x in jax.tree.leaves(tree):
+    d = x - x
+    if jnp.iscomplexobj(d):
+      d = jnp.real(d) + jnp.imag(d)
+    total = total + jnp.sum(d, dtype=jnp.float32)
   return jnp.isfinite(total)
 
 
+def _real_f32(x) -> jax.Array:
+  # inject_hyperparams casts hyperparameters to the params' dtype: maybe complex.
+  return jnp.real(jnp.asarray(x)).astype(jnp.float32)
+
+
+def _ema(options: EPIOptions, layout: list[Leaf], state: EPIState, grads, params):
+  """The new importance: ``beta I + (1 - beta) s(g)``; unchanged on a
+  non-finite gradient. With ``displacement`` the kept theta_0 (no EMA)."""
+  imp_leaves, treedef = jax.tree.flatten(state.importance)
+  if options.importance == "displacement":
+    return state.importance
+  g_leaves = treedef.flatten_up_to(grads)
+  p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(imp_leaves)
+  decay = _real_f32(options.ema_decay)
+  finite = _all_finite(grads)
+  out = []
+  for leaf, imp, g, p in zip(layout, imp_leaves, g_leaves, p_leaves):
+    new = decay * imp.astype(jnp.float32) + (1.0 - decay) * _score(options.importance, g, p)
+    if imp.dtype == jnp.bfloat16:
+      new = compact.stochastic_round_bf16(new, state.count, skip_axis=leaf.axis)
+    out.append(jnp.where(finite, new.astype(imp.dtype), imp))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _ranked(options: EPIOptions, importance, params):
+  """What the selection ranks: the importance, or with ``displacement`` how far
+  each weight moved from theta_0 (CPI-FT's score), read from the params that the
+  refresh step sees."""
+  if options.importance != "displacement":
+    return importance
+  if params is None:
+    raise ValueError("importance='displacement' needs params: pass params to update().")
+  return jax.tree.map(lambda t0, p: jnp.abs(p.astype(t0.dtype) - t0).astype(jnp.float32),
+                      importance, params)
+
+
+def _scores(layout: list[Leaf], ranked) -> list[jax.Array]:
+  """float32 scores of the ranked values, elementwise (fused where used)."""
+  out = []
+  for leaf, r in zip(layout, jax.tree.leaves(ranked)):
+    if r.dtype == jnp.bfloat16:
+      # Ties inside one bf16 value broken by a fixed hash of the in-layer index.
+      out.append(compact.dequantize_with_tiebreak(r, skip_axis=leaf.axis))
+    else:
+      out.append(r.astype(jnp.float32))
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Selection: per-slice normalization, then top-k by counting.
+# ---------------------------------------------------------------------------
+
+def _scale(normalization: str, leaf: Leaf, score) -> jax.Array:
+  """The factor that normalizes a leaf's (or each slice's) scores.
+
+  Scores are multiplied by ``1 / (mean + tiny)`` rather than divided by the
+  mean: XLA:CPU's vectorized division is not correctly rounded, so two
+  fusions dividing the same values could disagree in the last bit; a product
+  is exact everywhere.
+  """
+  tiny = jnp.finfo(jnp.float32).tiny
+  if normalization == "none" or not leaf.any_eligible:
+    return leaf.broadcast(jnp.ones((leaf.shape[leaf.axis],) if leaf.axis is not None else (),
+                                   jnp.float32))
+  reduce = jnp.mean if normalization == "layer_mean" else jnp.max
+  return 1.0 / (reduce(score, axis=leaf.reduce_axes, keepdims=leaf.axis is not None) + tiny)
+
+
+def _bits(leaf: Leaf, score, scale) -> jax.Array:
+  """Normalized score bits; -1 (never selected) at ineligible slices."""
+  bits = selection.score_bits(score * scale)
+  elig = eligible_mask(leaf)
+  return bits if elig is True else jnp.where(elig, bits, -1)
+
+
+def _cuts(options: EPIOptions, layout: list[Leaf], scores: list[jax.Array]):
+  """Per-leaf scales and bit thresholds of a refresh, and the global threshold.
+
+  Only these small arrays (a scalar, or one value per slice) leave the
+  refresh: the masks are rebuilt from them elementwise (``_top_masks``).
+  """
+  scales = [_scale(options.normalization, leaf, s) for leaf, s in zip(layout, scores)]
+  never = jnp.int32(selection.NEVER)  # above every score's bits
+  live = [i for i, leaf in enumerate(layout) if leaf.any_eligible]
+  bits = {i: _bits(layout[i], scores[i], scales[i]) for i in live}
+  thrs = [leaf.broadcast(jnp.full((leaf.shape[leaf.axis],) if leaf.axis is not None else (),
+                                  never)) for leaf in layout]
+  if options.selection == "global":
+    n = sum(leaf.num_eligible for leaf in layout)
+    k = selection.topk_count(options.isolation_ratio, n)
+    thr = selection.kth_largest_bits([bits[i] for i in live], k, 1)
+    for i in live:
+      thrs[i] = jnp.full(thrs[i].shape, thr, jnp.int32)
+  else:  # per-layer top-p: one search per slice, all in one loop
+    ks = []
+    for i in live:
+      leaf = layout[i]
+      k = selection.topk_count(options.isolation_ratio, leaf.slice_size)
+      shape = (leaf.shape[leaf.axis],) if leaf.axis is not None else ()
+      ks.append(selection._Count(jnp.broadcast_to(k.hi, shape), jnp.broadcast_to(k.lo, shape)))
+    found = selection.kth_largest_bits_per_slice([bits[i] for i in live],
+                                                 [layout[i].axis for i in live], ks)
+    for i, t in zip(live, found):
+      leaf = layout[i]
+      if not all(leaf.eligible):
+        t = jnp.where(jnp.asarray(leaf.eligible), t, never)
+      thrs[i] = leaf.broadcast(t)
+    thr = jnp.int32(0)
+  threshold = jax.lax.bitcast_convert_type(jnp.maximum(thr, 0), jnp.float32)
+  return scales, thrs, threshold
+
+
+def _top_masks(layout: list[Leaf], scores, scales, thrs) -> list[jax.Array]:
+  """Bool top-k masks, elementwise from the cuts of ``_cuts``."""
+  return [_bits(leaf, s, d) >= t if leaf.any_eligible else jnp.zeros(leaf.shape, jnp.bool_)
+          for leaf, s, d, t in zip(layout, scores, scales, thrs)]
+
+
+def select_mask(importance, options: EPIOptions, params=None) -> tuple[Any, jax.Array]:
+  """The bool mask a refresh would choose from ``importance`` (and the global
+  threshold): the top-k of the normalized scores. For benchmarks and analysis."""
+  layout = leaf_layout(options, importance)
+  scores = _scores(layout, _ranked(options, importance, params))
+  scales, thrs, threshold = _cuts(options, layout, scores)
+  masks = _top_masks(layout, scores, scales, thrs)
+  return jax.tree.unflatten(jax.tree.structure(importance), masks), threshold
+
+
+# ---------------------------------------------------------------------------
+# Masks: storage, hysteresis, statistics.
+# ---------------------------------------------------------------------------
+
+def _as_bool(mask, shape):
+  """A stored (bool or packed) mask leaf as bools of ``shape``."""
+  return compact.unpack(mask, shape) if mask.dtype == jnp.uint8 else mask
+
+
+def _store(options: EPIOptions, mask: jax.Array) -> jax.Array:
+  return compact.pack(mask) if options.packed_mask else mask
+
+
+def _with_hysteresis(options: EPIOptions, top: list, old_mask: list, old_streak):
+  """Stored masks of a refresh from its top-k masks, and the new out-streaks.
+
+  With ``release_after = R > 1`` an isolated entry stays isolated until it has
+  been out of the top-k at R consecutive refreshes.
+  """
+  if options.release_after == 1:
+    return [_store(options, t) for t in top], old_streak
+  masks, streaks = [], []
+  for t, old, streak in zip(top, old_mask, old_streak):
+    old = _as_bool(old, t.shape)
+    streak = jnp.where(t | ~old, jnp.uint8(0), jnp.minimum(streak, jnp.uint8(254)) + jnp.uint8(1))
+    masks.append(_store(options, t | (old & (streak < options.release_after))))
+    streaks.append(streak)
+  return masks, streaks
+
+
 def _mask_count(masks) -> selection._Count:
-  """Set entries of a tree of bool or packed (uint8) masks."""
+  """Set entries of a list of bool or packed (uint8) masks."""
   total = selection.count_from_int(0)
-  for m in jax.tree.leaves(masks):
+  for m in masks:
     n = compact.popcount(m) if m.dtype == jnp.uint8 else selection.count_true(m)
     total = selection._add(total, selection._split(n))
   return total
 
 
 # Bitwise ops act on bool and packed masks alike.
-def _jaccard(a, b) -> jax.Array:
-  inter = selection.count_to_float(_mask_count(jax.tree.map(jnp.bitwise_and, a, b)))
-  union = selection.count_to_float(_mask_count(jax.tree.map(jnp.bitwise_or, a, b)))
+def _jaccard(a: list, b: list) -> jax.Array:
+  inter = selection.count_to_float(_mask_count(map(jnp.bitwise_and, a, b)))
+  union = selection.count_to_float(_mask_count(map(jnp.bitwise_or, a, b)))
   return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
 
 
-def _importance_dtype(importance_dtype):
-  if importance_dtype is None:
-    return jnp.dtype(jnp.float32)
-  if isinstance(importance_dtype, jax.core.Tracer) or (
-      hasattr(importance_dtype, "shape") and hasattr(importance_dtype, "dtype")):
-    raise ValueError(
-        "importance_dtype is an array, not a dtype: with optax.inject_hyperparams "
-        "pass it as a string ('bfloat16') or list it in static_args.")
-  try:
-    dtype = jnp.dtype(importance_dtype)
-  except TypeError as e:
-    raise ValueError(f"Unknown importance_dtype={importance_dtype!r}.") from e
-  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(
-        f"importance_dtype must be float32 or bfloat16, got {importance_dtype!r}.")
-  return dtype
+def _refresh_stats(options: EPIOptions, layout, mask, old_mask, first_mask, old: RefreshStats,
+                   threshold) -> RefreshStats:
+  n_elig = selection.count_to_float(selection.count_from_int(
+      sum(leaf.num_eligible for leaf in layout)))
+  first = old.num_refreshes == 0
+  return RefreshStats(
+      num_refreshes=old.num_refreshes + 1,
+      isolated_fraction=(selection.count_to_float(_mask_count(mask))
+                         / jnp.maximum(n_elig, 1.0)).astype(jnp.float32),
+      num_flipped=selection.count_to_float(
+          _mask_count(map(jnp.bitwise_xor, mask, old_mask))).astype(jnp.float32),
+      jaccard_prev=jnp.where(first, 1.0, _jaccard(mask, old_mask)).astype(jnp.float32),
+      jaccard_first=(_jaccard(mask, first_mask) if options.track_first_mask
+                     else old.jaccard_first).astype(jnp.float32),
+      threshold=threshold.astype(jnp.float32))
 
 
-class _Core:
-  """The shared importance-and-mask machinery of both forms."""
+# ---------------------------------------------------------------------------
+# The update both forms share.
+# ---------------------------------------------------------------------------
 
-  def __init__(self, isolation_ratio, update_interval, ema_decay, warmup_steps,
-               importance, normalization, selection_, mode, eligible,
-               track_first_mask, importance_dtype, bits_per_pass,
-               packed_mask=False, release_after=None):
-    _validate(isolation_ratio, update_interval, ema_decay, warmup_steps,
-              importance, normalization, selection_, mode, bits_per_pass)
-    self.ratio = isolation_ratio
-    self.interval = update_interval
-    self.decay = ema_decay
-    self.warmup = update_interval if warmup_steps is None else warmup_steps
-    self.importance = importance
-    self.normalization = normalization
-    self.selection = selection_
-    self.mode = mode
-    self.eligible = eligible
-    self.track_first_mask = track_first_mask
-    self.importance_dtype = _importance_dtype(importance_dtype)
-    self.bits_per_pass = bits_per_pass
-    if not isinstance(packed_mask, bool):
-      raise ValueError(f"packed_mask must be a bool, got {packed_mask!r}.")
-    self.packed = packed_mask
-    if release_after is None:
-      release_after = 1
-    if isinstance(release_after, jax.core.Tracer) or hasattr(release_after, "dtype"):
-      raise ValueError("release_after is an array: with optax.inject_hyperparams list it "
-                       "in static_args (it sets the state's structure).")
-    if (not isinstance(release_after, int) or isinstance(release_after, bool)
-        or not 1 <= release_after <= 255):
-      raise ValueError(f"release_after must be an int in [1, 255], got {release_after!r}.")
-    self.release_after = release_after
-    if importance == "displacement" and self.importance_dtype != jnp.float32:
-      raise ValueError("importance='displacement' keeps the initial params in float32; "
-                       "it does not take importance_dtype=bfloat16.")
-
-  def _empty_mask(self, p):
-    m = jnp.zeros_like(p, dtype=jnp.bool_)
-    return compact.pack(m) if self.packed else m
-
-  def store_mask(self, mask):
-    """A bool mask tree in the state's storage format."""
-    return jax.tree.map(compact.pack, mask) if self.packed else mask
-
-  def init(self, params) -> EPIState:
-    elig = _eligible_tree(self.eligible, params)
-    n_eligible = sum(int(p.size) for p, e in zip(jax.tree.leaves(params),
-                                                 jax.tree.leaves(elig)) if e)
-    if n_eligible == 0 and self.mode != "none":
+def _init_epi(options: EPIOptions, params) -> EPIState:
+  # No leaves: an empty model, or optax.tree.map_params' placeholder, whose
+  # per-parameter fields must come out as tree.maps over it.
+  if jax.tree.leaves(params):
+    layout = leaf_layout(options, params)
+    if options.mode != "none" and not any(leaf.any_eligible for leaf in layout):
       raise ValueError("No parameter is eligible for isolation: check `eligible`.")
-    # tree.map over params: every per-parameter field inherits their sharding.
-    if self.importance == "displacement":  # the initial params theta_0, a copy
-      importance = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
-    else:
-      importance = jax.tree.map(
-          lambda p: jnp.zeros_like(p, dtype=self.importance_dtype), params)
-    mask = jax.tree.map(self._empty_mask, params)
-    first_mask = (jax.tree.map(self._empty_mask, params)
-                  if self.track_first_mask else ())
-    # Distinct scalars (not one shared array): donated state needs distinct buffers.
-    zero = lambda: jnp.zeros([], jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
-    return EPIState(
-        count=jnp.zeros([], jnp.int32), importance=importance, mask=mask,
-        first_mask=first_mask, num_refreshes=jnp.zeros([], jnp.int32),
-        isolated_fraction=zero(), num_flipped=zero(), jaccard_prev=zero(),
-        jaccard_first=jnp.full([], 0.0 if self.track_first_mask else -1.0, jnp.float32),
-        threshold=zero(),
-        out_streak=(jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.uint8), params)
-                    if self.release_after > 1 else ()))
 
-  def _float_scores(self, importance) -> list[jax.Array]:
-    """float32 importance leaves (bf16 ones with tie-breaking low bits)."""
-    leaves = jax.tree.leaves(importance)
-    if self.importance_dtype == jnp.bfloat16:
-      return [compact.dequantize_with_tiebreak(imp, i) for i, imp in enumerate(leaves)]
-    return [imp.astype(jnp.float32) for imp in leaves]
+  def empty_mask(p):
+    return _store(options, jnp.zeros_like(p, dtype=jnp.bool_))
 
-  def _thresholds(self, importance, elig) -> tuple[list, list, jax.Array]:
-    """Per-leaf normalization scales and score-bit thresholds of a
-    refresh, and the global threshold as a float (for reporting)."""
-    imp_leaves = self._float_scores(importance)
-    elig_leaves = jax.tree.leaves(elig)
-    scales = [_scale(self.normalization, imp) if e else jnp.float32(1.0)
-              for imp, e in zip(imp_leaves, elig_leaves)]
-    bits = [selection.score_bits(imp * d) if e else None
-            for imp, d, e in zip(imp_leaves, scales, elig_leaves)]
-    never = jnp.int32(selection.NEVER)  # above every score's bits
-    if self.selection == "global":
-      n = sum(int(imp.size) for imp, e in zip(imp_leaves, elig_leaves) if e)
-      k = selection.topk_count(self.ratio, n)
-      thr = selection.kth_largest_bits([b for b in bits if b is not None], k,
-                                       self.bits_per_pass)
-      thrs = [thr if b is not None else never for b in bits]
-    else:  # per-leaf top-p
-      thrs = [selection.kth_largest_bits(
-                  [b], selection.topk_count(self.ratio, int(b.size)),
-                  self.bits_per_pass) if b is not None else never for b in bits]
-      thr = jnp.int32(0)
-    threshold = jax.lax.bitcast_convert_type(jnp.maximum(thr, 0), jnp.float32)
-    return scales, thrs, threshold
-
-  def _masks(self, importance, elig, scales, thrs) -> Any:
-    """Bool masks: normalized score bits at or above the leaf's threshold.
-    Elementwise, given the scalars of ``_thresholds``."""
-    imp_leaves = self._float_scores(importance)
-    masks = [selection.score_bits(imp * d) >= t if e else jnp.zeros(imp.shape, jnp.bool_)
-             for imp, e, d, t in zip(imp_leaves, jax.tree.leaves(elig), scales, thrs)]
-    return jax.tree.unflatten(jax.tree.structure(importance), masks)
-
-  def _select(self, importance, elig) -> tuple[Any, jax.Array]:
-    """New mask from the importance: top-k of layer-normalized scores."""
-    scales, thrs, threshold = self._thresholds(importance, elig)
-    return self._masks(importance, elig, scales, thrs), threshold
-
-  def _with_hysteresis(self, top, old_mask, old_streak) -> tuple[Any, Any]:
-    """The stored mask of a refresh from its top-k bool mask, and the new
-    out-streaks. With ``release_after = R > 1`` an isolated entry stays
-    isolated until it has been out of the top-k at R consecutive refreshes."""
-    if self.release_after == 1:
-      return self.store_mask(top), old_streak
-
-    def leaf(t, old, streak):
-      if old.dtype == jnp.uint8:
-        old = compact.unpack(old, t.shape)
-      streak = jnp.where(t | ~old, jnp.uint8(0),
-                         jnp.minimum(streak, jnp.uint8(254)) + jnp.uint8(1))
-      return t | (old & (streak < self.release_after)), streak
-
-    out = jax.tree.map(leaf, top, old_mask, old_streak)
-    outer = jax.tree.structure(top)
-    mask, streak = jax.tree.transpose(outer, jax.tree.structure((0, 0)), out)
-    return self.store_mask(mask), streak
-
-  def update(self, grads, state: EPIState, params) -> EPIState:
-    """Importance EMA, then (on schedule) a refresh of the mask."""
-    elig = _eligible_tree(self.eligible, grads)
-    decay = jnp.asarray(self.decay, jnp.float32)
-    finite = _all_finite(grads)
-
-    def ema(leaf, imp, g, p):
-      new = decay * imp.astype(jnp.float32) + (1.0 - decay) * _score(self.importance, g, p)
-      if imp.dtype == jnp.bfloat16:
-        new = compact.stochastic_round_bf16(new, state.count, leaf)
-      # A step with a non-finite gradient leaves the importance unchanged.
-      return jnp.where(finite, new.astype(imp.dtype), imp)
-
-    imp_leaves, treedef = jax.tree.flatten(state.importance)
-    g_leaves = treedef.flatten_up_to(grads)
-    p_leaves = (treedef.flatten_up_to(params) if params is not None
-                else [None] * len(imp_leaves))
-    if self.importance == "displacement":
-      # CPI-FT's score: how far each weight moved from theta_0 (kept in
-      # `importance`), read from the params at the refresh; no EMA.
-      if params is None:
-        raise ValueError("importance='displacement' needs params: pass params to update().")
-      importance = state.importance
-      scores = jax.tree.unflatten(treedef, [
-          jnp.abs(p.astype(jnp.float32) - i) for i, p in zip(imp_leaves, p_leaves)])
-    else:
-      importance = scores = jax.tree.unflatten(treedef, [
-          ema(i, *args) for i, args in enumerate(zip(imp_leaves, g_leaves, p_leaves))])
-
-    step = state.count + 1  # t + 1, with t the update count before this update.
-    warmup = jnp.asarray(self.warmup, jnp.int32)
-    interval = jnp.asarray(self.interval, jnp.int32)
-    scheduled = (step >= warmup) & (jnp.mod(step - warmup, interval) == 0)
-    if self.mode == "evolving":
-      do_refresh = scheduled
-    elif self.mode == "static":
-      do_refresh = scheduled & (state.num_refreshes == 0)
-    else:
-      do_refresh = jnp.bool_(False)
-
-    # Only scalars cross the cond: the refresh branch finds the per-leaf
-    # thresholds (and the statistics of the new mask); the mask itself is then
-    # rebuilt elementwise outside, fused with the update that it masks. Big
-    # arrays returned through a cond's branches cost copies on every step.
-    n_leaves = len(jax.tree.leaves(importance))
-    never = jnp.int32(selection.NEVER)
-
-    def refresh(importance, old_mask, old_first, old_streak, old_scalars):
-      num_refreshes = old_scalars[0]
-      scales, thrs, threshold = self._thresholds(importance, elig)
-      mask, _ = self._with_hysteresis(self._masks(importance, elig, scales, thrs),
-                                      old_mask, old_streak)
-      n_elig = selection.count_to_float(selection.count_from_int(
-          sum(int(i.size) for i, e in zip(jax.tree.leaves(importance),
-                                          jax.tree.leaves(elig)) if e)))
-      isolated = selection.count_to_float(_mask_count(mask))
-      flipped = selection.count_to_float(_mask_count(
-          jax.tree.map(jnp.bitwise_xor, mask, old_mask)))
-      first = num_refreshes == 0
-      jaccard_prev = jnp.where(first, 1.0, _jaccard(mask, old_mask))
-      if self.track_first_mask:
-        first_mask = jax.tree.map(lambda new, o: jnp.where(first, new, o), mask, old_first)
-        jaccard_first = _jaccard(mask, first_mask)
-      else:
-        jaccard_first = old_scalars[5]
-      scalars = (num_refreshes + 1,
-                 (isolated / jnp.maximum(n_elig, 1.0)).astype(jnp.float32),
-                 flipped.astype(jnp.float32), jaccard_prev.astype(jnp.float32),
-                 jnp.asarray(jaccard_first, jnp.float32), threshold.astype(jnp.float32))
-      return [jnp.asarray(d, jnp.float32) for d in scales], list(thrs), scalars
-
-    def keep(importance, old_mask, old_first, old_streak, old_scalars):
-      del importance, old_mask, old_first, old_streak
-      return [jnp.float32(1.0)] * n_leaves, [never] * n_leaves, old_scalars
-
-    if self.mode == "none":
-      new_state = state
-    else:
-      # One materialized score tree feeds both the refresh and the masks: a
-      # fusion that recomputed the EMA could round differently (FMA) and pick
-      # a different mask than the one the refresh counted.
-      scores = jax.lax.optimization_barrier(scores)
-      old_scalars = (state.num_refreshes, state.isolated_fraction, state.num_flipped,
-                     state.jaccard_prev, state.jaccard_first, state.threshold)
-      scales, thrs, scalars = jax.lax.cond(
-          do_refresh, refresh, keep, scores, state.mask, state.first_mask,
-          state.out_streak, old_scalars)
-      new, streak = self._with_hysteresis(self._masks(scores, elig, scales, thrs),
-                                          state.mask, state.out_streak)
-      mask = jax.tree.map(lambda n, o: jnp.where(do_refresh, n, o), new, state.mask)
-      streak = jax.tree.map(lambda n, o: jnp.where(do_refresh, n, o), streak,
-                            state.out_streak)
-      first_mask = state.first_mask
-      if self.track_first_mask:
-        is_first = do_refresh & (state.num_refreshes == 0)
-        first_mask = jax.tree.map(lambda n, o: jnp.where(is_first, n, o), new, first_mask)
-      new_state = state._replace(
-          mask=mask, first_mask=first_mask, num_refreshes=scalars[0],
-          isolated_fraction=scalars[1], num_flipped=scalars[2], jaccard_prev=scalars[3],
-          jaccard_first=scalars[4], threshold=scalars[5], out_streak=streak)
-    return new_state._replace(count=optax.safe_increment(state.count),
-                              importance=importance)
+  # tree.map over params: every per-parameter field inherits their sharding.
+  if options.importance == "displacement":  # the initial params theta_0, a copy
+    importance = jax.tree.map(lambda p: jnp.array(
+        p, jnp.complex64 if jnp.iscomplexobj(p) else jnp.float32, copy=True), params)
+  else:
+    importance = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=options.importance_dtype),
+                              params)
+  # Distinct scalars (not one shared array): donated state needs distinct buffers.
+  zero = lambda: jnp.zeros([], jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
+  return EPIState(
+      count=jnp.zeros([], jnp.int32), importance=importance,
+      mask=jax.tree.map(empty_mask, params),
+      first_mask=jax.tree.map(empty_mask, params) if options.track_first_mask else (),
+      num_refreshes=jnp.zeros([], jnp.int32), isolated_fraction=zero(), num_flipped=zero(),
+      jaccard_prev=zero(),
+      jaccard_first=jnp.full([], 0.0 if options.track_first_mask else -1.0, jnp.float32),
+      threshold=zero(),
+      out_streak=(jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.uint8), params)
+                  if options.release_after > 1 else ()))
 
 
-def _as_bool(mask, shape):
-  """A stored (bool or packed) mask leaf as bools of ``shape``."""
-  return compact.unpack(mask, shape) if mask.dtype == jnp.uint8 else mask
+def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState:
+  """Importance EMA, then (on schedule) a refresh of the mask."""
+  layout = leaf_layout(options, state.importance)
+  importance = _ema(options, layout, state, grads, params)
+  new_state = state._replace(count=optax.safe_increment(state.count), importance=importance)
+  if options.mode == "none":
+    return new_state
+
+  step = state.count + 1  # 1-based number of this update
+  do_refresh = is_refresh_step(step, options)
+  if options.mode == "static":  # also once only if the count wrapped around
+    do_refresh = do_refresh & (state.num_refreshes == 0)
+
+  treedef = jax.tree.structure(state.importance)
+  # One materialized tree feeds both the refresh and the masks: a fusion that
+  # recomputed the EMA could round differently (FMA) and pick a different mask
+  # than the one the refresh counted. (The float32 scores of bf16 values are
+  # exact elementwise functions of it, recomputed where they are used.)
+  ranked = jax.lax.optimization_barrier(_ranked(options, importance, params))
+  old_mask = treedef.flatten_up_to(state.mask)
+  old_first = treedef.flatten_up_to(state.first_mask) if options.track_first_mask else None
+  old_streak = treedef.flatten_up_to(state.out_streak) if options.release_after > 1 else ()
+  old_stats = RefreshStats(state.num_refreshes, state.isolated_fraction, state.num_flipped,
+                           state.jaccard_prev, state.jaccard_first, state.threshold)
+
+  # Only small arrays cross the cond: the refresh branch finds the cuts (and
+  # the statistics of the new mask); the mask itself is then rebuilt
+  # elementwise outside, fused with the update that it masks. Big arrays
+  # returned through a cond's branches cost copies on every step.
+  def refresh(ranked):
+    scores = _scores(layout, ranked)
+    scales, thrs, threshold = _cuts(options, layout, scores)
+    mask, _ = _with_hysteresis(options, _top_masks(layout, scores, scales, thrs),
+                               old_mask, old_streak)
+    first = None
+    if options.track_first_mask:
+      first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, old_first)]
+    return scales, thrs, _refresh_stats(options, layout, mask, old_mask, first, old_stats,
+                                        threshold)
+
+  def keep(ranked):
+    del ranked
+    ones = [jnp.ones(_scale("none", leaf, None).shape, jnp.float32) for leaf in layout]
+    nevers = [jnp.full(o.shape, selection.NEVER, jnp.int32) for o in ones]
+    return ones, nevers, old_stats
+
+  scales, thrs, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
+  new, streak = _with_hysteresis(options, _top_masks(layout, _scores(layout, ranked), scales,
+                                                     thrs),
+                                 old_mask, old_streak)
+  pick = lambda n, o: jnp.where(do_refresh, n, o)  # pylint: disable=unnecessary-lambda-assignment
+  mask = [pick(n, o) for n, o in zip(new, old_mask)]
+  first_mask = state.first_mask
+  if options.track_first_mask:
+    is_first = do_refresh & (state.num_refreshes == 0)
+    first_mask = jax.tree.unflatten(treedef, [jnp.where(is_first, n, o)
+                                              for n, o in zip(new, old_first)])
+  if options.release_after > 1:
+    streak = jax.tree.unflatten(treedef, [pick(n, o) for n, o in zip(streak, old_streak)])
+  return new_state._replace(mask=jax.tree.unflatten(treedef, mask), first_mask=first_mask,
+                            out_streak=streak, **stats._asdict())
 
 
 def _apply_mask(updates, mask):
@@ -471,36 +423,50 @@ _OPTIONS_DOC = """
       in [0, 1]; ``k = floor(p * N_eligible)``. May be injected with
       ``optax.inject_hyperparams`` (then k is computed from the traced value).
     update_interval: refresh period T in steps (>= 1). Each refresh costs
-      about 31 reads of the importance (a bisection).
+      about 31 reads of the importance (a bisection). May be injected.
     ema_decay: importance EMA decay beta in [0, 1): ``I <- beta I + (1-beta) s(g)``.
       May be injected.
     warmup_steps: W, the first refresh happens at step W (1-based); refreshes
-      at steps ``W, W+T, W+2T, ...``. Defaults to T. Nothing is isolated before.
-    importance: score s(g): ``"grad_sq"`` (g^2, diagonal empirical Fisher,
+      at steps ``W, W+T, W+2T, ...`` (``is_refresh_step``). Defaults to T.
+      Nothing is isolated before.
+    importance: score s(g): ``"grad_sq"`` (|g|^2, diagonal empirical Fisher,
       default), ``"grad_abs"`` (|g|), ``"taylor"`` (|g * theta|; needs params)
       or ``"displacement"`` (|theta - theta_0|, CPI-FT's update magnitude: no
       EMA, the state keeps theta_0 instead of an importance; needs params; with
       ``mode="static"`` and ``warmup_steps=W`` it is CPI-FT's mask after a
-      W-step probe).
-    normalization: per-leaf normalization before selection: ``"layer_mean"``
-      (divide by the leaf's mean score, default), ``"layer_max"`` or ``"none"``.
+      W-step probe). Complex entries score by their modulus.
+    normalization: per-layer normalization before selection: ``"layer_mean"``
+      (divide by the layer's mean score, default), ``"layer_max"`` or
+      ``"none"``. A layer is a leaf, or a slice of a stacked leaf (see
+      ``layer_axes``). One reduction per layer per refresh.
     selection: ``"global"`` top-k over all eligible entries (default) or
-      ``"layer"`` (top-p within each leaf).
+      ``"layer"`` (top-p within each layer). Both count, never sort or gather.
     mode: ``"evolving"`` (EPI: refresh every T steps, default), ``"static"``
       (mask chosen at the first refresh and frozen for good: the
       static-isolation baseline) or ``"none"`` (track importance, isolate
       nothing).
-    eligible: which leaves may be isolated: None (all), a pytree of bools
-      shaped like the params, or a predicate on the path string
-      (e.g. ``lambda path: "norm" not in path``). Ineligible leaves are never
-      isolated and are not counted in N.
+    eligible: which parameters may be isolated: None (all), a pytree of bools
+      shaped like the params, or a predicate on the path string,
+      ``lambda path: "norm" not in path`` or, to name layers of stacked
+      leaves, ``lambda path, layer: ...`` (``layer`` is the index along the
+      leaf's layer axis, None for an unstacked leaf). Ineligible entries are
+      never isolated and not counted in N. With ``optax.inject_hyperparams``
+      list a callable in ``static_args`` (it would be taken for a schedule).
+    layer_axes: where stacked leaves keep their layers: None (every leaf is
+      one layer), a pytree shaped like the params of ``int | None`` (the axis
+      indexing layers; None for unstacked leaves), or
+      ``(path, shape) -> int | None``. Every slice along a leaf's layer axis is
+      treated exactly as its own leaf (normalization, ``selection="layer"``,
+      ``eligible``), so a scanned and an unscanned copy of a model get the
+      same masks. Costs nothing extra. With ``optax.inject_hyperparams`` list
+      a callable in ``static_args``.
     track_first_mask: keep the first refresh's mask to report the Jaccard
       overlap with it (``jaccard_first``). Costs one bool per parameter.
     importance_dtype: dtype of the importance EMA: None (float32) or
       ``jnp.bfloat16`` / ``"bfloat16"`` (2 bytes per parameter instead of 4).
       The bf16 EMA is computed in float32 and stochastically rounded to bf16
-      (deterministic hash of index and step, no RNG state), so increments
-      smaller than bf16's resolution are kept on average. With
+      (deterministic hash of the in-layer index and the step, no RNG state),
+      so increments smaller than bf16's resolution are kept on average. With
       ``optax.inject_hyperparams`` pass it as a string or in ``static_args``.
     packed_mask: store the mask (and ``first_mask``) as bits, 8 per uint8
       along each leaf's last axis (1/8 byte per parameter instead of 1);
@@ -518,9 +484,9 @@ def epi_transform(isolation_ratio: float, update_interval: int,
                   ema_decay: float = 0.99, *, warmup_steps: Optional[int] = None,
                   importance: str = "grad_sq", normalization: str = "layer_mean",
                   selection: str = "global", mode: str = "evolving",
-                  eligible: Eligible = None, track_first_mask: bool = False,
-                  importance_dtype=None, packed_mask: bool = False,
-                  release_after: Optional[int] = None,
+                  eligible: Eligible = None, layer_axes: LayerAxes = None,
+                  track_first_mask: bool = False, importance_dtype=None,
+                  packed_mask: bool = False, release_after: Optional[int] = None,
                   ) -> optax.GradientTransformationExtraArgs:
   """EPI, chain-first form: zeroes the incoming updates of isolated entries.
 
@@ -534,17 +500,19 @@ def epi_transform(isolation_ratio: float, update_interval: int,
   decoupled weight decay shrinks every weight. For truly frozen isolated
   weights use the wrapper form ``isolate(inner, ...)`` (or ``epi_adamw``).
   """
-  core = _Core(isolation_ratio, update_interval, ema_decay, warmup_steps,
-               importance, normalization, selection, mode, eligible,
-               track_first_mask, importance_dtype, _BITS_PER_PASS, packed_mask,
-               release_after)
+  options = EPIOptions(
+      isolation_ratio=isolation_ratio, update_interval=update_interval, ema_decay=ema_decay,
+      warmup_steps=warmup_steps, importance=importance, normalization=normalization,
+      selection=selection, mode=mode, eligible=eligible, layer_axes=layer_axes,
+      track_first_mask=track_first_mask, importance_dtype=importance_dtype,
+      packed_mask=packed_mask, release_after=release_after)
 
   def init_fn(params):
-    return core.init(params)
+    return _init_epi(options, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    state = core.update(updates, state, params)
+    state = _update_epi(options, updates, state, params)
     return _apply_mask(updates, state.mask), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -555,9 +523,9 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
             warmup_steps: Optional[int] = None, importance: str = "grad_sq",
             normalization: str = "layer_mean", selection: str = "global",
             mode: str = "evolving", eligible: Eligible = None,
-            track_first_mask: bool = False, importance_dtype=None,
-            packed_mask: bool = False, release_after: Optional[int] = None,
-            reset_on_release: bool = False,
+            layer_axes: LayerAxes = None, track_first_mask: bool = False,
+            importance_dtype=None, packed_mask: bool = False,
+            release_after: Optional[int] = None, reset_on_release: bool = False,
             ) -> optax.GradientTransformationExtraArgs:
   """EPI, wrapper form: isolated weights do not move at all.
 
@@ -575,20 +543,21 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
   not per entry): about ``(1 - b1) / sqrt(1 - b2)`` = 3.2x at the defaults.
   Costs one more read and write of ``inner``'s per-parameter state per step.
   """
-  core = _Core(isolation_ratio, update_interval, ema_decay, warmup_steps,
-               importance, normalization, selection, mode, eligible,
-               track_first_mask, importance_dtype, _BITS_PER_PASS, packed_mask,
-               release_after)
+  options = EPIOptions(
+      isolation_ratio=isolation_ratio, update_interval=update_interval, ema_decay=ema_decay,
+      warmup_steps=warmup_steps, importance=importance, normalization=normalization,
+      selection=selection, mode=mode, eligible=eligible, layer_axes=layer_axes,
+      track_first_mask=track_first_mask, importance_dtype=importance_dtype,
+      packed_mask=packed_mask, release_after=release_after)
+  if not isinstance(reset_on_release, bool):
+    raise ValueError(f"reset_on_release must be a bool, got {reset_on_release!r}.")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return IsolateState(epi=core.init(params), inner=inner.init(params))
-
-  if not isinstance(reset_on_release, bool):
-    raise ValueError(f"reset_on_release must be a bool, got {reset_on_release!r}.")
+    return IsolateState(epi=_init_epi(options, params), inner=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    epi = core.update(updates, state.epi, params)
+    epi = _update_epi(options, updates, state.epi, params)
     inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
     if reset_on_release:
       released = jax.tree.map(
@@ -610,16 +579,31 @@ def epi_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
               b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-4,
               mask=None, *, isolation_ratio: float = 0.01,
               update_interval: int = 100, ema_decay: float = 0.99,
-              **epi_options) -> optax.GradientTransformationExtraArgs:
+              warmup_steps: Optional[int] = None, importance: str = "grad_sq",
+              normalization: str = "layer_mean", selection: str = "global",
+              mode: str = "evolving", eligible: Eligible = None,
+              layer_axes: LayerAxes = None, track_first_mask: bool = False,
+              importance_dtype=None, packed_mask: bool = False,
+              release_after: Optional[int] = None, reset_on_release: bool = False,
+              ) -> optax.GradientTransformationExtraArgs:
   """AdamW wrapped by ``isolate``: the EPI optimizer most users want.
 
   ``learning_rate`` ... ``mask`` are ``optax.adamw``'s; the EPI options are
-  those of ``isolate``.
+  those of ``isolate`` (every one spelled out, so that
+  ``optax.inject_hyperparams(epi_adamw)`` sees them).
   """
-  return isolate(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                             weight_decay=weight_decay, mask=mask),
-                 isolation_ratio, update_interval, ema_decay, **epi_options)
+  return isolate(
+      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+      isolation_ratio, update_interval, ema_decay, warmup_steps=warmup_steps,
+      importance=importance, normalization=normalization, selection=selection, mode=mode,
+      eligible=eligible, layer_axes=layer_axes, track_first_mask=track_first_mask,
+      importance_dtype=importance_dtype, packed_mask=packed_mask,
+      release_after=release_after, reset_on_release=reset_on_release)
 
+
+# ---------------------------------------------------------------------------
+# Reading the state.
+# ---------------------------------------------------------------------------
 
 def epi_state(opt_state) -> EPIState:
   """The ``EPIState`` found anywhere inside a (nested) optimizer state.
@@ -652,6 +636,18 @@ def epi_state(opt_state) -> EPIState:
   return found[0]
 
 
+METRICS = RefreshStats._fields
+
+
+def epi_metrics(opt_state) -> dict[str, jax.Array]:
+  """EPI's scalar statistics (``RefreshStats``'s fields) as a dict of arrays.
+
+  ``opt_state`` is an ``EPIState`` or any optimizer state ``epi_state`` accepts.
+  """
+  s = opt_state if isinstance(opt_state, EPIState) else epi_state(opt_state)
+  return {k: getattr(s, k) for k in METRICS}
+
+
 def unpacked_mask(state) -> Any:
   """The isolation mask as a bool pytree shaped like the params.
 
@@ -661,3 +657,22 @@ def unpacked_mask(state) -> Any:
   """
   s = state if isinstance(state, EPIState) else epi_state(state)
   return jax.tree.map(lambda m, imp: _as_bool(m, imp.shape), s.mask, s.importance)
+
+
+def per_layer_isolated(state, layer_axes: LayerAxes = None) -> dict[str, jax.Array]:
+  """``{name: isolated fraction}`` per layer: a leaf's path, or for a stacked
+  leaf ``path[l]`` per slice ``l`` along its layer axis (see ``layer_axes``)."""
+  mask = unpacked_mask(state)
+  options = EPIOptions(isolation_ratio=0.0, update_interval=1, layer_axes=layer_axes)
+  out = {}
+  flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+  for (path, m), leaf in zip(flat, leaf_layout(options, mask)):
+    name = path_str(path)
+    if leaf.axis is None:
+      out[name] = jnp.mean(m.astype(jnp.float32))
+    else:
+      frac = jnp.mean(m.astype(jnp.float32), axis=leaf.reduce_axes)
+      for l in range(leaf.shape[leaf.axis]):
+        out[f"{name}[{l}]"] = frac[l]
+  return out
+

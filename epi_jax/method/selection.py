@@ -71,7 +71,8 @@ def topk_count(ratio: Any, n: int) -> _Count:
   """
   if isinstance(ratio, (int, float)):
     return count_from_int(int(ratio * n)) if ratio < 1 else count_from_int(n)
-  k = jnp.floor(jnp.asarray(ratio, jnp.float32) * jnp.float32(n))
+  # real: inject_hyperparams casts hyperparameters to the params' dtype (complex too).
+  k = jnp.floor(jnp.real(jnp.asarray(ratio)).astype(jnp.float32) * jnp.float32(n))
   k = jnp.clip(k, 0.0, float(n))
   hi = jnp.floor(k / _BASE)
   return _Count(hi.astype(jnp.int32), (k - hi * _BASE).astype(jnp.int32))
@@ -84,21 +85,31 @@ def score_bits(scores: jax.Array) -> jax.Array:
   return jnp.where((s >= 0) & ~jnp.isnan(s), bits, -1)
 
 
-def count_true(mask: jax.Array) -> jax.Array:
+def count_true(mask: jax.Array, keep_axis: int | None = None) -> jax.Array:
   """Number of True entries of a bool array (int32; < 2**31 per array).
 
-  Where the last axis is a multiple of 32, the bools are read as 32-bit
-  words (4 bools each, 0 or 1 per byte) and popcounted: XLA:CPU reduces those
-  ~3x faster than it sums bools as int32 (measured, BENCHMARKS.md). Splitting
-  the last axis into words stays shard-local while each shard of it holds a
-  multiple of 4 entries: always with up to 8 shards on that axis (larger
-  splits still count right, through an all-gather of the bools).
+  With ``keep_axis`` the count is per index along that axis (shape
+  ``[mask.shape[keep_axis]]``): the per-slice counts of a stacked leaf, reduced
+  shard-locally when that axis is sharded (no gather).
+
+  Where the last axis is a multiple of 32 (and is not ``keep_axis``), the bools
+  are read as 32-bit words (4 bools each, 0 or 1 per byte) and popcounted:
+  XLA:CPU reduces those ~3x faster than it sums bools as int32 (measured,
+  BENCHMARKS.md). Splitting the last axis into words stays shard-local while
+  each shard of it holds a multiple of 4 entries: always with up to 8 shards on
+  that axis (larger splits still count right, through an all-gather of the bools).
   """
-  if mask.ndim and mask.shape[-1] and mask.shape[-1] % WORD_AXIS_MULTIPLE == 0:
+  last = mask.ndim - 1
+  if (mask.ndim and keep_axis != last and mask.shape[-1]
+      and mask.shape[-1] % WORD_AXIS_MULTIPLE == 0):
     bytes_ = mask.view(jnp.uint8).reshape(mask.shape[:-1] + (mask.shape[-1] // 4, 4))
-    words = jax.lax.bitcast_convert_type(bytes_, jnp.uint32)
-    return jnp.sum(jax.lax.population_count(words), dtype=jnp.int32)
-  return jnp.sum(mask, dtype=jnp.int32)
+    values = jax.lax.population_count(jax.lax.bitcast_convert_type(bytes_, jnp.uint32))
+  else:
+    values = mask
+  if keep_axis is None:
+    return jnp.sum(values, dtype=jnp.int32)
+  axes = tuple(a for a in range(values.ndim) if a != keep_axis)
+  return jnp.sum(values, axis=axes, dtype=jnp.int32)
 
 
 def count_at_least(bits_leaves: list[jax.Array], thresholds: jax.Array) -> _Count:
@@ -147,3 +158,39 @@ def kth_largest_bits(bits_leaves: list[jax.Array], k: _Count,
 
   lo, _ = jax.lax.while_loop(cond, body, (lo0, hi0))
   return lo
+
+
+def kth_largest_bits_per_slice(bits_leaves: list[jax.Array], axes: list[int | None],
+                               ks: list[_Count]) -> list[jax.Array]:
+  """``kth_largest_bits`` for many independent groups at once, by bisection.
+
+  Leaf ``i`` with ``axes[i] = None`` is one group (its threshold is a scalar);
+  with an axis, every slice along it is its own group (a threshold per slice,
+  shape ``[L]``). ``ks[i]`` is the ``k`` of each group (shaped alike). One
+  ``while_loop`` runs all the searches (a group that has converged stays put),
+  so the result is exactly that of one ``kth_largest_bits`` call per group,
+  with one loop in the graph instead of one per leaf. Per-slice counts are
+  reduced along the other axes only: a sharded layer axis stays sharded.
+  """
+
+  def counts(bits, axis, thr):
+    if axis is None:
+      return _split(count_true(bits >= thr))
+    thr = jnp.expand_dims(thr, [a for a in range(bits.ndim) if a != axis])
+    return _split(count_true(bits >= thr, keep_axis=axis))
+
+  def cond(carry):
+    return jnp.any(jnp.stack([jnp.any(lo < hi) for lo, hi in carry]))
+
+  def body(carry):
+    out = []
+    for bits, axis, k, (lo, hi) in zip(bits_leaves, axes, ks, carry):
+      cand = jnp.minimum(lo + (hi - lo + 1) // 2 - 1, hi)
+      ok = _leq(counts(bits, axis, cand), k)
+      active = lo < hi
+      out.append((jnp.where(active & ~ok, cand + 1, lo), jnp.where(active & ok, cand, hi)))
+    return out
+
+  init = [(jnp.zeros(k.lo.shape, jnp.int32), jnp.full(k.lo.shape, _INF_BITS + 1, jnp.int32))
+          for k in ks]
+  return [lo for lo, _ in jax.lax.while_loop(cond, body, init)]

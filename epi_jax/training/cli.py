@@ -1,8 +1,10 @@
-"""``epi-jax train --config configs/NAME.py --workdir DIR [--config.FIELD=VALUE ...]``.
+"""``epi-jax train --config configs/NAME.py --workdir DIR [--model M] [--config.FIELD=VALUE ...]``.
 
 Flags follow ``ml_collections.config_flags``: ``--config`` names a Python file
 with ``get_config()`` (``--config=configs/tiny.py:ARG`` passes ARG to it) and
-``--config.optimizer.learning_rate=1e-4`` overrides one field. Multi-host:
+``--config.optimizer.learning_rate=1e-4`` overrides one field. ``--model
+org/name[@revision]`` (or any name ``load_pretrained`` accepts) starts from that
+pretrained model. Multi-host:
 ``--coordinator_address/--num_processes/--process_id`` start
 ``jax.distributed`` first; without them it is started when the environment
 is a multi-process launch (SLURM ``srun``, ``mpirun``, a multi-host Cloud TPU
@@ -38,6 +40,10 @@ def _flag_values() -> flags.FlagValues:
   flags.DEFINE_bool("allow_config_change", False, "Resume an existing workdir although "
                     "fields safe to change (total_steps, log_every, ...) differ from its "
                     "config.json.", flag_values=fv)
+  flags.DEFINE_string("model", None, "Start from this pretrained model (a known name, a "
+                      "Hugging Face Hub id org/name[@revision], a .gguf file or a checkpoint "
+                      "dir): sets config.model.name and config.model.init='pretrained'.",
+                      flag_values=fv)
   distributed.define_flags(fv)
   return fv
 
@@ -125,6 +131,8 @@ def train_main(argv=None) -> int:
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
   from epi_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from epi_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if fv.model:
+    fv.config.model.name, fv.config.model.init = fv.model, "pretrained"
   try:
     config = cfg_lib.validate(fv.config)
   except ValueError as e:

@@ -4,7 +4,7 @@ A config file (``configs/NAME.py``) defines ``get_config()`` returning an
 ``ml_collections.ConfigDict``; it starts from :func:`default_config` and changes
 what it needs. :func:`validate` checks every field (unknown fields, types and
 values) and returns a resolved copy; training never starts on a bad config.
-See ``TRAINER_API.md`` for the meaning of each field.
+The README's trainer sections say what each field means.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from epi_jax.data import ALL_CONFIGS, TASKS
-from epi_jax.method.isolation import IMPORTANCES, NORMALIZATIONS, SELECTIONS
+from epi_jax.method.options import IMPORTANCES, OptionError
+from epi_jax.training import optim
 
 METHODS = ("full", "multi_stage", "static", "epi")
 DTYPES = ("float32", "bfloat16")
@@ -57,8 +58,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.data_dir = config_dict.placeholder(str)
   c.data.raw_dir = config_dict.placeholder(str)
   c.data.max_examples_per_task = config_dict.placeholder(int)
-  # Where the data is neither prepared nor preparable (no raw files), train on
-  # a small built-in stand-in instead of failing (for tests and demos).
+  # Base URL serving the raw files under the raw dir's relative paths, for the
+  # downloads of files no raw dir holds (None: $EPI_DATA_MIRROR, else upstream).
+  c.data.mirror = config_dict.placeholder(str)
+  # Where the data is not prepared and no raw dir holds its files, train on a
+  # small built-in stand-in instead of downloading them (for tests and demos).
   c.data.allow_standin = False
 
   c.optimizer = ml_collections.ConfigDict()
@@ -202,6 +206,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for f in ("batch_size", "seq_len"):
     _need(_is_int(d[f]) and d[f] >= 1, f"data.{f}", d[f], "must be an int >= 1")
   _need(isinstance(d.packing, bool), "data.packing", d.packing, "must be a bool")
+  _need(d.mirror is None or (isinstance(d.mirror, str) and "://" in d.mirror), "data.mirror",
+        d.mirror, "must be None or a base URL like https://host/path")
   _need(d.max_examples_per_task is None or d.max_examples_per_task >= 1,
         "data.max_examples_per_task", d.max_examples_per_task, "must be None or >= 1")
 
@@ -237,30 +243,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         o.grad_accum_steps, f"must divide data.batch_size={d.batch_size}")
 
   e = c.epi
-  _need(_is_num(e.isolation_ratio) and 0 <= e.isolation_ratio <= 1, "epi.isolation_ratio",
-        e.isolation_ratio, "must be in [0, 1]")
-  _need(_is_int(e.update_interval) and e.update_interval >= 1, "epi.update_interval",
-        e.update_interval, "must be an int >= 1")
-  _need(_is_num(e.ema_decay) and 0 <= e.ema_decay < 1, "epi.ema_decay", e.ema_decay,
-        "must be in [0, 1)")
-  _need(e.warmup_steps is None or (_is_int(e.warmup_steps) and e.warmup_steps >= 0),
-        "epi.warmup_steps", e.warmup_steps, "must be None or an int >= 0")
-  _need(e.importance in IMPORTANCES, "epi.importance", e.importance, f"expected one of {IMPORTANCES}")
-  _need(e.normalization in NORMALIZATIONS, "epi.normalization", e.normalization,
-        f"expected one of {NORMALIZATIONS}")
-  _need(e.selection in SELECTIONS, "epi.selection", e.selection, f"expected one of {SELECTIONS}")
-  _need(e.static_importance is None or e.static_importance in IMPORTANCES,
-        "epi.static_importance", e.static_importance, f"expected None or one of {IMPORTANCES}")
   _need(e.importance_dtype in ("float32", "bfloat16"), "epi.importance_dtype",
         e.importance_dtype, "expected 'float32' or 'bfloat16'")
-  _need(isinstance(e.packed_mask, bool), "epi.packed_mask", e.packed_mask, "must be a bool")
-  _need(_is_int(e.release_after) and 1 <= e.release_after <= 255, "epi.release_after",
-        e.release_after, "must be an int in [1, 255]")
+  _need(e.static_importance is None or e.static_importance in IMPORTANCES,
+        "epi.static_importance", e.static_importance, f"expected None or one of {IMPORTANCES}")
+  _need(_is_int(e.update_interval), "epi.update_interval", e.update_interval, "must be an int")
   _need(isinstance(e.reset_on_release, bool), "epi.reset_on_release", e.reset_on_release,
         "must be a bool")
   _need(isinstance(e.exclude, (tuple, list)) and all(isinstance(s, str) for s in e.exclude),
         "epi.exclude", e.exclude, "must be a tuple of str")
   e.exclude = tuple(e.exclude)
+  try:  # EPI validates its own options (for every method: a typo fails early)
+    optim.epi_options(c)
+  except OptionError as err:
+    raise ValueError(f"Invalid config.epi.{err.field}: {err}") from None
 
   for f in ("data", "fsdp", "tensor"):
     v = c.mesh[f]

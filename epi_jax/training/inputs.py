@@ -1,8 +1,10 @@
 """Training batches: makes sure the data exists, builds the iterator, shards batches.
 
-The ``epi_sft`` datasets are prepared on first use (idempotent; seconds). Where
-the raw files are missing and ``config.data.allow_standin`` is set, a small
-built-in stand-in (synthetic chat examples per task) is used instead.
+The ``epi_sft`` datasets are prepared on first use (idempotent; seconds), from
+the raw dir, or from files downloaded (pinned checksums, cached; from
+``config.data.mirror`` when set) where no raw dir holds them. Where the raw
+files are not local and ``config.data.allow_standin`` is set, a small built-in
+stand-in (synthetic chat examples per task) is used instead of downloading.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 import numpy as np
 
 from epi_jax import data as epi_data
+from epi_jax.data.download import has_raw_files
 from epi_jax.data.pipeline import make_train_iterator
 from epi_jax.training import sharding
 from epi_jax.utils.assets import default_raw_data_dir
@@ -41,7 +44,7 @@ def standin_sources(tasks, n: int = 64) -> dict[str, list[dict[str, Any]]]:
   return out
 
 
-def _prepare(tasks, raw_dir, data_dir) -> None:
+def _prepare(tasks, raw_dir, data_dir, mirror=None) -> None:
   """Prepares ``tasks``; with several processes, process 0 first (others wait, then
   prepare only what their file system still lacks, e.g. per-host local disks)."""
   multi = jax.process_count() > 1
@@ -49,21 +52,21 @@ def _prepare(tasks, raw_dir, data_dir) -> None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(f"[epi_jax] preparing {tasks} in {data_dir}", file=sys.stderr)
-    epi_data.prepare(raw_dir=raw_dir, data_dir=data_dir, tasks=tasks)
+    epi_data.prepare(raw_dir=raw_dir, data_dir=data_dir, tasks=tasks, mirror=mirror)
   if multi:
     multihost_utils.sync_global_devices("epi_jax:prepare_data")
     if jax.process_index() != 0:
       left = [t for t in tasks if not epi_data.get_builder(t, data_dir).is_prepared()]
       if left:
-        epi_data.prepare(raw_dir=raw_dir, data_dir=data_dir, tasks=left)
+        epi_data.prepare(raw_dir=raw_dir, data_dir=data_dir, tasks=left, mirror=mirror)
 
 
 def ensure_data(config) -> dict[str, Any]:
   """Prepares missing datasets; returns the iterator's data kwargs.
 
   Raises:
-    FileNotFoundError: when the data is missing, cannot be prepared, and the
-      stand-in is not allowed.
+    epi_jax.data.download.DownloadError: when raw files had to be downloaded
+      and could not be (the stand-in not allowed).
   """
   tasks = used_tasks(config)
   data_dir = config.data.data_dir or epi_data.default_data_dir()
@@ -71,16 +74,13 @@ def ensure_data(config) -> dict[str, Any]:
   if not missing:
     return {"data_dir": data_dir}
   raw_dir = config.data.raw_dir or default_raw_data_dir()
-  if raw_dir is not None or missing == ["chat"]:
-    _prepare(missing, raw_dir, data_dir)
-    return {"data_dir": data_dir}
-  if config.data.allow_standin:
+  local = all(t == "chat" or has_raw_files(raw_dir, t) for t in missing)
+  if not local and config.data.allow_standin:
     print(f"[epi_jax] raw data missing for {missing}: using the built-in stand-in",
           file=sys.stderr)
     return {"sources": standin_sources(tasks)}
-  raise FileNotFoundError(
-      f"Training data for {missing} is not prepared in {data_dir} and no raw data dir was "
-      "found (set config.data.raw_dir or $EPI_RAW_DATA_DIR, or config.data.allow_standin)")
+  _prepare(missing, raw_dir, data_dir, config.data.mirror)  # downloads what is not local
+  return {"data_dir": data_dir}
 
 
 def process_rows(mesh, batch_size: int) -> tuple[int, int]:

@@ -50,36 +50,49 @@ def eligible_fn(config):
   return lambda path: not any(s in path for s in exclude)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def is_epi(config) -> bool:
+  return config.method in ("static", "epi")
+
+
+def epi_options(config, layer_axes=None) -> epi_jax.EPIOptions:
+  """The EPI options of ``config`` (method static or epi): the one mapping from
+  the config to EPI, validated by ``EPIOptions`` (raises ``ValueError``)."""
+  e = config.epi
+  importance = e.importance
+  if config.method == "static" and e.static_importance:
+    importance = e.static_importance  # e.g. CPI-FT's "displacement"
+  return epi_jax.EPIOptions(
+      isolation_ratio=e.isolation_ratio, update_interval=e.update_interval,
+      ema_decay=e.ema_decay, warmup_steps=e.warmup_steps, importance=importance,
+      normalization=e.normalization, selection=e.selection,
+      mode="static" if config.method == "static" else "evolving",
+      eligible=eligible_fn(config), layer_axes=layer_axes,
+      track_first_mask=config.method == "epi", importance_dtype=e.importance_dtype,
+      packed_mask=e.packed_mask, release_after=e.release_after)
+
+
+def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
   """The optax transformation of ``config.method`` (see the module docstring).
 
   With ``optimizer.skip_nonfinite`` it is wrapped in ``optax.apply_if_finite``:
   a step with non-finite gradients leaves params and optimizer (EPI) state as
   they were.
   """
-  tx = _method_optimizer(config)
+  tx = _method_optimizer(config, layer_axes)
   if config.optimizer.skip_nonfinite:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)  # never give up
   return tx
 
 
-def _method_optimizer(config) -> optax.GradientTransformation:
+def _method_optimizer(config, layer_axes) -> optax.GradientTransformation:
   inner = _adamw(config)
-  if config.method in ("full", "multi_stage"):
+  if not is_epi(config):
     return inner
-  e = config.epi
-  importance = e.importance
-  if config.method == "static" and e.static_importance:
-    importance = e.static_importance  # e.g. CPI-FT's "displacement"
+  o = epi_options(config, layer_axes)
   return epi_jax.isolate(
-      inner, e.isolation_ratio, e.update_interval, e.ema_decay,
-      warmup_steps=e.warmup_steps, importance=importance,
-      normalization=e.normalization, selection=e.selection,
-      mode="static" if config.method == "static" else "evolving",
-      eligible=eligible_fn(config), track_first_mask=config.method == "epi",
-      importance_dtype=e.importance_dtype, packed_mask=e.packed_mask,
-      release_after=e.release_after, reset_on_release=e.reset_on_release)
-
-
-def is_epi(config) -> bool:
-  return config.method in ("static", "epi")
+      inner, o.isolation_ratio, o.update_interval, o.ema_decay, warmup_steps=o.warmup_steps,
+      importance=o.importance, normalization=o.normalization, selection=o.selection,
+      mode=o.mode, eligible=o.eligible, layer_axes=o.layer_axes,
+      track_first_mask=o.track_first_mask, importance_dtype=o.importance_dtype,
+      packed_mask=o.packed_mask, release_after=o.release_after,
+      reset_on_release=config.epi.reset_on_release)

@@ -18,7 +18,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from epi_jax.data import ALL_CONFIGS
-from epi_jax.method.isolation import epi_state, unpacked_mask
+from epi_jax.method import epi_metrics
+from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.training import optim, sharding
 
 NUM_TASKS = len(ALL_CONFIGS)
@@ -103,10 +104,7 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
     if skip:  # optax.apply_if_finite's state is the outermost
       metrics["skipped_steps"] = opt_state.total_notfinite
     if use_epi:
-      e = epi_state(opt_state)
-      metrics.update(isolated_fraction=e.isolated_fraction, num_flipped=e.num_flipped,
-                     jaccard_prev=e.jaccard_prev, jaccard_first=e.jaccard_first,
-                     num_refreshes=e.num_refreshes)
+      metrics.update(epi_metrics(opt_state))
     return new_state, metrics
 
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -114,7 +112,7 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
                  donate_argnums=0)
 
 
-def per_layer_isolated(opt_state) -> dict[str, jax.Array]:
-  """``{param path: isolated fraction}`` of the current EPI mask."""
-  mask = unpacked_mask(opt_state)  # bools, also with config.epi.packed_mask
-  return {k: jnp.mean(m.astype(jnp.float32)) for k, m in mask.items()}
+def per_layer_isolated(opt_state, layer_axes=None) -> dict[str, jax.Array]:
+  """``{param path: isolated fraction}`` of the current EPI mask (a stacked
+  leaf: one entry per layer, ``path[l]``)."""
+  return _per_layer(opt_state, layer_axes)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from epi_jax.method import METRICS, epi_state, is_refresh_step
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import inputs
@@ -108,16 +109,6 @@ class _StopFlag:
       signal.signal(sig, old)
 
 
-def _refresh_scheduled(config, step: int, num_refreshes: int) -> bool:
-  if not optim.is_epi(config):
-    return False
-  t = config.epi.update_interval
-  w = t if config.epi.warmup_steps is None else config.epi.warmup_steps
-  if step < w or (step - w) % t:
-    return False
-  return config.method == "epi" or num_refreshes == 0
-
-
 def _window_record(step, window, config, elapsed, timed_steps, compile_s):
   host = jax.device_get(window)
   rec = {"step": step, "loss": float(np.mean([m["loss"] for m in host]))}
@@ -138,10 +129,14 @@ def _window_record(step, window, config, elapsed, timed_steps, compile_s):
   if "skipped_steps" in last:
     rec["skipped_steps"] = int(last["skipped_steps"])
   if optim.is_epi(config):
-    for k in ("isolated_fraction", "num_flipped", "jaccard_prev", "jaccard_first"):
-      rec[k] = float(last[k])
-    rec["num_refreshes"] = int(last["num_refreshes"])
+    rec.update(_epi_record(last))
   return rec
+
+
+def _epi_record(metrics) -> dict:
+  """EPI's statistics (``epi_jax.epi_metrics``) of a step's metrics, as numbers."""
+  return {k: int(metrics[k]) if k == "num_refreshes" else float(metrics[k])
+          for k in METRICS if k != "threshold"}
 
 
 def _write_json_text(path: pathlib.Path, text: str) -> None:
@@ -294,11 +289,12 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
     state = jax.jit(init_state, in_shardings=(p_shard,), out_shardings=st_shard,
                     donate_argnums=0)(params)
   total = config.total_steps
-  num_refreshes = (int(step_lib.epi_state(state["opt_state"]).num_refreshes)
+  num_refreshes = (int(epi_state(state["opt_state"]).num_refreshes)
                    if optim.is_epi(config) else 0)
 
   train_step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
-  per_layer = jax.jit(step_lib.per_layer_isolated) if optim.is_epi(config) else None
+  epi_opts = optim.epi_options(config) if optim.is_epi(config) else None
+  per_layer = jax.jit(step_lib.per_layer_isolated) if epi_opts is not None else None
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=step,
                                      total_steps=total,
                                      progress_bar=config.progress_bar)
@@ -346,14 +342,12 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
           t_window, first = time.perf_counter(), False
         else:
           timed += 1
-        if _refresh_scheduled(config, step, num_refreshes):
+        if epi_opts is not None and is_refresh_step(step, epi_opts):
           n = int(m["num_refreshes"])
           if n > num_refreshes:
             num_refreshes = n
             layers = jax.device_get(per_layer(state["opt_state"]))
-            writer.refresh({"step": step, "num_refreshes": n,
-                            **{k: float(m[k]) for k in ("isolated_fraction", "num_flipped",
-                                                         "jaccard_prev", "jaccard_first")},
+            writer.refresh({"step": step, **_epi_record(m),
                             "per_layer": {k: float(v) for k, v in layers.items()}})
         at_checkpoint = step % config.checkpoint_every == 0 or step == total
         at_log = step % config.log_every == 0 or step == total
