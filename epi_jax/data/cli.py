@@ -44,7 +44,8 @@ def prepare_main(argv=None) -> int:
     stats = epi_data.prepare(raw_dir=args.raw_dir, data_dir=args.data_dir,
                              tasks=_tasks(args.tasks), mirror=args.mirror)
   except (DownloadError, FileNotFoundError, ValueError) as e:
-    print(f"epi-jax data prepare: {e}", file=sys.stderr)
+    msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    print(f"epi-jax data prepare: {msg.splitlines()[0] if msg else repr(e)}", file=sys.stderr)
     return 1
   for task, s in stats.items():
     state = "built" if s["built"] else "already built"

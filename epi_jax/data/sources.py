@@ -89,21 +89,36 @@ def has_broken_text(*texts: str) -> bool:
 
 
 def _load_json_list(path: pathlib.Path) -> list[Any]:
-  data = json.loads(read_text(path))
+  """The records of a JSON list file; a file that does not parse is an error naming it."""
+  text = read_text(path)
+  if not text.strip():
+    raise ValueError(f"{path}: the file is empty (expected a JSON list of records)")
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; "
+                     "truncated or damaged?): re-download it") from None
   if not isinstance(data, list):
     raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
   return data
 
 
 def _load_jsonl(path: pathlib.Path, drops: Drops) -> list[Any]:
-  records = []
-  for line in read_text(path).splitlines():
+  """The records of a JSON-lines file. Lines that do not parse are dropped as
+  ``bad_json``; a file with no parseable line at all is an error naming it."""
+  records, first_bad = [], None
+  for lineno, line in enumerate(read_text(path).splitlines(), 1):
     if not line.strip():
       continue
     try:
       records.append(json.loads(line))
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
       drops["bad_json"] += 1
+      first_bad = first_bad or (lineno, e.msg)
+  if not records:
+    where = (f"line {first_bad[0]} ({first_bad[1]}) is not JSON and no line is" if first_bad
+             else "the file is empty")
+    raise ValueError(f"{path}: {where} (expected one JSON record per line)")
   return records
 
 

@@ -104,13 +104,10 @@ def _parse_compare(argv):
   flags.DEFINE_string("tasks", None, "sequential protocol: the two tasks, A,B.", flag_values=fv)
   flags.DEFINE_bool("both_orders", True, "sequential protocol: also B then A.", flag_values=fv)
   flags.DEFINE_integer("seeds", 1, "Number of seeds per method.", flag_values=fv)
-  # config_flags discovers the --config.FIELD overrides in sys.argv, so make
-  # it match argv when called programmatically (tests).
-  saved, sys.argv = sys.argv, ["epi-jax compare"] + list(argv)
-  try:
-    fv(sys.argv)
-  finally:
-    sys.argv = saved
+  from epi_jax.training.cli import parse_config_flags, unknown_overrides  # pylint: disable=g-import-not-at-top
+  bad = unknown_overrides(argv) or parse_config_flags(fv, argv, "epi-jax compare")
+  if bad:
+    raise ValueError(bad)
   return fv
 
 
@@ -127,9 +124,11 @@ def compare_main(argv=None) -> int:
     rest, overrides = split_eval_args(argv)
     fv = _parse_compare(rest)
     if fv.config is None or not fv.workdir:
-      raise ValueError("--config and --workdir are required")
+      raise ValueError(f"--config and --workdir are required\n{usage}")
     config = fv.config
     train_cfg, settings = cmp.split_eval_config(config)
+    from epi_jax.training import validate  # pylint: disable=g-import-not-at-top
+    validate(train_cfg)  # a bad trainer config fails before the base model's evaluation
     settings = apply_eval_overrides(settings, overrides)
     with config.unlocked():
       config.eval = settings
@@ -146,10 +145,11 @@ def compare_main(argv=None) -> int:
                                 "ValueError", "FileNotFoundError", "AttributeError",
                                 "TypeError", "KeyError"):
       raise
-    print(f"epi-jax compare: {e}\n{usage}", file=sys.stderr)
+    print(f"epi-jax compare: {e}", file=sys.stderr)
     return 2
   del train_cfg
   from epi_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import NonFiniteError  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize_from_flags(fv)
     with distributed.fail_fast():
@@ -161,6 +161,9 @@ def compare_main(argv=None) -> int:
   except ValueError as e:
     print(f"epi-jax compare: {e}", file=sys.stderr)
     return 2
+  except NonFiniteError as e:
+    print(f"epi-jax compare: {e}", file=sys.stderr)
+    return 4
   return 0
 
 
@@ -224,7 +227,11 @@ def evaluate_main(argv=None) -> int:
   else:
     from epi_jax.training import list_snapshots, load_config, load_run  # pylint: disable=g-import-not-at-top
     run = pathlib.Path(args.workdir)
-    config = load_config(run)
+    try:
+      config = load_config(run)
+    except (FileNotFoundError, ValueError) as e:
+      print(f"epi-jax evaluate: {e}", file=sys.stderr)
+      return 2
     data_kwargs = ({"data_dir": args.data_dir} if args.data_dir
                    else cmp.eval_data(config, settings["tasks"]))
     snaps = list_snapshots(run)

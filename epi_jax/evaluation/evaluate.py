@@ -271,7 +271,7 @@ def eval_gsm8k(model, tokenizer, examples, *, max_new_tokens: int = 160,
     chunk = gen[start:start + batch_size]
     outs = generate(model, [_prompt_ids(tokenizer, e) for e in chunk],
                     max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids,
-                    pad_id=tokenizer.pad_id)
+                    pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     completions += [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
   refs = [e["final_answer"] for e in gen]
   correct = [bool(metrics.gsm8k_match(c, r)) for c, r in zip(completions, refs)]

@@ -27,9 +27,27 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
   return parser
 
 
+def _check_args(args) -> str | None:
+  """What is wrong with the sampling flags (checked before the model loads), or None."""
+  if args.max_new_tokens < 1:
+    return f"--max_new_tokens={args.max_new_tokens} must be >= 1"
+  if not (args.temperature >= 0 and args.temperature != float("inf")):
+    return f"--temperature={args.temperature} must be a finite number >= 0"
+  if not 0 < args.top_p <= 1:
+    return f"--top_p={args.top_p} must be in (0, 1]"
+  return None
+
+
 def generate_main(argv=None) -> int:
-  """Parses ``argv``, loads the model and prints the reply; returns 0."""
+  """Parses ``argv``, loads the model and prints the reply.
+
+  Returns 0, or 2 for bad flags or a request past the model's context.
+  """
   args = build_parser().parse_args(argv)
+  bad = _check_args(args)
+  if bad:
+    print(f"epi-jax generate: {bad}", file=sys.stderr)
+    return 2
   import jax
   import jax.numpy as jnp
   from epi_jax.model.generate import generate_text
@@ -46,6 +64,13 @@ def generate_main(argv=None) -> int:
   messages = [{"role": "user", "content": args.prompt}]
   if args.system is not None:
     messages.insert(0, {"role": "system", "content": args.system})
+  prompt_len = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True)[0])
+  context = model.config.max_position_embeddings
+  if prompt_len + args.max_new_tokens > context:
+    print(f"epi-jax generate: the prompt takes {prompt_len} tokens and --max_new_tokens="
+          f"{args.max_new_tokens} more, past the model's context of {context} tokens; "
+          f"ask for at most {max(context - prompt_len, 0)} new tokens", file=sys.stderr)
+    return 2
   start = time.perf_counter()
   reply = generate_text(model, tokenizer, messages,
                         max_new_tokens=args.max_new_tokens,

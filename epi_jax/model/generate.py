@@ -5,11 +5,19 @@ power-of-two size, and ``max_new_tokens`` is rounded up to a power of two, so
 that few shapes ever get compiled. Prefill and the decode loop
 (``jax.lax.while_loop``, stopping early once every row has emitted a stop
 token) run inside one ``jax.jit``.
+
+Only ids the tokenizer knows are ever produced: an embedding table may have
+more rows than the tokenizer has tokens (padded vocabularies, e.g. Qwen2's,
+or the tiny test model's 272 rows for ByteTokenizer's 259 ids), and the logits
+of those extra rows are masked before sampling. Generation stops at the
+model's context (``max_position_embeddings``): ``max_new_tokens`` is capped
+there with a warning, and a prompt that does not fit is refused.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Sequence
 
 import jax
@@ -24,8 +32,10 @@ def _bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-def _sample(logits, key, temperature, top_p, greedy: bool):
-  """Greedy argmax, or temperature + nucleus (top-p) sampling."""
+def _sample(logits, key, temperature, top_p, greedy: bool, vocab_size):
+  """Greedy argmax, or temperature + nucleus (top-p) sampling, over ids < vocab_size."""
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  logits = jnp.where(ids < vocab_size, logits, -jnp.inf)
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / jnp.maximum(temperature, 1e-6)
@@ -40,7 +50,7 @@ def _sample(logits, key, temperature, top_p, greedy: bool):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_bucket", "greedy"))
 def _generate_jit(graphdef, state, tokens, segment_ids, limit, stop_ids,
-                  temperature, top_p, rng, pad_id, *, new_bucket: int,
+                  temperature, top_p, rng, pad_id, vocab_size, *, new_bucket: int,
                   greedy: bool):
   model = nnx.merge(graphdef, state)
   b, p = tokens.shape
@@ -57,7 +67,7 @@ def _generate_jit(graphdef, state, tokens, segment_ids, limit, stop_ids,
 
   def body(carry):
     i, cache, last, pos, done, out = carry
-    tok = _sample(last, jax.random.fold_in(rng, i), temperature, top_p, greedy)
+    tok = _sample(last, jax.random.fold_in(rng, i), temperature, top_p, greedy, vocab_size)
     tok = jnp.where(done, pad_id, tok)
     out = out.at[:, i].set(tok)
     done = done | jnp.isin(tok, stop_ids)
@@ -73,7 +83,7 @@ def _generate_jit(graphdef, state, tokens, segment_ids, limit, stop_ids,
 def generate(model: Llama, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, stop_ids: Sequence[int] = (),
              temperature: float = 0.0, top_p: float = 1.0, rng=None,
-             pad_id: int = 0) -> list[list[int]]:
+             pad_id: int = 0, vocab_size: int | None = None) -> list[list[int]]:
   """Continues each prompt; returns the new tokens of each row.
 
   Args:
@@ -86,6 +96,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *,
     top_p: nucleus sampling mass (1.0: sample from the full distribution).
     rng: ``jax.random`` key for sampling (default key 0).
     pad_id: id used for padding (never attended to).
+    vocab_size: the tokenizer's vocabulary size: ids at or past it are never
+      generated (default: the model's ``vocab_size``, every embedding row).
 
   Returns:
     One list of generated token ids per prompt.
@@ -98,10 +110,25 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *,
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got "
                      f"temperature={temperature}, top_p={top_p}")
   vocab = model.config.vocab_size
+  if vocab_size is None:
+    vocab_size = vocab
+  if not 0 < vocab_size <= vocab:
+    raise ValueError(f"vocab_size={vocab_size} must be in [1, {vocab}] (the model's "
+                     "embedding rows)")
   for p in prompts:
     if min(p) < 0 or max(p) >= vocab:
       raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
                        f"{min(p)}..{max(p)}")
+  context = model.config.max_position_embeddings
+  longest = max(len(p) for p in prompts)
+  if longest >= context:
+    raise ValueError(f"a prompt of {longest} tokens does not fit the model's context of "
+                     f"{context} tokens")
+  if longest + max_new_tokens > context:
+    warnings.warn(f"max_new_tokens={max_new_tokens} capped to {context - longest}: the "
+                  f"model's context is {context} tokens and the longest prompt takes "
+                  f"{longest}", stacklevel=2)
+    max_new_tokens = context - longest
   n, length = len(prompts), _bucket(max(len(p) for p in prompts))
   batch = _bucket(n, minimum=1)
   tokens = np.full((batch, length), pad_id, np.int32)
@@ -117,7 +144,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *,
       graphdef, state, jnp.asarray(tokens), jnp.asarray(segs),
       jnp.int32(max_new_tokens), jnp.asarray(stops), jnp.float32(temperature),
       jnp.float32(top_p), rng if rng is not None else jax.random.key(0),
-      jnp.int32(pad_id), new_bucket=_bucket(max_new_tokens),
+      jnp.int32(pad_id), jnp.int32(vocab_size), new_bucket=_bucket(max_new_tokens),
       greedy=temperature == 0)
   out = np.asarray(out)[:n, :max_new_tokens]
   results = []
@@ -151,6 +178,7 @@ def generate_text(model: Llama, tokenizer, messages_or_prompt, *,
     prompts.append(ids)
   outs = generate(model, prompts, max_new_tokens=max_new_tokens,
                   stop_ids=tokenizer.stop_ids, temperature=temperature,
-                  top_p=top_p, rng=rng, pad_id=tokenizer.pad_id)
+                  top_p=top_p, rng=rng, pad_id=tokenizer.pad_id,
+                  vocab_size=tokenizer.vocab_size)
   texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
   return texts[0] if single else texts

@@ -26,6 +26,8 @@ from typing import Sequence
 
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 _ROLES = ("system", "user", "assistant")
+# What an id outside the vocabulary decodes to (as invalid UTF-8 bytes do).
+REPLACEMENT = "\ufffd"
 
 
 # The system turn a ChatML template inserts; its newline is either a character or, inside a
@@ -246,8 +248,19 @@ class ChatTokenizer(_ChatML):
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-    return self._tok.decode([int(i) for i in ids],
-                            skip_special_tokens=skip_special_tokens)
+    """The text of ``ids``; an id outside the vocabulary becomes U+FFFD."""
+    ids = [int(i) for i in ids]
+    if all(0 <= i < self.vocab_size for i in ids):
+      return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    out, run = [], []
+    for i in ids + [-1]:
+      if 0 <= i < self.vocab_size:
+        run.append(i)
+        continue
+      out.append(self._tok.decode(run, skip_special_tokens=skip_special_tokens))
+      run = []
+      out.append(REPLACEMENT)
+    return "".join(out[:-1])
 
   def token_id(self, token: str) -> int:
     i = self._tok.token_to_id(token)
@@ -299,6 +312,7 @@ class ByteTokenizer(_ChatML):
     return ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    """The text of ``ids``; an id outside the vocabulary becomes U+FFFD."""
     out, buf = [], bytearray()
     for i in ids:
       i = int(i)
@@ -310,8 +324,7 @@ class ByteTokenizer(_ChatML):
       if 256 <= i < self.vocab_size and not skip_special_tokens:
         out.append(self.SPECIALS[i - 256])
       elif not (256 <= i < self.vocab_size):
-        raise ValueError(f"Token id {i} out of range for ByteTokenizer "
-                         f"(vocab_size={self.vocab_size})")
+        out.append(REPLACEMENT)  # not an id of this tokenizer
     out.append(buf.decode("utf-8", errors="replace"))
     return "".join(out)
 

@@ -5,8 +5,10 @@
 """
 
 from epi_jax.training.config import default_config, validate
-from epi_jax.training.trainer import (TrainResult, is_finished, list_snapshots, load_config,
-                                      load_run, train)
+from epi_jax.training.trainer import (NonFiniteError, TrainResult, is_finished, list_snapshots,
+                                      load_config, load_run, train)
+from epi_jax.training.workdir import ConfigChanged, RunRefused, WorkdirLocked
 
-__all__ = ["TrainResult", "default_config", "is_finished", "list_snapshots", "load_config",
-           "load_run", "train", "validate"]
+__all__ = ["ConfigChanged", "NonFiniteError", "RunRefused", "TrainResult", "WorkdirLocked",
+           "default_config", "is_finished", "list_snapshots", "load_config", "load_run",
+           "train", "validate"]

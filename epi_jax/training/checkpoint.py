@@ -11,9 +11,15 @@ process calls save and restore (orbax writes each process's shards of the
 global arrays and coordinates the commit). Params-only snapshots for evaluation live in
 ``WORKDIR/snapshots/<step>``.
 
-A checkpoint that fails to restore is reported, moved to
-``WORKDIR/checkpoints_corrupt/`` (never deleted) and the previous one is
-tried.
+Integrity: orbax checks only its own index and metadata, not the array
+bytes, so every save also writes an ``integrity`` item (JSON): two 32-bit
+checksums of each array (the sum of its bit patterns, and a position-weighted
+sum), computed on the devices by one jitted global reduction (integer sums
+are exact, so the result does not depend on the mesh or the process count).
+A restore recomputes them and compares. A checkpoint that fails to restore,
+whose checksums differ, or whose params are not all finite is reported,
+moved to ``WORKDIR/checkpoints_corrupt/`` (never deleted) and the previous
+one is tried. Checkpoints written without checksums restore with a notice.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+INTEGRITY_VERSION = 1
 
 
 _PER_LAYER_KEY = re.compile(r"layers\.\d+\.")
@@ -56,6 +65,59 @@ def from_storable(stored: dict[str, Any], like: dict[str, Any]) -> dict[str, Any
   opt = jax.tree.unflatten(treedef, [stored["opt_state"][f"{i:05d}"] for i in range(n)])
   return {"step": stored["step"], "rng": stored["rng"], "opt_state": opt,
           "params": {k: stored["params"][_pkey(k)] for k in like["params"]}}
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The array's bit patterns as uint32 (64-bit values become two words)."""
+  if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _array_checksums(x: jax.Array) -> jax.Array:
+  """``[sum of words, sum of words * odd position weight]`` mod 2**32 (uint32)."""
+  bits = _as_uint32(x)
+  index = jnp.zeros(bits.shape, jnp.uint32)  # row-major position, built without a reshape
+  stride = 1
+  for d in reversed(range(bits.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride)
+    stride = (stride * bits.shape[d]) % 2**32
+  weight = index * jnp.uint32(0x9E3779B9) * jnp.uint32(2) + jnp.uint32(1)  # odd: no word unseen
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _tree_checksums(tree):
+  return jax.tree.map(_array_checksums, tree)
+
+
+def checksums(storable: dict[str, Any]) -> dict[str, list[int]]:
+  """``{leaf path: [sum, weighted sum]}`` of a :func:`to_storable` state (collective)."""
+  sums = jax.device_get(_tree_checksums(storable))
+  flat, _ = jax.tree_util.tree_flatten_with_path(sums)
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(val)] for path, val in flat}
+
+
+@jax.jit
+def _params_finite(params) -> jax.Array:
+  from epi_jax.training.step import all_finite  # pylint: disable=g-import-not-at-top
+  return all_finite(params)
+
+
+def verify(stored, integrity: dict[str, Any] | None, params) -> str | None:
+  """Why a restored tree must not be used (checksums differ from ``integrity``,
+  ``params`` not finite), or None."""
+  if integrity is not None:
+    saved, got = integrity.get("arrays", {}), checksums(stored)
+    bad = sorted(k for k in set(saved) | set(got) if saved.get(k) != got.get(k))
+    if bad:
+      return (f"checksum mismatch in {len(bad)} of {len(got)} arrays "
+              f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+  if not bool(_params_finite(params)):
+    return "its params hold inf or nan"
+  return None
 
 
 def _sync(name: str) -> None:
@@ -127,7 +189,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self._keep, create=True, enable_async_checkpointing=self._async)
     return ocp.CheckpointManager(self.directory.absolute(), options=options,
-                                 item_names=("state", "data"))
+                                 item_names=("state", "data", "integrity"))
 
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
@@ -136,9 +198,12 @@ class Checkpointer:
     """Saves (asynchronously when enabled); a failed save raises, nothing is deleted."""
     if step in self._mngr.all_steps():
       return
+    storable = to_storable(state)
+    integrity = {"version": INTEGRITY_VERSION, "arrays": checksums(storable)}
     self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_storable(state)),
-        data=ocp.args.JsonSave(data_for_save(data_state))), force=True)
+        state=ocp.args.StandardSave(storable),
+        data=ocp.args.JsonSave(data_for_save(data_state)),
+        integrity=ocp.args.JsonSave(integrity)), force=True)
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -151,16 +216,31 @@ class Checkpointer:
     target = to_storable(abstract_state)
     for step in sorted(self._mngr.all_steps(), reverse=True):
       self._check_layer_layout(step, target["params"])
+      has_sums = all_processes_agree((self.directory / str(step) / "integrity").exists())
+      items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
+      if has_sums:
+        items["integrity"] = ocp.args.JsonRestore()
       try:
-        out = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        problem = verify(out["state"], dict(out["integrity"]) if has_sums else None,
+                         out["state"]["params"])
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f"failed to restore ({type(e).__name__}: {str(e)[:300]})"
+      if problem is None:
+        if not has_sums and jax.process_index() == 0:
+          print(f"[epi_jax] checkpoint {self.directory / str(step)} has no checksums "
+                "(written by an older version): restored unverified", file=sys.stderr)
         return (from_storable(out["state"], abstract_state),
                 data_for_process(dict(out["data"])), step)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"[epi_jax] checkpoint {self.directory / str(step)} failed to restore "
-              f"({type(e).__name__}: {str(e)[:300]}); trying the previous one",
-              file=sys.stderr)
-        self._quarantine(step)
+      if jax.process_index() == 0:
+        print(f"[epi_jax] checkpoint {self.directory / str(step)} is damaged: {problem}; "
+              f"moving it to {self.workdir / 'checkpoints_corrupt'} and trying the "
+              "previous one", file=sys.stderr)
+      self._quarantine(step)
+    if jax.process_index() == 0 and self.workdir.joinpath("checkpoints_corrupt").exists():
+      print(f"[epi_jax] no checkpoint in {self.directory} could be restored (the damaged "
+            f"ones are in {self.workdir / 'checkpoints_corrupt'}): starting from step 0",
+            file=sys.stderr)
     return None
 
   def _check_layer_layout(self, step: int, params: dict[str, Any]) -> None:
@@ -194,17 +274,33 @@ class Checkpointer:
     self._mngr.close()
 
 
+def _snapshot_sums_path(workdir, step: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / "snapshots" / f"{step}.checksums.json"
+
+
 def save_snapshot(workdir, step: int, params: dict[str, Any]) -> None:
-  """Params-only snapshot ``WORKDIR/snapshots/<step>`` (synchronous, atomic)."""
+  """Params-only snapshot ``WORKDIR/snapshots/<step>`` (synchronous, atomic), and
+  its checksums beside it (``<step>.checksums.json``)."""
   path = (pathlib.Path(workdir) / "snapshots" / str(step)).absolute()
   if all_processes_agree(path.exists()):  # every process must take part, or none
     return
+  stored = {_pkey(k): v for k, v in params.items()}
+  sums = {"version": INTEGRITY_VERSION, "arrays": checksums(stored)}
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, {_pkey(k): v for k, v in params.items()})
+    ckptr.save(path, stored)
+  if jax.process_index() == 0:
+    sums_path = _snapshot_sums_path(workdir, step)
+    tmp = sums_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sums))
+    tmp.replace(sums_path)
 
 
 def load_snapshot(workdir, step: int, shapes: dict[str, Any]) -> dict[str, Any]:
-  """The params of snapshot ``step`` on the default device."""
+  """The params of snapshot ``step`` on the default device, verified.
+
+  Raises:
+    ValueError: when its checksums differ or its params are not finite.
+  """
   path = (pathlib.Path(workdir) / "snapshots" / str(step)).absolute()
   if not path.exists():
     raise FileNotFoundError(f"No snapshot {path}")
@@ -213,6 +309,11 @@ def load_snapshot(workdir, step: int, shapes: dict[str, Any]) -> dict[str, Any]:
             for k, v in shapes.items()}
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.restore(path, target)
+  sums_path = _snapshot_sums_path(workdir, step)
+  integrity = json.loads(sums_path.read_text()) if sums_path.exists() else None
+  problem = verify(stored, integrity, stored)
+  if problem:
+    raise ValueError(f"snapshot {path} is damaged: {problem}")
   return {k: stored[_pkey(k)] for k in shapes}
 
 

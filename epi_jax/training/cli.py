@@ -12,7 +12,11 @@ slice) or ``--distributed`` is given (see ``distributed.py``). When one
 process fails, every process exits non-zero (``--heartbeat_timeout_s``).
 
 Exit status: 0 when training finished, 3 when it stopped early (signal) with
-a checkpoint (run the same command again to resume), 2 on a bad config.
+a checkpoint (run the same command again to resume), 2 when it did not start
+(a bad config or config file, a mesh larger than the devices, a workdir in use
+by another run or holding a run with a different config; nothing in the
+workdir is changed), 4 when the loss or params became non-finite (the last
+finite checkpoint is kept; see ``optimizer.skip_nonfinite``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def _flag_values() -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) at this step.",
                        flag_values=fv)
+  flags.DEFINE_bool("allow_config_change", False, "Resume an existing workdir although "
+                    "fields safe to change (total_steps, log_every, ...) differ from its "
+                    "config.json.", flag_values=fv)
   flags.DEFINE_string("model", None, "Start from this pretrained model (a known name, a "
                       "Hugging Face Hub id org/name[@revision], a .gguf file or a checkpoint "
                       "dir): sets config.model.name and config.model.init='pretrained'.",
@@ -41,8 +48,9 @@ def _flag_values() -> flags.FlagValues:
   return fv
 
 
-def _unknown_overrides(argv) -> str | None:
+def unknown_overrides(argv) -> str | None:
   """A message naming the first ``--config.FIELD`` that the trainer does not know."""
+  from epi_jax.data import ALL_CONFIGS  # pylint: disable=g-import-not-at-top
   from epi_jax.training.config import default_config  # pylint: disable=g-import-not-at-top
   defaults = default_config()
   for arg in argv:
@@ -51,8 +59,12 @@ def _unknown_overrides(argv) -> str | None:
     path = arg[len("--config."):].split("=", 1)[0].split(".")
     node = defaults
     for i, key in enumerate(path):
-      if ".".join(path[:i]) in ("data.mixture", "eval"):
-        break  # task names are checked by validate(), eval fields by compare
+      if ".".join(path[:i]) == "data.mixture":
+        if key not in ALL_CONFIGS:
+          return f"Unknown task {key!r} in {arg!r}; known tasks: {list(ALL_CONFIGS)}"
+        break
+      if ".".join(path[:i]) == "eval":
+        break  # eval fields are checked by compare
       if not hasattr(node, "keys") or key not in node:
         return (f"Unknown config field {'.'.join(path[:i + 1])!r} in {arg!r}; known here: "
                 f"{sorted(node.keys()) if hasattr(node, 'keys') else '(not a group)'}")
@@ -60,23 +72,51 @@ def _unknown_overrides(argv) -> str | None:
   return None
 
 
+def _last_line(e: BaseException) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def parse_config_flags(fv: flags.FlagValues, argv, prog: str) -> str | None:
+  """Parses ``argv`` into ``fv`` (with a ``--config`` file flag) and loads the config.
+
+  Returns None, or a one-line message for a missing or broken config file or
+  an override the config does not take.
+  """
+  # config_flags finds the --config.FIELD overrides in sys.argv: make it match
+  # argv when called from Python (tests, notebooks).
+  saved, sys.argv = sys.argv, [prog] + list(argv)
+  try:
+    fv(sys.argv)
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file runs arbitrary code: whatever it raises is a bad config.
+    msg = _last_line(e)
+    if isinstance(e, (AttributeError, KeyError)):
+      msg = f"--config override names a field the config file does not have: {msg}"
+    return msg
+  finally:
+    sys.argv = saved
+  path = fv["config"].config_filename if fv["config"].present else None
+  try:
+    fv.config.keys()  # a file that failed to load raises here, not at parse time
+  except AttributeError:
+    pass  # no --config given (fv.config is None)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"--config {path}: {_last_line(e)}"
+  return None
+
+
 def train_main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  bad = _unknown_overrides(argv)
+  bad = unknown_overrides(argv)
   if bad:
     print(f"epi-jax train: {bad}", file=sys.stderr)
     return 2
   fv = _flag_values()
-  # config_flags finds the --config.FIELD overrides in sys.argv: make it match
-  # argv when called from Python (tests, notebooks).
-  saved, sys.argv = sys.argv, ["epi-jax train"] + argv
-  try:
-    fv(sys.argv)
-  except (flags.Error, ValueError, FileNotFoundError, AttributeError) as e:
-    print(f"epi-jax train: {e}", file=sys.stderr)
+  bad = parse_config_flags(fv, argv, "epi-jax train")
+  if bad:
+    print(f"epi-jax train: {bad}", file=sys.stderr)
     return 2
-  finally:
-    sys.argv = saved
   if fv.config is None or not fv.workdir:
     print("epi-jax train: --config and --workdir are required\n"
           "usage: epi-jax train --config configs/NAME.py --workdir DIR "
@@ -90,6 +130,7 @@ def train_main(argv=None) -> int:
     return 2
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
   from epi_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if fv.model:
     fv.config.model.name, fv.config.model.init = fv.model, "pretrained"
   try:
@@ -98,7 +139,15 @@ def train_main(argv=None) -> int:
     print(f"epi-jax train: {e}", file=sys.stderr)
     return 2
   with distributed.fail_fast():
-    result = trainer.train(config, fv.workdir, stop_after=fv.stop_after)
+    try:
+      result = trainer.train(config, fv.workdir, stop_after=fv.stop_after,
+                             allow_config_change=fv.allow_config_change)
+    except workdir_lib.RunRefused as e:
+      print(f"epi-jax train: {e}", file=sys.stderr)
+      return 2
+    except trainer.NonFiniteError as e:
+      print(f"epi-jax train: {e}", file=sys.stderr)
+      return 4
   if jax.process_index() == 0:
     state = "stopped early (run again to resume)" if result.interrupted else "finished"
     print(f"[epi_jax] {state} at step {result.step}; run dir {fv.workdir}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -86,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
   # g^2 by construction and would otherwise shrink every trainable step).
   c.optimizer.clip_scope = "all"
   c.optimizer.grad_accum_steps = 1
+  # A step whose gradients are non-finite: False stops the run (exit 4, the last
+  # finite checkpoint kept); True skips the update as optax.apply_if_finite does.
+  c.optimizer.skip_nonfinite = False
 
   c.epi = ml_collections.ConfigDict()
   c.epi.isolation_ratio = 0.01
@@ -150,6 +154,8 @@ def uses_stages(config) -> bool:
 
 
 def _need(cond: bool, field: str, value: Any, what: str):
+  if isinstance(value, float) and not math.isfinite(value) and "finite" not in what:
+    what += " (and finite)"
   if not cond:
     raise ValueError(f"Invalid config.{field}={value!r}: {what}")
 
@@ -159,7 +165,8 @@ def _is_int(x) -> bool:
 
 
 def _is_num(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
+  """A finite int or float (no config number may be inf or nan)."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _as_dict(x):
@@ -171,7 +178,7 @@ def _check_mixture(mix, field):
         "must be a non-empty dict task -> weight")
   for task, w in mix.items():
     _need(task in ALL_CONFIGS, f"{field}.{task}", w, f"unknown task; known: {list(ALL_CONFIGS)}")
-    _need(_is_num(w) and w >= 0, f"{field}.{task}", w, "weight must be a number >= 0")
+    _need(_is_num(w) and w >= 0, f"{field}.{task}", w, "weight must be a finite number >= 0")
   _need(sum(mix.values()) > 0, field, dict(mix), "needs a positive weight")
 
 
@@ -241,7 +248,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   o = c.optimizer
   _need(_is_num(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate",
-        o.learning_rate, "must be > 0")
+        o.learning_rate, "must be a finite number > 0")
   _need(_is_int(o.warmup_steps) and 0 <= o.warmup_steps <= c.total_steps,
         "optimizer.warmup_steps", o.warmup_steps, "must be an int in [0, total_steps]")
   _need(_is_num(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
@@ -250,12 +257,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         o.weight_decay, "must be >= 0")
   for f in ("b1", "b2"):
     _need(_is_num(o[f]) and 0 <= o[f] < 1, f"optimizer.{f}", o[f], "must be in [0, 1)")
-  _need(_is_num(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
-  _need(_is_num(o.clip_norm), "optimizer.clip_norm", o.clip_norm, "must be a number")
+  _need(_is_num(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a finite number > 0")
+  _need(_is_num(o.clip_norm), "optimizer.clip_norm", o.clip_norm,
+        "must be a finite number (<= 0: no clipping)")
   _need(o.clip_scope in CLIP_SCOPES, "optimizer.clip_scope", o.clip_scope,
         f"expected one of {CLIP_SCOPES}")
   _need(_is_int(o.grad_accum_steps) and o.grad_accum_steps >= 1,
         "optimizer.grad_accum_steps", o.grad_accum_steps, "must be an int >= 1")
+  _need(isinstance(o.skip_nonfinite, bool), "optimizer.skip_nonfinite", o.skip_nonfinite,
+        "must be a bool")
   _need(d.batch_size % o.grad_accum_steps == 0, "optimizer.grad_accum_steps",
         o.grad_accum_steps, f"must divide data.batch_size={d.batch_size}")
 

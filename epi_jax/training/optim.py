@@ -145,7 +145,18 @@ def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
   ``layer_axes``: ``{param path: layer axis or None}`` (``sharding.layer_axes``
   of the model's logical axes): with ``model.scan_layers`` EPI and the weight
   decay mask then treat every slice of a stacked param as its own layer.
+
+  With ``optimizer.skip_nonfinite`` it is wrapped in ``optax.apply_if_finite``:
+  a step with non-finite gradients leaves params and optimizer (EPI) state as
+  they were.
   """
+  tx = _method_optimizer(config, layer_axes)
+  if config.optimizer.skip_nonfinite:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)  # never give up
+  return tx
+
+
+def _method_optimizer(config, layer_axes) -> optax.GradientTransformation:
   inner = _adamw(config, layer_axes)
   if not tracks_importance(config):
     return inner

@@ -40,16 +40,26 @@ def loss_sums(spec, params, batch, packed: bool = True):
   return jnp.sum(ce * w), (jnp.einsum("blt,bl->t", per_task, ce), per_task.sum((0, 1)))
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every float leaf of ``tree`` is finite (a device bool)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
 def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
                     state_shardings) -> Callable[[Any, Any], tuple[Any, dict]]:
   """``train_step(state, batch) -> (state, metrics)``, jitted with donated state.
 
   ``metrics`` holds device scalars: ``loss`` (token mean), ``task_loss_sum`` and
   ``task_tokens`` (per task, for windowed per-task means), ``tokens``,
-  ``grad_norm`` (before clipping), ``lr``, and for EPI methods the EPI state's
-  statistics and ``trainable_grad_norm`` (the norm of the gradients of the
-  entries not isolated before this step, what ``clip_scope='trainable'`` clips by).
+  ``grad_norm`` (before clipping), ``lr``, ``finite`` (the step kept the params
+  finite: loss, gradients and new params all finite; with
+  ``optimizer.skip_nonfinite`` only the new params, and ``skipped_steps`` counts
+  the updates skipped so far), and for EPI methods the EPI state's statistics
+  and ``trainable_grad_norm`` (the norm of the gradients of the entries not
+  isolated before this step, what ``clip_scope='trainable'`` clips by).
   """
+  skip = bool(config.optimizer.skip_nonfinite)
   accum = int(config.optimizer.grad_accum_steps)
   lr_fn = optim.schedule(config)
   use_epi = optim.is_epi(config)
@@ -100,9 +110,15 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
     new_state = {"step": state["step"] + 1, "params": new_params,
                  "opt_state": opt_state, "rng": rng}
-    metrics = {"loss": loss_sum / denom, "task_loss_sum": tl, "task_tokens": tt,
+    loss = loss_sum / denom
+    finite = all_finite(new_params)
+    if not skip:
+      finite &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = {"loss": loss, "task_loss_sum": tl, "task_tokens": tt,
                "tokens": jnp.sum(batch["loss_mask"] > 0), "grad_norm": grad_norm,
-               "lr": lr_fn(state["step"])}
+               "lr": lr_fn(state["step"]), "finite": finite}
+    if skip:  # optax.apply_if_finite's state is the outermost
+      metrics["skipped_steps"] = opt_state.total_notfinite
     if use_epi:
       metrics.update(epi_metrics(opt_state), trainable_grad_norm=trainable_grad_norm)
     return new_state, metrics

@@ -7,6 +7,15 @@ continued run is identical to an uninterrupted one), then trains to
 ``config.total_steps``, writing metrics, checkpoints and snapshots. SIGTERM
 or SIGINT stops it after the current step with a checkpoint.
 
+Before anything in ``workdir`` is written: the mesh must fit, no other run may
+hold the workdir (``WORKDIR/LOCK``) and an existing run's ``config.json`` must
+mean the same as ``config`` (see ``workdir.py``); a refused start raises
+``RunRefused`` and changes nothing. Every step reports whether it kept loss,
+gradients and params finite; that is checked (one host sync) before every
+log, snapshot and checkpoint, so a non-finite state is never saved: the run
+raises ``NonFiniteError`` instead (or, with ``optimizer.skip_nonfinite``,
+such updates are skipped).
+
 Multi-process (``jax.distributed`` initialized first, see ``distributed.py``):
 every process runs this same function; each loads only its rows of the
 deterministic global batch (so the data does not depend on the process
@@ -39,6 +48,7 @@ from epi_jax.training import metrics as metrics_lib
 from epi_jax.training import model as model_lib
 from epi_jax.training import optim, sharding
 from epi_jax.training import step as step_lib
+from epi_jax.training import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -118,6 +128,8 @@ def _window_record(step, window, config, elapsed, timed_steps, compile_s):
                tokens_per_s=config.data.batch_size * config.data.seq_len / step_time)
   if compile_s is not None:
     rec["first_step_s"] = compile_s
+  if "skipped_steps" in last:
+    rec["skipped_steps"] = int(last["skipped_steps"])
   if optim.is_epi(config):
     rec.update(_epi_record(last), trainable_grad_norm=float(last["trainable_grad_norm"]))
   return rec
@@ -129,10 +141,14 @@ def _epi_record(metrics) -> dict:
           for k in METRICS if k != "threshold"}
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
+def _write_json_text(path: pathlib.Path, text: str) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=list))
-  tmp.replace(path)
+  tmp.write_text(text)
+  tmp.replace(path)  # atomic: never a half-written file
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  _write_json_text(path, json.dumps(obj, indent=2, sort_keys=True, default=list))
 
 
 def _init_fn(config, tx):
@@ -158,7 +174,51 @@ def abstract_state(config, mesh):
   return abstract, sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
 
 
-def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
+class NonFiniteError(RuntimeError):
+  """The loss or params became inf/nan; the run stopped, its last checkpoint is finite."""
+
+
+def _refuse_unless_all_ok(problem: workdir_lib.RunRefused | None, what: str) -> None:
+  """Raises ``problem`` (found by process 0) on every process."""
+  if ckpt_lib.all_processes_agree(problem is not None):
+    raise problem or workdir_lib.RunRefused(f"process 0 refused to start ({what}); "
+                                            "see its message")
+
+
+def _check_workdir(config, workdir: pathlib.Path, allow_config_change: bool):
+  """The allowed config changes against ``config.json``, or RunRefused (reads only)."""
+  changes, problem = {}, None
+  path = workdir / "config.json"
+  if jax.process_index() == 0 and path.exists():
+    try:
+      saved = json.loads(cfg_lib.to_json(cfg_lib.from_json(path.read_text())))
+    except (ValueError, TypeError) as e:
+      problem = workdir_lib.RunRefused(f"{path} cannot be read ({e}): not resuming over "
+                                       "it; use a new --workdir or restore the file")
+    else:
+      try:
+        changes = workdir_lib.check_resume(saved, json.loads(cfg_lib.to_json(config)),
+                                           workdir=workdir,
+                                           allow_config_change=allow_config_change)
+      except workdir_lib.ConfigChanged as e:
+        problem = e
+  _refuse_unless_all_ok(problem, "config mismatch")
+  return changes
+
+
+def _take_lock(workdir: pathlib.Path):
+  lock, problem = workdir_lib.WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirLocked as e:
+      problem = e
+  _refuse_unless_all_ok(problem, "workdir locked")
+  return lock
+
+
+def train(config, workdir, *, stop_after: int | None = None,
+          allow_config_change: bool = False) -> TrainResult:
   """Trains (or resumes) one run in ``workdir``; see the module docstring.
 
   Args:
@@ -166,20 +226,45 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
     workdir: the run directory (created).
     stop_after: stop with a checkpoint once this global step is reached
       (simulates a kill in tests); None trains to ``total_steps``.
+    allow_config_change: resume although fields in
+      ``workdir.SAFE_FIELDS`` (total_steps, log_every, ...) differ from the
+      workdir's ``config.json``.
+
+  Raises:
+    ValueError: a bad config. ``workdir.RunRefused`` (a ValueError): the mesh
+      does not fit the devices, another run holds the workdir, or it holds a
+      run with a different config; nothing in the workdir was changed.
+    NonFiniteError: the loss or params became non-finite (the checkpoints
+      written before stay, all finite).
   """
   t_start = time.time()
   config = cfg_lib.validate(config)
   workdir = pathlib.Path(workdir)
-  is_main = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)  # every host (its disk may not be shared)
-  if is_main:
-    (workdir / "config.json").write_text(cfg_lib.to_json(config))
-  mesh = sharding.make_mesh(config.mesh)
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+  except ValueError as e:
+    raise workdir_lib.RunRefused(str(e)) from None
   bs_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.data.batch_size % (bs_shards * config.optimizer.grad_accum_steps):
-    raise ValueError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
-                     f"grad_accum_steps x data x fsdp = "
-                     f"{config.optimizer.grad_accum_steps} x {bs_shards}")
+    raise workdir_lib.RunRefused(
+        f"config.data.batch_size={config.data.batch_size} must be divisible by "
+        f"grad_accum_steps x data x fsdp = {config.optimizer.grad_accum_steps} x {bs_shards}")
+  changes = _check_workdir(config, workdir, allow_config_change)
+  workdir.mkdir(parents=True, exist_ok=True)  # every host (its disk may not be shared)
+  lock = _take_lock(workdir)
+  try:
+    return _train(config, workdir, mesh, changes, stop_after, t_start)
+  finally:
+    lock.release()
+
+
+def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
+  is_main = jax.process_index() == 0
+  if is_main:
+    if changes:
+      print("[epi_jax] resuming with config changes: " + "; ".join(
+          f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)
+    _write_json_text(workdir / "config.json", cfg_lib.to_json(config))
   data_kwargs = inputs.ensure_data(config)
   spec, params, tokenizer = model_lib.build(config.model, config.seed, mesh)
   layer_axes = sharding.layer_axes(spec.axes)
@@ -200,6 +285,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
     del params
     if is_main:
       print(f"[epi_jax] resumed from step {step}", file=sys.stderr)
+      if step < config.total_steps:  # a finished run continued (total_steps raised)
+        (workdir / "DONE").unlink(missing_ok=True)
   else:
     step = 0
     state = jax.jit(init_state, in_shardings=(p_shard,), out_shardings=st_shard,
@@ -220,6 +307,27 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
                                      progress_bar=config.progress_bar)
   interrupted = False
   window, t_window, timed, compile_s, first = [], time.perf_counter(), 0, None, True
+  unchecked = []  # (step, metrics) not yet checked for non-finite values
+
+  def check_finite():
+    """Before anything is saved or logged: stop on a non-finite step (one host sync)."""
+    flags = jax.device_get([m["finite"] for _, m in unchecked])
+    bad = next(((s, m) for (s, m), ok in zip(unchecked, flags) if not ok), None)
+    unchecked.clear()
+    if bad is None:
+      return
+    s, m = bad
+    if window:
+      writer.log(_window_record(step, window, config, 0.0, 0, None))
+    saved = ckpt.all_steps()
+    raise NonFiniteError(
+        f"the loss or params became non-finite at step {s} (loss={float(m['loss'])}, "
+        f"grad_norm={float(m['grad_norm'])}); stopped without saving that state. "
+        + (f"The newest checkpoint (step {saved[-1]}) is finite; " if saved else
+           "No checkpoint was written yet; ")
+        + "lower optimizer.learning_rate or check the data and resume, or set "
+        "optimizer.skip_nonfinite=True to skip such steps.")
+
   try:
     with _StopFlag() as stop:
       while step < total:
@@ -234,6 +342,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
         state, m = train_step(state, inputs.to_global(batch, mesh, config.data.batch_size))
         step += 1
         window.append(m)
+        unchecked.append((step, m))
         if first:  # the first step compiles: timed separately
           jax.block_until_ready(m)
           compile_s = time.perf_counter() - t_window
@@ -249,7 +358,11 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
                             "per_layer": {k: float(v) for k, v in layers.items()}})
         if drift is not None and drift.due(step):
           writer.importance(drift.record(step, state["opt_state"]))
-        if step % config.log_every == 0 or step == total:
+        at_checkpoint = step % config.checkpoint_every == 0 or step == total
+        at_log = step % config.log_every == 0 or step == total
+        if at_log or at_checkpoint or step in config.snapshot_steps:
+          check_finite()
+        if at_log:
           jax.block_until_ready(m)
           elapsed = time.perf_counter() - t_window
           writer.log(_window_record(step, window, config, elapsed, timed, compile_s))
@@ -257,12 +370,12 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainResult:
         writer.advance()
         if step in config.snapshot_steps and step != total:
           ckpt_lib.save_snapshot(workdir, step, state["params"])
-        at_checkpoint = step % config.checkpoint_every == 0 or step == total
         if at_checkpoint:
           ckpt.save(step, state, it.get_state())
-        if stop.should_stop(sync_point=at_checkpoint or step % config.log_every == 0):
+        if stop.should_stop(sync_point=at_checkpoint or at_log):
           interrupted = True
           break
+    check_finite()
     ckpt.save(step, state, it.get_state())
     if not interrupted:
       ckpt_lib.save_snapshot(workdir, step, state["params"])
