@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from epi_jax.method.isolation import epi_state
+from epi_jax.model import config as model_cfg
+from epi_jax.model.config import train_flops_per_token
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import metrics as metrics_lib
@@ -64,6 +66,9 @@ def test_sharded_equals_single_device(sharded_run, single_run):
   assert recs[-1]["num_refreshes"] == 3 and recs[-1]["isolated_fraction"] > 0.09
   for k in ("loss/gsm8k", "lr", "grad_norm", "tokens_per_s", "jaccard_first", "num_flipped"):
     assert k in recs[-1], k
+  cfg = small_config()
+  flops = train_flops_per_token(model_cfg.get_config(cfg.model.name), cfg.data.seq_len)
+  assert recs[-1]["gflops"] == pytest.approx(flops * recs[-1]["tokens_per_s"] / 1e9)
   refreshes = metrics_lib.read_jsonl(sharded_run.workdir / "refreshes.jsonl")
   assert [r["step"] for r in refreshes] == [2, 4, 6]
   assert refreshes[-1]["per_layer"]["layers/0/attn_norm/scale"] == 0.0  # excluded

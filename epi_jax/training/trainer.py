@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epi_jax.method import METRICS, epi_state, is_refresh_step
+from epi_jax.model.config import train_flops_per_token
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import importance_drift
@@ -111,7 +112,8 @@ class _StopFlag:
       signal.signal(sig, old)
 
 
-def _window_record(step, window, config, elapsed, timed_steps, compile_s):
+def _window_record(step, window, config, elapsed, timed_steps, compile_s,
+                   flops_per_token=None):
   host = jax.device_get(window)
   rec = {"step": step, "loss": float(np.mean([m["loss"] for m in host]))}
   tl = np.sum([m["task_loss_sum"] for m in host], axis=0)
@@ -126,6 +128,8 @@ def _window_record(step, window, config, elapsed, timed_steps, compile_s):
     step_time = elapsed / timed_steps
     rec.update(step_time=step_time,
                tokens_per_s=config.data.batch_size * config.data.seq_len / step_time)
+    if flops_per_token:  # achieved model FLOP/s: utilisation on any backend
+      rec["gflops"] = flops_per_token * rec["tokens_per_s"] / 1e9
   if compile_s is not None:
     rec["first_step_s"] = compile_s
   if "skipped_steps" in last:
@@ -296,6 +300,7 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
                    if optim.is_epi(config) else 0)
 
   train_step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
+  flops_per_token = train_flops_per_token(spec.config, config.data.seq_len)
   epi_opts = optim.epi_options(config, layer_axes) if optim.is_epi(config) else None
   per_layer = (jax.jit(functools.partial(step_lib.per_layer_isolated, layer_axes=layer_axes))
                if epi_opts is not None else None)
@@ -365,7 +370,8 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
         if at_log:
           jax.block_until_ready(m)
           elapsed = time.perf_counter() - t_window
-          writer.log(_window_record(step, window, config, elapsed, timed, compile_s))
+          writer.log(_window_record(step, window, config, elapsed, timed, compile_s,
+                                    flops_per_token))
           window, t_window, timed, compile_s = [], time.perf_counter(), 0, None
         writer.advance()
         if step in config.snapshot_steps and step != total:
