@@ -29,9 +29,9 @@ from epi_jax.evaluation import metrics
 
 NAMES = {"full": "full SFT", "multi_stage": "multi-stage", "static": "static", "epi": "EPI"}
 
-# (A, op, B, quantity): "A op B on quantity". From EPI_SPEC.md: EPI's average
-# above static isolation's, static's above multi-stage's and full SFT's; EPI's
-# forgetting below static's and full's.
+# (A, op, B, quantity): "A op B on quantity". The EPI paper's claims (docs/METHOD.md
+# names the paper): EPI's average above static isolation's, static's above
+# multi-stage's and full SFT's; EPI's forgetting below static's and full's.
 MIXTURE_CLAIMS = (
     ("epi", ">", "static", "average"),
     ("static", ">", "multi_stage", "average"),

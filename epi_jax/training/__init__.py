@@ -1,4 +1,4 @@
-"""The multi-task SFT trainer (see ``TRAINER_API.md``).
+"""The multi-task SFT trainer (see the README's Training section).
 
   result = train(config, workdir)            # resumes from workdir/checkpoints
   model, tokenizer, config = load_run(workdir, snapshot=None)
