@@ -36,6 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from epi_jax.training.step import all_finite
+from epi_jax.utils import files
 
 INTEGRITY_VERSION = 1
 
@@ -102,7 +106,6 @@ def checksums(storable: dict[str, Any]) -> dict[str, list[int]]:
 
 @jax.jit
 def _params_finite(params) -> jax.Array:
-  from epi_jax.training.step import all_finite  # pylint: disable=g-import-not-at-top
   return all_finite(params)
 
 
@@ -122,7 +125,6 @@ def verify(stored, integrity: dict[str, Any] | None, params) -> str | None:
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -130,7 +132,6 @@ def all_processes_agree(flag: bool) -> bool:
   """Process 0's ``flag`` on every process (decisions that must not diverge)."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
 
 
@@ -138,7 +139,6 @@ def gather_json(obj) -> list[Any]:
   """Every process's JSON-able ``obj``, in process order (collective)."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   raw = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
   n = int(np.max(multihost_utils.process_allgather(np.array([raw.size], np.int32))))
   padded = np.zeros([n], np.uint8)
@@ -289,10 +289,7 @@ def save_snapshot(workdir, step: int, params: dict[str, Any]) -> None:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, stored)
   if jax.process_index() == 0:
-    sums_path = _snapshot_sums_path(workdir, step)
-    tmp = sums_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sums))
-    tmp.replace(sums_path)
+    files.write_json_atomic(_snapshot_sums_path(workdir, step), sums, indent=None)
 
 
 def load_snapshot(workdir, step: int, shapes: dict[str, Any]) -> dict[str, Any]:

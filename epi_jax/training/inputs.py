@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from epi_jax import data as epi_data
 from epi_jax.data.download import has_raw_files
@@ -49,8 +50,6 @@ def _prepare(tasks, raw_dir, data_dir, mirror=None) -> None:
   """Prepares ``tasks``; with several processes, process 0 first (others wait, then
   prepare only what their file system still lacks, e.g. per-host local disks)."""
   multi = jax.process_count() > 1
-  if multi:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(f"[epi_jax] preparing {tasks} in {data_dir}", file=sys.stderr)
     epi_data.prepare(raw_dir=raw_dir, data_dir=data_dir, tasks=tasks, mirror=mirror)
