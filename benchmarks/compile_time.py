@@ -18,8 +18,8 @@ import jax
 
 from epi_jax.model import get_config
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import model as model_lib
-from epi_jax.training import optim, sharding, trainer
+from epi_jax.training import model_setup
+from epi_jax.training import sharding, trainer
 from epi_jax.training import step as step_lib
 
 
@@ -31,21 +31,15 @@ def compile_seconds(method: str, layers: int, scan: bool, batch: int, seq: int) 
   c.mesh.data = 1
   config = cfg_lib.validate(c)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  spec = model_lib.spec_for(get_config("smollm2-135m", num_layers=layers, scan_layers=scan))
-  tx = optim.make_optimizer(config, sharding.layer_axes(spec.axes))
-  p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
-  init = trainer._init_fn(config, tx)  # pylint: disable=protected-access
-  abstract = jax.eval_shape(init, spec.shapes)
-  st_shard = sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, st_shard)
+  spec = model_setup.spec_for(get_config("smollm2-135m", num_layers=layers, scan_layers=scan))
+  ts = trainer.setup(config, mesh, spec)
   bsh = sharding.batch_sharding(mesh)
   batch_abs = {k: jax.ShapeDtypeStruct((batch, seq), dt, sharding=bsh) for k, dt in (
       ("inputs", "int32"), ("targets", "int32"), ("loss_mask", "float32"),
       ("segment_ids", "int32"), ("positions", "int32"), ("task_ids", "int32"))}
-  step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
+  step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
   t0 = time.perf_counter()
-  lowered = step.lower(state, batch_abs)
+  lowered = step.lower(ts.target, batch_abs)
   t1 = time.perf_counter()
   lowered.compile()
   t2 = time.perf_counter()

@@ -62,15 +62,13 @@ def plan(config) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from epi_jax.method.isolation import epi_state
   from epi_jax.training import config as cfg_lib
-  from epi_jax.training import model as model_lib
   from epi_jax.training import optim, sharding, trainer
   from epi_jax.training import step as step_lib
 
   config = cfg_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  spec = model_lib.spec_for(model_lib.model_config(config.model))
-  tx = optim.make_optimizer(config, sharding.layer_axes(spec.axes))
-  abstract, shardings = trainer.abstract_state(config, mesh)
+  ts = trainer.setup(config, mesh)
+  abstract, shardings = ts.abstract, ts.shardings
   pairs = lambda tree, shard: list(zip(jax.tree.leaves(tree), jax.tree.leaves(shard)))
   params_b = _bytes(pairs(abstract["params"], shardings["params"]))
   opt_b = _bytes(pairs(abstract["opt_state"], shardings["opt_state"]))
@@ -84,11 +82,9 @@ def plan(config) -> dict:
       ("inputs", "int32"), ("targets", "int32"), ("loss_mask", "float32"),
       ("segment_ids", "int32"), ("positions", "int32"), ("task_ids", "int32"))}
   batch_b = _bytes([(a, a.sharding) for a in batch.values()])
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
-  step = step_lib.make_train_step(config, spec, tx, mesh, shardings)
+  step = step_lib.make_train_step(config, ts.spec, ts.tx, mesh, shardings)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(ts.target, batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   temp_b = int(mem.temp_size_in_bytes)

@@ -73,8 +73,8 @@ def worker_ours(args, method: str) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import model as model_lib  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import model_setup  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import sharding, trainer  # pylint: disable=g-import-not-at-top
   from epi_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   c = cfg_lib.default_config()
   c.method, c.model.name, c.model.init = method, args.model, "random"
@@ -83,14 +83,10 @@ def worker_ours(args, method: str) -> dict:
   c.epi.update_interval = 1000  # a plain (non-refreshing) EPI step is timed
   c = cfg_lib.validate(c)
   mesh = sharding.make_mesh(c.mesh)
-  spec, params, _ = model_lib.build(c.model, c.seed, mesh)
-  tx = optim.make_optimizer(c)
-  p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
-  init_state = trainer._init_fn(c, tx)  # pylint: disable=protected-access
-  abstract = jax.eval_shape(init_state, params)
-  st_shard = sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
-  state = jax.jit(init_state, out_shardings=st_shard, donate_argnums=0)(params)
-  step = step_lib.make_train_step(c, spec, tx, mesh, st_shard)
+  spec, params, _ = model_setup.build(c.model, c.seed, mesh)
+  ts = trainer.setup(c, mesh, spec)
+  state = ts.init_state(params)
+  step = step_lib.make_train_step(c, spec, ts.tx, mesh, ts.shardings)
   ids = _tokens(args.batch, args.seq, spec.config.vocab_size)
   b, l = args.batch, args.seq
   batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],

@@ -194,12 +194,9 @@ from epi_jax.training import train
 start = time.time()
 result = train(config, WORKDIR / "run")
 print(f"trained to step {result.step} in {time.time() - start:.0f} s -> {result.workdir}")'''),
-      new_code_cell('''import json
-import matplotlib.pyplot as plt
+      new_code_cell('''import matplotlib.pyplot as plt
 import numpy as np
-
-def read_jsonl(path):
-  return [json.loads(l) for l in pathlib.Path(path).read_text().splitlines() if l.strip()]
+from epi_jax.utils.files import read_jsonl
 
 logs = read_jsonl(result.workdir / "metrics.jsonl")
 steps = [r["step"] for r in logs]
@@ -365,12 +362,12 @@ plt.title("where the isolated parameters end up"); plt.tight_layout(); plt.show(
                         "between the first and the last snapshot, and the per-task training "
                         "losses of the two methods."),
       new_code_cell('''from epi_jax.training import list_snapshots, load_run
-from epi_jax.training import model as model_lib
+from epi_jax.training import model_setup
 
 def block_change(run):
   snaps = list_snapshots(run)
-  first = model_lib.flat_params(load_run(run, snaps[0])[0])
-  final = model_lib.flat_params(load_run(run, snaps[-1])[0])
+  first = model_setup.flat_params(load_run(run, snaps[0])[0])
+  final = model_setup.flat_params(load_run(run, snaps[-1])[0])
   num, den = {}, {}
   for k, w0 in first.items():
     b = drift.block_of(k)

@@ -19,7 +19,7 @@ import portpicker
 import pytest
 
 from epi_jax.training import distributed
-from epi_jax.training import metrics as metrics_lib
+from epi_jax.utils.files import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def _run(workdir, num_processes, devices, *extra, expect=0):
 
 
 def _records(workdir):
-  return metrics_lib.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+  return read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
 
 
 def _losses(workdir):

@@ -16,10 +16,10 @@ import pytest
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import cli as train_cli
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import metrics as metrics_lib
 from epi_jax.training import trainer
 from epi_jax.training import workdir as workdir_lib
 from epi_jax.training import NonFiniteError, train
+from epi_jax.utils.files import read_jsonl
 from test_training import STEPS, losses, small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_safe_change_allowed_and_stale_lock_taken_over(reference_run, tmp_path, 
   assert result.step == STEPS + 2 and trainer.is_finished(workdir)
   assert json.loads((workdir / "config.json").read_text())["total_steps"] == STEPS + 2
   assert not (workdir / workdir_lib.LOCK_NAME).exists()
-  assert [r["step"] for r in metrics_lib.read_jsonl(workdir / "metrics.jsonl")][-2:] == [6, 8]
+  assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")][-2:] == [6, 8]
 
 
 def test_config_changes_lists_only_meaningful_fields():
@@ -228,7 +228,7 @@ def test_skip_nonfinite_skips_the_step(tmp_path, monkeypatch):
   config.optimizer.skip_nonfinite = True
   result = train(config, tmp_path)
   assert result.step == STEPS and trainer.is_finished(tmp_path)
-  recs = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+  recs = read_jsonl(tmp_path / "metrics.jsonl")
   assert recs[2]["loss"] is None and recs[1]["skipped_steps"] == 0
   assert recs[-1]["skipped_steps"] == 1 and recs[-1]["loss"] is not None
   assert all(np.isfinite(np.asarray(v)).all() for v in result.params.values())
@@ -328,9 +328,9 @@ def test_sharegpt_damage_mid_file_is_an_error_truncated_tail_is_not(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model():
   from epi_jax.model import ByteTokenizer
-  from epi_jax.training import model as model_lib
+  from epi_jax.training import model_setup
   config = small_config()
-  spec = model_lib.spec_for(model_lib.model_config(config.model))
+  spec = model_setup.spec_for(model_setup.model_config(config.model))
   params = {k: jax.random.normal(jax.random.key(i), v.shape, v.dtype)
             for i, (k, v) in enumerate(sorted(spec.shapes.items()))}
   return spec.bind(params), ByteTokenizer()
@@ -401,7 +401,7 @@ def _train_cmd(workdir, total):
 def _max_step(workdir) -> int:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   try:
-    return max((r["step"] for r in metrics_lib.read_jsonl(path)), default=0)
+    return max((r["step"] for r in read_jsonl(path)), default=0)
   except (OSError, ValueError):
     return 0  # being rewritten
 

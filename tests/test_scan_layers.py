@@ -19,7 +19,7 @@ from epi_jax.method.isolation import unpacked_mask
 from epi_jax.model import Llama, generate, get_config, init_cache
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import model as model_lib
+from epi_jax.training import model_setup
 from epi_jax.training import optim, sharding, trainer
 from epi_jax.training import step as step_lib
 
@@ -53,24 +53,24 @@ def _batch(seed=0):
 def models():
   config = get_config("tiny", num_layers=3)
   model = Llama(config, rngs=nnx.Rngs(0))
-  params = model_lib.flat_params(model)
-  scanned = model_lib.spec_for(dataclasses.replace(config, scan_layers=True)).bind(
-      model_lib.stack_layers(params))
+  params = model_setup.flat_params(model)
+  scanned = model_setup.spec_for(dataclasses.replace(config, scan_layers=True)).bind(
+      model_setup.stack_layers(params))
   return model, scanned
 
 
 def test_stacked_params_have_the_layers_axis(models):
   _, scanned = models
-  spec = model_lib.spec_for(scanned.config)
+  spec = model_setup.spec_for(scanned.config)
   assert spec.shapes["layers/attn/q/kernel"].shape == (3, 64, 64)
   assert spec.axes["layers/attn/q/kernel"] == ("layers", "embed", "heads")
   assert spec.axes["layers/mlp_norm/scale"] == ("layers", "norm")
   axes = sharding.layer_axes(spec.axes)
   assert axes["layers/mlp/down/kernel"] == 0 and axes["embed/embedding"] is None
-  assert sharding.layer_axes(model_lib.spec_for(get_config("tiny")).axes) == {
-      k: None for k in model_lib.spec_for(get_config("tiny")).axes}
+  assert sharding.layer_axes(model_setup.spec_for(get_config("tiny")).axes) == {
+      k: None for k in model_setup.spec_for(get_config("tiny")).axes}
   with pytest.raises(ValueError, match="already in the scan_layers layout"):
-    model_lib.stack_layers(model_lib.flat_params(scanned))
+    model_setup.stack_layers(model_setup.flat_params(scanned))
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -78,15 +78,15 @@ def test_scanned_logits_and_grads_equal_unscanned(models, remat):
   model, scanned = models
   b = _batch()
   kw = dict(positions=b["positions"], segment_ids=b["segment_ids"])
-  specs = [model_lib.spec_for(dataclasses.replace(m.config, remat=remat))
+  specs = [model_setup.spec_for(dataclasses.replace(m.config, remat=remat))
            for m in (model, scanned)]
-  params = [model_lib.flat_params(m) for m in (model, scanned)]
+  params = [model_setup.flat_params(m) for m in (model, scanned)]
   logits = [jax.jit(lambda p, s=s: s.bind(p)(b["inputs"], **kw))(p)
             for s, p in zip(specs, params)]
   assert _rel(logits[1], logits[0]) <= 1e-5
   grads = [jax.jit(jax.grad(lambda p, s=s: step_lib.loss_sums(s, p, b)[0]))(p)
            for s, p in zip(specs, params)]
-  stacked = model_lib.stack_layers(grads[0])
+  stacked = model_setup.stack_layers(grads[0])
   for k, g in grads[1].items():
     assert _rel(g, stacked[k]) <= 1e-5, k
 
@@ -120,15 +120,12 @@ def _config(method, scan, mesh):
 def _train(method, scan, mesh_shape, params0):
   config = _config(method, scan, mesh_shape)
   mesh = sharding.make_mesh(config.mesh)
-  spec = model_lib.spec_for(model_lib.model_config(config.model))
-  tx = optim.make_optimizer(config, sharding.layer_axes(spec.axes))
-  p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
-  params = model_lib.stack_layers(params0) if scan else params0
-  params = jax.device_put(params, p_shard)
-  init = trainer._init_fn(config, tx)  # pylint: disable=protected-access
-  st_shard = sharding.state_shardings(jax.eval_shape(init, params), spec.shapes, p_shard, mesh)
-  state = jax.jit(init, out_shardings=st_shard)(params)
-  train_step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
+  ts = trainer.setup(config, mesh)
+  spec = ts.spec
+  params = model_setup.stack_layers(params0) if scan else params0
+  params = jax.device_put(params, ts.param_shardings)
+  state = jax.jit(ts.init, out_shardings=ts.shardings)(params)  # params0 is shared: no donation
+  train_step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
   losses = []
   for i in range(STEPS):
     b = jax.device_put(_batch(i), sharding.batch_sharding(mesh))
@@ -141,14 +138,14 @@ def _train(method, scan, mesh_shape, params0):
     per_layer = jax.device_get(step_lib.per_layer_isolated(
         state["opt_state"], sharding.layer_axes(spec.axes)))
   if scan:
-    out = model_lib.unstack_layers(out)
-    mask = model_lib.unstack_layers(mask) if mask is not None else None
+    out = model_setup.unstack_layers(out)
+    mask = model_setup.unstack_layers(mask) if mask is not None else None
   return losses, out, mask, per_layer
 
 
 @pytest.fixture(scope="module")
 def params0():
-  return model_lib.flat_params(Llama(get_config("tiny"), rngs=nnx.Rngs(3)))
+  return model_setup.flat_params(Llama(get_config("tiny"), rngs=nnx.Rngs(3)))
 
 
 @pytest.mark.slow
@@ -188,7 +185,7 @@ def test_checkpoint_of_the_other_layout_is_refused(tmp_path, params0):
            "opt_state": (jnp.ones(3),)}
   ckpt.save(1, state, {"step": 1})
   ckpt.wait()
-  stacked = dict(state, params=model_lib.stack_layers(params0))
+  stacked = dict(state, params=model_setup.stack_layers(params0))
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), stacked)
   with pytest.raises(ValueError, match=r"scan_layers=False .* this model has scan_layers=True"):
     ckpt.restore_latest(target)
@@ -207,7 +204,7 @@ def test_scanned_model_exports_like_unscanned(models, tmp_path):
   export_hf(scanned, tmp_path / "scanned")
   a, _, _ = load_hf_checkpoint(tmp_path / "plain")
   b, _, _ = load_hf_checkpoint(tmp_path / "scanned")
-  pa, pb = model_lib.flat_params(a), model_lib.flat_params(b)
+  pa, pb = model_setup.flat_params(a), model_setup.flat_params(b)
   assert pa.keys() == pb.keys()
   for k, v in pa.items():
     np.testing.assert_array_equal(np.asarray(pb[k]), np.asarray(v), err_msg=k)

@@ -13,8 +13,8 @@ from epi_jax.model import config as model_cfg
 from epi_jax.model.config import train_flops_per_token
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import metrics as metrics_lib
 from epi_jax.training import train, load_run, list_snapshots, is_finished
+from epi_jax.utils.files import read_jsonl
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -42,7 +42,7 @@ def small_config(**mesh):
 
 
 def losses(workdir):
-  return [r["loss"] for r in metrics_lib.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")]
+  return [r["loss"] for r in read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +62,14 @@ def test_sharded_equals_single_device(sharded_run, single_run):
   assert len(a) == len(b) == STEPS
   assert a[-1] < a[0]  # it learns
   np.testing.assert_allclose(a, b, rtol=2e-4)
-  recs = metrics_lib.read_jsonl(sharded_run.workdir / "metrics.jsonl")
+  recs = read_jsonl(sharded_run.workdir / "metrics.jsonl")
   assert recs[-1]["num_refreshes"] == 3 and recs[-1]["isolated_fraction"] > 0.09
   for k in ("loss/gsm8k", "lr", "grad_norm", "tokens_per_s", "jaccard_first", "num_flipped"):
     assert k in recs[-1], k
   cfg = small_config()
   flops = train_flops_per_token(model_cfg.get_config(cfg.model.name), cfg.data.seq_len)
   assert recs[-1]["gflops"] == pytest.approx(flops * recs[-1]["tokens_per_s"] / 1e9)
-  refreshes = metrics_lib.read_jsonl(sharded_run.workdir / "refreshes.jsonl")
+  refreshes = read_jsonl(sharded_run.workdir / "refreshes.jsonl")
   assert [r["step"] for r in refreshes] == [2, 4, 6]
   assert refreshes[-1]["per_layer"]["layers/0/attn_norm/scale"] == 0.0  # excluded
   assert any(v > 0 for v in refreshes[-1]["per_layer"].values())
@@ -133,7 +133,7 @@ def test_corrupt_latest_checkpoint_falls_back(sharded_run, tmp_path, capfd):
   assert len(list((workdir / "checkpoints_corrupt").iterdir())) == 1  # moved, not deleted
   assert ckpt_lib.Checkpointer(workdir, 2).all_steps() == [4, 6]
   # Steps 5 and 6 were redone from step 4: the same losses as the first time.
-  recs = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+  recs = read_jsonl(workdir / "metrics.jsonl")
   assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
   assert [r["loss"] for r in recs] == losses(sharded_run.workdir)
 
@@ -194,7 +194,7 @@ def test_compact_state_and_variants_train_sharded(tmp_path):
   assert {str(m.dtype) for m in jax.tree.leaves(e.mask)} == {"uint8"}
   assert {str(i.dtype) for i in jax.tree.leaves(e.importance)} == {"bfloat16"}
   assert int(e.num_refreshes) == 2 and jax.tree.leaves(e.out_streak)
-  refreshes = metrics_lib.read_jsonl(result.workdir / "refreshes.jsonl")
+  refreshes = read_jsonl(result.workdir / "refreshes.jsonl")
   assert [r["step"] for r in refreshes] == [2, 4]
   for r in refreshes:  # per-layer fractions of the unpacked masks
     assert all(0.0 <= v <= 1.0 for v in r["per_layer"].values())

@@ -16,8 +16,8 @@ import pytest
 from configs_loader import load_config
 from epi_jax.method.isolation import epi_state
 from epi_jax.training import checkpoint as ckpt_lib
-from epi_jax.training import metrics as metrics_lib
 from epi_jax.training import sharding, trainer
+from epi_jax.utils.files import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--config.data.seq_len=128", "--config.data.mixture.logiqa=0.0",
@@ -38,7 +38,7 @@ def test_cli_end_to_end_then_resume_noop(tmp_path):
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads((tmp_path / "DONE").read_text())["step"] == 4
-  recs = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+  recs = read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in recs] == [2, 4] and "isolated_fraction" not in recs[0]
   cfg = json.loads((tmp_path / "config.json").read_text())
   assert cfg["method"] == "full" and cfg["total_steps"] == 4

@@ -242,8 +242,8 @@ def _cached(path: pathlib.Path, key: str, compute: Callable[[], dict]) -> dict:
 
 def base_model(config):
   """The model training starts from (pretrained weights or seed-``config.seed`` init)."""
-  from epi_jax.training import model as model_lib  # pylint: disable=g-import-not-at-top
-  spec, params, tokenizer = model_lib.build(config.model, config.seed, None)
+  from epi_jax.training import model_setup  # pylint: disable=g-import-not-at-top
+  spec, params, tokenizer = model_setup.build(config.model, config.seed, None)
   return spec.bind(params), tokenizer
 
 
@@ -503,9 +503,9 @@ def param_sizes(model_config) -> dict[str, int]:
   (migration); empty when the architecture cannot be resolved.
   """
   try:
-    from epi_jax.training import model as model_lib  # pylint: disable=g-import-not-at-top
+    from epi_jax.training import model_setup  # pylint: disable=g-import-not-at-top
     if model_config.init == "random":
-      cfg = model_lib.model_config(model_config)
+      cfg = model_setup.model_config(model_config)
     else:
       from epi_jax.model import loading  # pylint: disable=g-import-not-at-top
       path = loading.resolve_model_path(model_config.name)
@@ -514,7 +514,7 @@ def param_sizes(model_config) -> dict[str, int]:
       else:
         import gguf  # pylint: disable=g-import-not-at-top
         cfg = loading.gguf_config(gguf.GGUFReader(path))
-    return {k: int(np.prod(v.shape)) for k, v in model_lib.spec_for(cfg).shapes.items()}
+    return {k: int(np.prod(v.shape)) for k, v in model_setup.spec_for(cfg).shapes.items()}
   except Exception as e:  # pylint: disable=broad-except
     print(f"[epi_jax] layer sizes unavailable ({e}); migration weighs layers equally",
           file=sys.stderr)

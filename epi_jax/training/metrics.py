@@ -1,18 +1,31 @@
-"""Metrics output: ``metrics.jsonl``, ``refreshes.jsonl``, TensorBoard, a progress bar.
+"""What a run records, and where: ``metrics.jsonl``, ``refreshes.jsonl``,
+``importance_drift.jsonl``, TensorBoard, a progress bar.
 
-Only process 0 writes. On resume, records after the restored step (logged
-by the interrupted run after its last checkpoint) are dropped, so each step
-appears once.
+``Window`` turns the steps between two logs into one ``metrics.jsonl`` record
+(``window_record``: loss, per-task losses, lr, grad norm, timing, EPI's
+statistics); ``RefreshLog`` writes a ``refreshes.jsonl`` record at each EPI
+mask refresh; ``MetricsWriter`` writes them. Only process 0 writes. On
+resume, records after the restored step (logged by the interrupted run after
+its last checkpoint) are dropped, so each step appears once.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
+import time
 from typing import Any
 
+import jax
 import numpy as np
+import tqdm
+
+from epi_jax.method import METRICS, epi_state, is_refresh_step
+from epi_jax.training import optim
+from epi_jax.training import step as step_lib
+from epi_jax.utils import files
 
 
 def _clean(v):
@@ -38,14 +51,7 @@ def _truncate(path: pathlib.Path, after_step: int) -> None:
         keep.append(line)
     except json.JSONDecodeError:
       continue  # a line cut by the kill
-  path.write_text("".join(l + "\n" for l in keep))
-
-
-def read_jsonl(path) -> list[dict[str, Any]]:
-  path = pathlib.Path(path)
-  if not path.exists():
-    return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  files.write_text_atomic(path, "".join(l + "\n" for l in keep))
 
 
 class MetricsWriter:
@@ -64,13 +70,13 @@ class MetricsWriter:
     for path in (self.metrics_path, self.refreshes_path, self.importance_path):
       _truncate(path, start_step)
     try:
+      # Imported here, by process 0 alone: tensorboardX takes seconds to import.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=start_step + 1)
     except ImportError:  # pragma: no cover - tensorboardX is a dependency
       self._tb = None
     if progress_bar:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
   def log(self, record: dict[str, Any]) -> None:
     if not self.enabled:
@@ -114,3 +120,111 @@ class MetricsWriter:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
+
+
+# ----------------------------------------------------------------------------- records
+
+
+class Window:
+  """The steps since the last log: their metrics and time, logged as one record.
+
+  The run's first step compiles: its time is reported apart (``first_step_s``)
+  and the step time (``step_time``, ``tokens_per_s``) counts the steps after it.
+  """
+
+  def __init__(self, config, flops_per_token: float | None):
+    self._config, self._flops_per_token = config, flops_per_token
+    self._compiled = False
+    self._reset()
+
+  def _reset(self) -> None:
+    self._metrics, self._timed_steps, self._first_step_s = [], 0, None
+    self._start = time.perf_counter()
+
+  def add(self, m: dict[str, jax.Array]) -> None:
+    """One step's metrics (waits for the step only when it is the run's first)."""
+    self._metrics.append(m)
+    if self._compiled:
+      self._timed_steps += 1
+      return
+    jax.block_until_ready(m)
+    self._first_step_s = time.perf_counter() - self._start
+    self._start, self._compiled = time.perf_counter(), True
+
+  def log(self, writer: MetricsWriter, step: int) -> None:
+    """Writes the window's record (waiting for its last step) and starts a new window."""
+    jax.block_until_ready(self._metrics[-1])
+    elapsed = time.perf_counter() - self._start
+    writer.log(window_record(step, self._metrics, self._config, elapsed, self._timed_steps,
+                             self._first_step_s, self._flops_per_token))
+    self._reset()
+
+  def log_untimed(self, writer: MetricsWriter, step: int) -> None:
+    """The steps so far without timing, when the run stops (a non-finite step)."""
+    if self._metrics:
+      writer.log(window_record(step, self._metrics, self._config, 0.0, 0, None))
+
+
+def window_record(step: int, metrics: list[dict[str, Any]], config, elapsed: float,
+                  timed_steps: int, first_step_s: float | None,
+                  flops_per_token: float | None = None) -> dict[str, Any]:
+  """The ``metrics.jsonl`` record of the steps ``metrics`` that end at ``step``.
+
+  ``elapsed`` seconds over ``timed_steps`` steps give the step time (none when
+  0); ``first_step_s`` is the compiling first step's time, when in the window.
+  """
+  host = jax.device_get(metrics)
+  rec = {"step": step, "loss": float(np.mean([m["loss"] for m in host]))}
+  tl = np.sum([m["task_loss_sum"] for m in host], axis=0)
+  tt = np.sum([m["task_tokens"] for m in host], axis=0)
+  for i, task in enumerate(step_lib.ALL_CONFIGS):
+    if tt[i] > 0:
+      rec[f"loss/{task}"] = float(tl[i] / tt[i])
+  last = host[-1]
+  rec.update(lr=float(last["lr"]), grad_norm=float(last["grad_norm"]),
+             loss_tokens=int(sum(int(m["tokens"]) for m in host)))
+  if timed_steps > 0:
+    step_time = elapsed / timed_steps
+    rec.update(step_time=step_time,
+               tokens_per_s=config.data.batch_size * config.data.seq_len / step_time)
+    if flops_per_token:  # achieved model FLOP/s: utilisation on any backend
+      rec["gflops"] = flops_per_token * rec["tokens_per_s"] / 1e9
+  if first_step_s is not None:
+    rec["first_step_s"] = first_step_s
+  if "skipped_steps" in last:
+    rec["skipped_steps"] = int(last["skipped_steps"])
+  if optim.is_epi(config):
+    rec.update(epi_record(last), trainable_grad_norm=float(last["trainable_grad_norm"]))
+  return rec
+
+
+def epi_record(metrics: dict[str, Any]) -> dict[str, float | int]:
+  """EPI's statistics (``epi_jax.epi_metrics``) of a step's metrics, as numbers."""
+  return {k: int(metrics[k]) if k == "num_refreshes" else float(metrics[k])
+          for k in METRICS if k != "threshold"}
+
+
+class RefreshLog:
+  """``refreshes.jsonl``: a record at each EPI mask refresh, with each layer's isolated
+  fraction (a no-op for methods without EPI)."""
+
+  def __init__(self, config, layer_axes, opt_state, writer: MetricsWriter):
+    self._writer = writer
+    self._opts = optim.epi_options(config, layer_axes) if optim.is_epi(config) else None
+    if self._opts is None:
+      return
+    self._count = int(epi_state(opt_state).num_refreshes)  # a resumed run's refreshes
+    self._per_layer = jax.jit(functools.partial(step_lib.per_layer_isolated,
+                                                layer_axes=layer_axes))
+
+  def after_step(self, step: int, m: dict[str, jax.Array], opt_state) -> None:
+    """Writes a record when step ``step`` (metrics ``m``) refreshed the mask."""
+    if self._opts is None or not is_refresh_step(step, self._opts):
+      return
+    n = int(m["num_refreshes"])  # a host sync, on refresh steps only
+    if n <= self._count:  # no new refresh at this step
+      return
+    self._count = n
+    layers = jax.device_get(self._per_layer(opt_state))
+    self._writer.refresh({"step": step, **epi_record(m),
+                          "per_layer": {k: float(v) for k, v in layers.items()}})

@@ -1,4 +1,9 @@
-"""The training loop: ``train``, and reading finished runs back (``load_run``).
+"""The training loop: ``train``, its state's layout (``setup``), and reading finished
+runs back (``load_run``).
+
+``setup(config, mesh)`` decides the train state once: model spec, optimizer,
+shardings and the step-0 state; ``train`` and ``abstract_state`` (checking a
+large config without allocating it) both use it.
 
 ``train(config, workdir)`` builds the mesh, model, optimizer and data,
 restores the newest checkpoint in ``workdir`` if there is one (params,
@@ -26,30 +31,29 @@ writes ``config.json``, metrics, TensorBoard and ``DONE``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from epi_jax.method import METRICS, epi_state, is_refresh_step
 from epi_jax.model.config import train_flops_per_token
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import importance_drift
 from epi_jax.training import inputs
 from epi_jax.training import metrics as metrics_lib
-from epi_jax.training import model as model_lib
-from epi_jax.training import optim, sharding
+from epi_jax.training import model_setup, optim, sharding
 from epi_jax.training import step as step_lib
 from epi_jax.training import workdir as workdir_lib
+from epi_jax.utils import files
 
 
 @dataclasses.dataclass
@@ -74,95 +78,87 @@ class TrainResult:
   state: Any = None
 
 
-class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop checks it after every step (see should_stop)."""
-
-  def __init__(self):
-    self.signum = None
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C stops at once
-    self.signum = signum
-    print(f"\n[epi_jax] got signal {signum}: checkpointing after this step",
-          file=sys.stderr)
-
-  def should_stop(self, sync_point: bool) -> bool:
-    """Whether to stop now. With several processes all must stop at the same
-    step, which takes a cross-process gather: done only at ``sync_point`` steps
-    (log/checkpoint steps, which sync anyway), never as a per-step host sync."""
-    local = self.signum is not None
-    if jax.process_count() > 1:
-      if not sync_point:
-        return False
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return bool(np.any(multihost_utils.process_allgather(np.array(local))))
-    return local
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
+class NonFiniteError(RuntimeError):
+  """The loss or params became inf/nan; the run stopped, its last checkpoint is finite."""
 
 
-def _window_record(step, window, config, elapsed, timed_steps, compile_s,
-                   flops_per_token=None):
-  host = jax.device_get(window)
-  rec = {"step": step, "loss": float(np.mean([m["loss"] for m in host]))}
-  tl = np.sum([m["task_loss_sum"] for m in host], axis=0)
-  tt = np.sum([m["task_tokens"] for m in host], axis=0)
-  for i, task in enumerate(step_lib.ALL_CONFIGS):
-    if tt[i] > 0:
-      rec[f"loss/{task}"] = float(tl[i] / tt[i])
-  last = host[-1]
-  rec.update(lr=float(last["lr"]), grad_norm=float(last["grad_norm"]),
-             loss_tokens=int(sum(int(m["tokens"]) for m in host)))
-  if timed_steps > 0:
-    step_time = elapsed / timed_steps
-    rec.update(step_time=step_time,
-               tokens_per_s=config.data.batch_size * config.data.seq_len / step_time)
-    if flops_per_token:  # achieved model FLOP/s: utilisation on any backend
-      rec["gflops"] = flops_per_token * rec["tokens_per_s"] / 1e9
-  if compile_s is not None:
-    rec["first_step_s"] = compile_s
-  if "skipped_steps" in last:
-    rec["skipped_steps"] = int(last["skipped_steps"])
-  if optim.is_epi(config):
-    rec.update(_epi_record(last), trainable_grad_norm=float(last["trainable_grad_norm"]))
-  return rec
+# ----------------------------------------------------------------------------- the train state
 
 
-def _epi_record(metrics) -> dict:
-  """EPI's statistics (``epi_jax.epi_metrics``) of a step's metrics, as numbers."""
-  return {k: int(metrics[k]) if k == "num_refreshes" else float(metrics[k])
-          for k in METRICS if k != "threshold"}
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """The train state ``{'step', 'params', 'opt_state', 'rng'}`` of one config on one mesh.
+
+  Attributes:
+    spec: the model's ``ModelSpec`` (flat param names, shapes, logical axes).
+    tx: the method's optimizer (``optim.make_optimizer``).
+    layer_axes: each param's layer axis, for EPI (``sharding.layer_axes``).
+    param_shardings: ``{path: NamedSharding}`` of the params.
+    abstract: the state as ``jax.ShapeDtypeStruct`` (nothing allocated).
+    shardings: the state's shardings (``abstract``'s tree).
+    init: params -> the step-0 state (pure: jit it, or call ``init_state``).
+  """
+  spec: model_setup.ModelSpec
+  tx: Any
+  layer_axes: dict[str, int | None]
+  param_shardings: dict[str, jax.sharding.NamedSharding]
+  abstract: dict[str, Any]
+  shardings: dict[str, Any]
+  init: Callable[[dict[str, jax.Array]], dict[str, Any]]
+
+  @property
+  def target(self) -> dict[str, Any]:
+    """``abstract`` with its shardings: a restore target, or arguments to ``jit.lower``."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract, self.shardings)
+
+  def init_state(self, params: dict[str, jax.Array]) -> dict[str, Any]:
+    """The step-0 state on the mesh; ``params`` (placed by ``param_shardings``) are donated.
+
+    Raises:
+      ValueError: ``params`` do not have the spec's names, shapes and dtypes.
+    """
+    layout = lambda tree: {k: (tuple(v.shape), jnp.dtype(v.dtype)) for k, v in tree.items()}
+    got, want = layout(params), layout(self.spec.shapes)
+    if got != want:
+      bad = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
+      raise ValueError(f"{len(bad)} params differ from the model spec in name, shape or "
+                       f"dtype: {bad[:5]}")
+    return jax.jit(self.init, in_shardings=(self.param_shardings,),
+                   out_shardings=self.shardings, donate_argnums=0)(params)
 
 
-def _write_json_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(path)  # atomic: never a half-written file
+def setup(config, mesh, spec: model_setup.ModelSpec | None = None) -> TrainSetup:
+  """The one place that lays out the train state of ``config`` on ``mesh``.
 
+  Args:
+    config: a validated config (``epi_jax.training.validate``).
+    mesh: the device mesh (``sharding.make_mesh``).
+    spec: the model's spec (for a pretrained model: ``model_setup.build``'s);
+      None takes the random-init model that ``config.model`` names.
 
-def _write_json(path: pathlib.Path, obj) -> None:
-  _write_json_text(path, json.dumps(obj, indent=2, sort_keys=True, default=list))
-
-
-def _init_fn(config, tx):
+  Raises:
+    ValueError: ``spec`` is None and ``config.model`` is not a random-init model.
+  """
+  if spec is None:
+    model_config = model_setup.model_config(config.model)
+    if model_config is None:
+      raise ValueError(f"config.model.init={config.model.init!r}: the model's shapes come "
+                       "from its weights; pass the spec of model_setup.build to setup")
+    spec = model_setup.spec_for(model_config)
+  layer_axes = sharding.layer_axes(spec.axes)
+  tx = optim.make_optimizer(config, layer_axes)
+  param_shardings = sharding.param_shardings(mesh, spec.shapes, spec.axes)
   rng0 = jax.random.key_data(jax.random.key(config.seed))
 
-  def init_state(params):
+  def init(params):
     return {"step": jnp.zeros([], jnp.int32), "params": params,
             "opt_state": tx.init(params), "rng": rng0}
 
-  return init_state
+  abstract = jax.eval_shape(init, spec.shapes)
+  shardings = sharding.state_shardings(abstract, spec.shapes, param_shardings, mesh)
+  return TrainSetup(spec=spec, tx=tx, layer_axes=layer_axes, param_shardings=param_shardings,
+                    abstract=abstract, shardings=shardings, init=init)
 
 
 def abstract_state(config, mesh):
@@ -170,55 +166,11 @@ def abstract_state(config, mesh):
 
   For checking that a large config fits (random-init model names only).
   """
-  config = cfg_lib.validate(config)
-  spec = model_lib.spec_for(model_lib.model_config(config.model))
-  tx = optim.make_optimizer(config, sharding.layer_axes(spec.axes))
-  p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
-  abstract = jax.eval_shape(_init_fn(config, tx), spec.shapes)
-  return abstract, sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
+  ts = setup(cfg_lib.validate(config), mesh)
+  return ts.abstract, ts.shardings
 
 
-class NonFiniteError(RuntimeError):
-  """The loss or params became inf/nan; the run stopped, its last checkpoint is finite."""
-
-
-def _refuse_unless_all_ok(problem: workdir_lib.RunRefused | None, what: str) -> None:
-  """Raises ``problem`` (found by process 0) on every process."""
-  if ckpt_lib.all_processes_agree(problem is not None):
-    raise problem or workdir_lib.RunRefused(f"process 0 refused to start ({what}); "
-                                            "see its message")
-
-
-def _check_workdir(config, workdir: pathlib.Path, allow_config_change: bool):
-  """The allowed config changes against ``config.json``, or RunRefused (reads only)."""
-  changes, problem = {}, None
-  path = workdir / "config.json"
-  if jax.process_index() == 0 and path.exists():
-    try:
-      saved = json.loads(cfg_lib.to_json(cfg_lib.from_json(path.read_text())))
-    except (ValueError, TypeError) as e:
-      problem = workdir_lib.RunRefused(f"{path} cannot be read ({e}): not resuming over "
-                                       "it; use a new --workdir or restore the file")
-    else:
-      try:
-        changes = workdir_lib.check_resume(saved, json.loads(cfg_lib.to_json(config)),
-                                           workdir=workdir,
-                                           allow_config_change=allow_config_change)
-      except workdir_lib.ConfigChanged as e:
-        problem = e
-  _refuse_unless_all_ok(problem, "config mismatch")
-  return changes
-
-
-def _take_lock(workdir: pathlib.Path):
-  lock, problem = workdir_lib.WorkdirLock(workdir), None
-  if jax.process_index() == 0:
-    try:
-      lock.acquire()
-    except workdir_lib.WorkdirLocked as e:
-      problem = e
-  _refuse_unless_all_ok(problem, "workdir locked")
-  return lock
+# ----------------------------------------------------------------------------- train
 
 
 def train(config, workdir, *, stop_after: int | None = None,
@@ -263,116 +215,81 @@ def train(config, workdir, *, stop_after: int | None = None,
 
 
 def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
+  """The run itself, once ``train``'s checks passed and it holds the workdir lock."""
   is_main = jax.process_index() == 0
+  total = config.total_steps
+
+  # --- Setup: config.json, data, model, the train state's layout.
   if is_main:
     if changes:
       print("[epi_jax] resuming with config changes: " + "; ".join(
           f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)
-    _write_json_text(workdir / "config.json", cfg_lib.to_json(config))
+    files.write_text_atomic(workdir / "config.json", cfg_lib.to_json(config))
   data_kwargs = inputs.ensure_data(config)
-  spec, params, tokenizer = model_lib.build(config.model, config.seed, mesh)
-  layer_axes = sharding.layer_axes(spec.axes)
-  tx = optim.make_optimizer(config, layer_axes)
-  p_shard = sharding.param_shardings(mesh, spec.shapes, spec.axes)
-  init_state = _init_fn(config, tx)
-  abstract = jax.eval_shape(init_state, params)
-  st_shard = sharding.state_shardings(abstract, spec.shapes, p_shard, mesh)
+  spec, params, tokenizer = model_setup.build(config.model, config.seed, mesh)
+  ts = setup(config, mesh, spec)
   ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
   it = inputs.make_iterator(config, tokenizer, data_kwargs, mesh)
+
+  # --- Resume from the newest checkpoint, or start at step 0.
   restored = None
   if ckpt_lib.all_processes_agree(bool(ckpt.all_steps())):
-    restored = ckpt.restore_latest(jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_shard))
+    restored = ckpt.restore_latest(ts.target)
   if restored is not None:
-    state, data_state, step = restored
+    state, data_state, start = restored
     it.set_state(data_state)
     del params
     if is_main:
-      print(f"[epi_jax] resumed from step {step}", file=sys.stderr)
-      if step < config.total_steps:  # a finished run continued (total_steps raised)
+      print(f"[epi_jax] resumed from step {start}", file=sys.stderr)
+      if start < total:  # a finished run continued (total_steps raised)
         (workdir / "DONE").unlink(missing_ok=True)
   else:
-    step = 0
-    state = jax.jit(init_state, in_shardings=(p_shard,), out_shardings=st_shard,
-                    donate_argnums=0)(params)
-  total = config.total_steps
-  num_refreshes = (int(epi_state(state["opt_state"]).num_refreshes)
-                   if optim.is_epi(config) else 0)
+    start, state = 0, ts.init_state(params)
 
-  train_step = step_lib.make_train_step(config, spec, tx, mesh, st_shard)
-  flops_per_token = train_flops_per_token(spec.config, config.data.seq_len)
-  epi_opts = optim.epi_options(config, layer_axes) if optim.is_epi(config) else None
-  per_layer = (jax.jit(functools.partial(step_lib.per_layer_isolated, layer_axes=layer_axes))
-               if epi_opts is not None else None)
-  drift = (importance_drift.ImportanceDrift(config, layer_axes=layer_axes,
+  # --- The step, and what is written beside it.
+  train_step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start,
+                                     total_steps=total, progress_bar=config.progress_bar)
+  refreshes = metrics_lib.RefreshLog(config, ts.layer_axes, state["opt_state"], writer)
+  drift = (importance_drift.ImportanceDrift(config, layer_axes=ts.layer_axes,
                                             resumed=restored is not None)
            if importance_drift.records_drift(config) else None)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=step,
-                                     total_steps=total,
-                                     progress_bar=config.progress_bar)
-  interrupted = False
-  window, t_window, timed, compile_s, first = [], time.perf_counter(), 0, None, True
+  window = metrics_lib.Window(config, train_flops_per_token(spec.config, config.data.seq_len))
   unchecked = []  # (step, metrics) not yet checked for non-finite values
 
-  def check_finite():
+  def check_finite(step: int) -> None:
     """Before anything is saved or logged: stop on a non-finite step (one host sync)."""
     flags = jax.device_get([m["finite"] for _, m in unchecked])
     bad = next(((s, m) for (s, m), ok in zip(unchecked, flags) if not ok), None)
     unchecked.clear()
-    if bad is None:
-      return
-    s, m = bad
-    if window:
-      writer.log(_window_record(step, window, config, 0.0, 0, None))
-    saved = ckpt.all_steps()
-    raise NonFiniteError(
-        f"the loss or params became non-finite at step {s} (loss={float(m['loss'])}, "
-        f"grad_norm={float(m['grad_norm'])}); stopped without saving that state. "
-        + (f"The newest checkpoint (step {saved[-1]}) is finite; " if saved else
-           "No checkpoint was written yet; ")
-        + "lower optimizer.learning_rate or check the data and resume, or set "
-        "optimizer.skip_nonfinite=True to skip such steps.")
+    if bad is not None:
+      window.log_untimed(writer, step)
+      raise _nonfinite_error(*bad, saved=ckpt.all_steps())
 
+  # --- The loop: a step, then whatever is due at it.
+  last = total if stop_after is None else min(total, max(stop_after, start))
+  interrupted = last < total  # stopped by stop_after
+  step = start
   try:
     with _StopFlag() as stop:
-      while step < total:
-        if stop_after is not None and step >= stop_after:
-          interrupted = True
-          break
+      for step in range(start + 1, last + 1):
         try:
           batch = next(it)
         except StopIteration:
-          raise ValueError(f"the data ran out at step {step} of {total} "
+          raise ValueError(f"the data ran out at step {step - 1} of {total} "
                            "(data.stages shorter than total_steps?)") from None
         state, m = train_step(state, inputs.to_global(batch, mesh, config.data.batch_size))
-        step += 1
-        window.append(m)
+        window.add(m)
         unchecked.append((step, m))
-        if first:  # the first step compiles: timed separately
-          jax.block_until_ready(m)
-          compile_s = time.perf_counter() - t_window
-          t_window, first = time.perf_counter(), False
-        else:
-          timed += 1
-        if epi_opts is not None and is_refresh_step(step, epi_opts):
-          n = int(m["num_refreshes"])
-          if n > num_refreshes:
-            num_refreshes = n
-            layers = jax.device_get(per_layer(state["opt_state"]))
-            writer.refresh({"step": step, **_epi_record(m),
-                            "per_layer": {k: float(v) for k, v in layers.items()}})
+        refreshes.after_step(step, m, state["opt_state"])
         if drift is not None and drift.due(step):
           writer.importance(drift.record(step, state["opt_state"]))
         at_checkpoint = step % config.checkpoint_every == 0 or step == total
         at_log = step % config.log_every == 0 or step == total
         if at_log or at_checkpoint or step in config.snapshot_steps:
-          check_finite()
+          check_finite(step)
         if at_log:
-          jax.block_until_ready(m)
-          elapsed = time.perf_counter() - t_window
-          writer.log(_window_record(step, window, config, elapsed, timed, compile_s,
-                                    flops_per_token))
-          window, t_window, timed, compile_s = [], time.perf_counter(), 0, None
+          window.log(writer, step)
         writer.advance()
         if step in config.snapshot_steps and step != total:
           ckpt_lib.save_snapshot(workdir, step, state["params"])
@@ -381,7 +298,9 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
         if stop.should_stop(sync_point=at_checkpoint or at_log):
           interrupted = True
           break
-    check_finite()
+
+    # --- The end: a last checkpoint; a finished run's final snapshot and DONE.
+    check_finite(step)
     ckpt.save(step, state, it.get_state())
     if not interrupted:
       ckpt_lib.save_snapshot(workdir, step, state["params"])
@@ -390,10 +309,105 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
     writer.close()
     ckpt.close()
   if not interrupted and is_main:
-    _write_json(workdir / "DONE", {"step": step, "wall_time_s": time.time() - t_start})
+    files.write_json_atomic(workdir / "DONE", {"step": step, "wall_time_s": time.time() - t_start})
   return TrainResult(model=spec.bind(state["params"]), tokenizer=tokenizer, step=step,
                      workdir=workdir, interrupted=interrupted, params=state["params"],
                      state=state)
+
+
+# ----------------------------------------------------------------------------- the loop's helpers
+
+
+def _nonfinite_error(step: int, m: dict[str, Any], saved: list[int]) -> NonFiniteError:
+  return NonFiniteError(
+      f"the loss or params became non-finite at step {step} (loss={float(m['loss'])}, "
+      f"grad_norm={float(m['grad_norm'])}); stopped without saving that state. "
+      + (f"The newest checkpoint (step {saved[-1]}) is finite; " if saved else
+         "No checkpoint was written yet; ")
+      + "lower optimizer.learning_rate or check the data and resume, or set "
+      "optimizer.skip_nonfinite=True to skip such steps.")
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop checks it after every step (see should_stop)."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.signum = signum
+    print(f"\n[epi_jax] got signal {signum}: checkpointing after this step",
+          file=sys.stderr)
+
+  def should_stop(self, sync_point: bool) -> bool:
+    """Whether to stop now. With several processes all must stop at the same
+    step, which takes a cross-process gather: done only at ``sync_point`` steps
+    (log/checkpoint steps, which sync anyway), never as a per-step host sync."""
+    local = self.signum is not None
+    if jax.process_count() > 1:
+      if not sync_point:
+        return False
+      return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+    return local
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------- starting a run
+
+
+def _refuse_unless_all_ok(problem: workdir_lib.RunRefused | None, what: str) -> None:
+  """Raises ``problem`` (found by process 0) on every process."""
+  if ckpt_lib.all_processes_agree(problem is not None):
+    raise problem or workdir_lib.RunRefused(f"process 0 refused to start ({what}); "
+                                            "see its message")
+
+
+def _check_workdir(config, workdir: pathlib.Path, allow_config_change: bool):
+  """The allowed config changes against ``config.json``, or RunRefused (reads only)."""
+  changes, problem = {}, None
+  path = workdir / "config.json"
+  if jax.process_index() == 0 and path.exists():
+    try:
+      saved = json.loads(cfg_lib.to_json(cfg_lib.from_json(path.read_text())))
+    except (ValueError, TypeError) as e:
+      problem = workdir_lib.RunRefused(f"{path} cannot be read ({e}): not resuming over "
+                                       "it; use a new --workdir or restore the file")
+    else:
+      try:
+        changes = workdir_lib.check_resume(saved, json.loads(cfg_lib.to_json(config)),
+                                           workdir=workdir,
+                                           allow_config_change=allow_config_change)
+      except workdir_lib.ConfigChanged as e:
+        problem = e
+  _refuse_unless_all_ok(problem, "config mismatch")
+  return changes
+
+
+def _take_lock(workdir: pathlib.Path):
+  lock, problem = workdir_lib.WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirLocked as e:
+      problem = e
+  _refuse_unless_all_ok(problem, "workdir locked")
+  return lock
+
+
+# ----------------------------------------------------------------------------- finished runs
 
 
 def is_finished(workdir) -> bool:
@@ -424,9 +438,9 @@ def load_run(workdir, snapshot: int | None = None):
   if snapshot not in snaps:
     raise FileNotFoundError(f"No snapshot {snapshot} in {workdir}; have {snaps}")
   if config.model.init == "random":
-    tokenizer, spec = model_lib.ByteTokenizer(), model_lib.spec_for(
-        model_lib.model_config(config.model))
+    tokenizer, spec = model_setup.ByteTokenizer(), model_setup.spec_for(
+        model_setup.model_config(config.model))
   else:
-    spec, _, tokenizer = model_lib.load_for_eval(config.model)
+    spec, _, tokenizer = model_setup.load_for_eval(config.model)
   params = ckpt_lib.load_snapshot(workdir, snapshot, spec.shapes)
   return spec.bind(params), tokenizer, config

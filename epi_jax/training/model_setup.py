@@ -1,4 +1,6 @@
-"""The model as the trainer sees it: a flat dict of params plus a way back to a Llama.
+"""The model as training and evaluation see it: built or loaded from ``config.model``
+as a flat dict of params (``build``, ``load_for_eval``) plus a way back to a Llama
+(``ModelSpec.bind``).
 
 Params are kept as ``{'layers/0/attn/q/kernel': array, ...}`` (paths joined
 with '/'), which is what EPI's ``eligible`` predicates, the per-layer
