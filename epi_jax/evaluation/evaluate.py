@@ -397,6 +397,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = TASKS, data_dir=None,
     if examples is not None and task in examples:
       exs = list(examples[task])[:_num_for(num_examples, task) or None]
     else:
+      # Imported here: epi_jax.data imports TFDS, which examples given in memory do not need.
       from epi_jax.data import load_examples  # pylint: disable=g-import-not-at-top
       exs = select_examples(load_examples(task, split, data_dir),
                             _num_for(num_examples, task), sample_seed)
