@@ -63,7 +63,7 @@ from epi_jax.evaluation import metrics
 from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENERATE, TASKS,
                                          evaluate)
 
-METHODS = ("full", "multi_stage", "static", "epi")
+from epi_jax.training.config import METHODS
 # Variants that can be compared beside the methods: clipping by the norm of
 # the trainable gradients only (optimizer.clip_scope='trainable').
 VARIANTS = {"static_clip_trainable": "static", "epi_clip_trainable": "epi"}
