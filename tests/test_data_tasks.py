@@ -71,6 +71,8 @@ def test_bad_specs_are_clear_errors():
     tasks.TaskSpec(**{**ok, "eval_kind": "choice", "metric": "accuracy"})
   with pytest.raises(ValueError, match="reports .* not 'accuracy'"):
     tasks.TaskSpec(**{**ok, "metric": "accuracy"})
+  with pytest.raises(ValueError, match="needs its stage"):
+    tasks.TaskSpec(**{**ok, "benchmark": True})
   with pytest.raises(ValueError, match="common to every task"):
     tasks.TaskSpec(**{**ok, "fields": {"messages": "text"}})
   with pytest.raises(ValueError, match="lower-case"):

@@ -91,6 +91,8 @@ class TaskSpec:
       need(kind in FIELD_KINDS, f"field {field!r}: kind {kind!r} not in {FIELD_KINDS}")
     need(self.stage in (None, 0, 1), f"stage must be None, 0 or 1, got {self.stage!r}")
     need(not self.benchmark or self.eval_kind is not None, "a benchmark task must be evaluated")
+    need(not self.benchmark or self.stage is not None,
+         "a benchmark task needs its stage (0 or 1) in the default schedule")
     if self.eval_kind is not None:
       need(self.eval_kind in EVAL_KINDS, f"eval_kind {self.eval_kind!r} not in {list(EVAL_KINDS)}")
       reported, needed = EVAL_KINDS[self.eval_kind]
@@ -264,38 +266,10 @@ def manual_download_instructions() -> str:
 # ----------------------------------------------------------------------------- live views
 
 
-class _LiveTuple(Sequence):
-  """A read-only sequence recomputed from the registry on every use; compares
-  equal to the tuple it holds."""
+class _Live:
+  """Recomputed from the registry on every use, so it follows register_task."""
 
-  def __init__(self, build: Callable[[], tuple]):
-    self._build = build
-
-  def __getitem__(self, index):
-    return self._build()[index]
-
-  def __len__(self) -> int:
-    return len(self._build())
-
-  def __iter__(self) -> Iterator:
-    return iter(self._build())
-
-  def __eq__(self, other) -> bool:
-    return isinstance(other, (tuple, _LiveTuple)) and tuple(self) == tuple(other)
-
-  __hash__ = None
-
-  def __add__(self, other) -> tuple:
-    return self._build() + tuple(other)
-
-  def __repr__(self) -> str:
-    return repr(self._build())
-
-
-class _LiveMapping(Mapping):
-  """A read-only mapping recomputed from the registry on every use."""
-
-  def __init__(self, build: Callable[[], dict]):
+  def __init__(self, build: Callable[[], Any]):
     self._build = build
 
   def __getitem__(self, key):
@@ -309,6 +283,22 @@ class _LiveMapping(Mapping):
 
   def __repr__(self) -> str:
     return repr(self._build())
+
+
+class _LiveTuple(_Live, Sequence):
+  """A read-only sequence; compares equal to the tuple it holds."""
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, (tuple, _LiveTuple)) and tuple(self) == tuple(other)
+
+  __hash__ = None
+
+  def __add__(self, other) -> tuple:
+    return self._build() + tuple(other)
+
+
+class _LiveMapping(_Live, Mapping):
+  """A read-only mapping."""
 
 
 def table(value: Callable[[TaskSpec], Any],
