@@ -41,8 +41,8 @@ from epi_jax.data import tasks as tasks_lib
 # reported: live views of the task registry (its evaluated tasks).
 PRIMARY_METRIC = tasks_lib.table(lambda s: (s.metric, s.higher_is_better),
                                  lambda s: s.eval_kind is not None)
-SECONDARY_METRIC = tasks_lib.table(lambda s: s.secondary_metric,
-                                   lambda s: s.eval_kind is not None and s.secondary_metric)
+SECONDARY_METRIC = tasks_lib.table(
+    lambda s: s.secondary_metric, lambda s: s.eval_kind is not None and s.secondary_metric)
 
 # A number: optional sign or currency, digits with optional thousands commas,
 # optional decimals; or a bare decimal like ".5".
