@@ -2,8 +2,8 @@
 
 Every raw file of a task (:mod:`epi_jax.data.tasks`) has a pinned upstream
 URL, size and sha256 (:data:`RAW_FILE_PINS`, computed from the files the
-project was built with). They are fetched through TFDS's download manager, which verifies
-the pins, caches each file under the data dir's ``downloads/`` (a second call
+project was built with). They are fetched through TFDS's download manager,
+which verifies the pins, caches each file under the data dir's ``downloads/`` (a second call
 downloads nothing) and moves a file into the cache only once it is complete
 and verified, so nothing partial or corrupt is ever read.
 
