@@ -69,9 +69,9 @@ from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENER
 from epi_jax.model import loading
 from epi_jax.training import inputs
 from epi_jax.training import model as model_lib
+from epi_jax.training.config import METHODS
 from epi_jax.utils import files
 
-METHODS = ("full", "multi_stage", "static", "epi")
 # Variants that can be compared beside the methods: clipping by the norm of
 # the trainable gradients only (optimizer.clip_scope='trainable').
 VARIANTS = {"static_clip_trainable": "static", "epi_clip_trainable": "epi"}
