@@ -383,8 +383,9 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
   # Only small arrays cross the cond: the refresh branch finds the cuts (and
   # the statistics of the new mask); the mask itself is then rebuilt
   # elementwise outside, fused with the update that it masks. Big arrays
-  # returned through a cond's branches cost copies on every step. The cuts
-  # cross as two vectors (one entry per slice), not two arrays per leaf.
+  # returned through a cond's branches cost copies on every step. The cuts of
+  # unstacked leaves cross as two vectors (an entry per leaf), not two arrays
+  # per leaf; a stacked leaf's stay its own (sharded along its layer axis).
   def refresh(ranked):
     scores = _scores(layout, ranked)
     scales, thrs, threshold = _cuts(options, layout, scores)
@@ -393,19 +394,17 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     first = None
     if options.track_first_mask:
       first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, old_first)]
-    flat = lambda xs: jnp.concatenate([jnp.ravel(x) for x in xs])  # pylint: disable=unnecessary-lambda-assignment
-    return flat(scales), flat(thrs), _refresh_stats(options, layout, mask, old_mask, first,
-                                                    old_stats, threshold)
-
-  num_slices = sum(1 if leaf.axis is None else leaf.shape[leaf.axis] for leaf in layout)
+    return _join(layout, scales), _join(layout, thrs), _refresh_stats(
+        options, layout, mask, old_mask, first, old_stats, threshold)
 
   def keep(ranked):
     del ranked
-    return (jnp.ones((num_slices,), jnp.float32),
-            jnp.full((num_slices,), selection.NEVER, jnp.int32), old_stats)
+    ones = [jnp.ones(_scale("none", leaf, None).shape, jnp.float32) for leaf in layout]
+    return _join(layout, ones), _join(layout, [jnp.full(o.shape, selection.NEVER, jnp.int32)
+                                               for o in ones]), old_stats
 
-  flat_scales, flat_thrs, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
-  scales, thrs = _per_leaf(layout, flat_scales), _per_leaf(layout, flat_thrs)
+  scales, thrs, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
+  scales, thrs = _split(layout, scales), _split(layout, thrs)
   new, streak = _with_hysteresis(options, _top_masks(layout, _scores(layout, ranked), scales,
                                                      thrs),
                                  old_mask, old_streak)
@@ -422,14 +421,24 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
                             out_streak=streak, **stats._asdict())
 
 
-def _per_leaf(layout: list[Leaf], flat: jax.Array) -> list[jax.Array]:
-  """Per-slice values, concatenated over the leaves, as one array per leaf
-  broadcasting against it (``Leaf.broadcast``)."""
-  out, start = [], 0
+def _join(layout: list[Leaf], values: list[jax.Array]):
+  """Per-leaf cuts as ``(vector of the unstacked leaves' scalars, [stacked leaves' arrays])``."""
+  flat = [v for leaf, v in zip(layout, values) if leaf.axis is None]
+  return (jnp.stack(flat) if flat else jnp.zeros((0,), values[0].dtype),
+          [v for leaf, v in zip(layout, values) if leaf.axis is not None])
+
+
+def _split(layout: list[Leaf], joined) -> list[jax.Array]:
+  """The inverse of ``_join``."""
+  flat, stacked = joined
+  out, i, j = [], 0, 0
   for leaf in layout:
-    n = 1 if leaf.axis is None else leaf.shape[leaf.axis]
-    out.append(leaf.broadcast(flat[start:start + n]))
-    start += n
+    if leaf.axis is None:
+      out.append(flat[i])
+      i += 1
+    else:
+      out.append(stacked[j])
+      j += 1
   return out
 
 
