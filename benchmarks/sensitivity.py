@@ -35,7 +35,12 @@ import pathlib
 import sys
 import time
 
-from epi_jax.evaluation.cli import split_prefixed_args
+import numpy as np
+
+from epi_jax.evaluation import cli
+from epi_jax.evaluation import compare as cmp
+from epi_jax.evaluation import plots
+from epi_jax.evaluation import report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,7 +55,7 @@ def _ints(text):
 
 def _split_config_args(argv):
   """``(rest, {dotted field: value})`` of ``--config.FIELD=VALUE`` (or ``... VALUE``) flags."""
-  return split_prefixed_args(argv, "--config.")
+  return cli.split_prefixed_args(argv, "--config.")
 
 
 def apply_config_overrides(config, overrides):
@@ -79,8 +84,6 @@ def cell_name(ratio: float, interval: int) -> str:
 def sweep(config, workdir, *, ratios, intervals, seeds=1, baselines=("full", "static"),
           log=print):
   """Trains and evaluates the grid and the baselines; returns (and writes) the results."""
-  from epi_jax.evaluation import compare as cmp  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import is_finished, train  # pylint: disable=g-import-not-at-top
   if not ratios or not intervals:
     raise ValueError("--ratios and --intervals must each name at least one value")
   if any(not 0 < p < 1 for p in ratios):
@@ -97,14 +100,7 @@ def sweep(config, workdir, *, ratios, intervals, seeds=1, baselines=("full", "st
   t0 = time.time()
   train_cfg, settings = cmp.split_eval_config(config)
   data_kwargs = cmp.eval_data(train_cfg, settings["tasks"])
-  key = cmp._eval_key(settings)  # pylint: disable=protected-access
-
-  def base_compute():
-    log("evaluating the base model")
-    model, tok = cmp.base_model(train_cfg)
-    return cmp.run_eval(model, tok, settings, data_kwargs, log)
-
-  base = cmp._cached(workdir / "base_eval.json", key, base_compute)["results"]  # pylint: disable=protected-access
+  base = cmp.base_eval(workdir, train_cfg, settings, data_kwargs, log)
   sizes = cmp.param_sizes(train_cfg.model)
 
   def run_one(name, method, seed_offset, epi=None):
@@ -115,20 +111,9 @@ def sweep(config, workdir, *, ratios, intervals, seeds=1, baselines=("full", "st
       cfg.seed = int(train_cfg.seed) + seed_offset
       for k, v in (epi or {}).items():
         cfg.epi[k] = v
-    train_seconds = None
-    if is_finished(run_dir):
-      log(f"[{name} seed{seed_offset}] finished run found in {run_dir}")
-      try:
-        train_seconds = json.loads((run_dir / "DONE").read_text()).get("wall_time_s")
-      except (json.JSONDecodeError, OSError):
-        pass
-    else:
-      log(f"[{name} seed{seed_offset}] training into {run_dir}")
-      start = time.time()
-      train(cfg, run_dir)  # the result (final model) is dropped; snapshots are on disk
-      train_seconds = round(time.time() - start, 1)
-    evals = cmp.evaluate_run(run_dir, settings, data_kwargs, log)
-    summary = cmp._run_summary(cfg, method, evals, base, run_dir, sizes)  # pylint: disable=protected-access
+    evals, train_seconds = cmp.train_and_evaluate(cfg, run_dir, f"{name} seed{seed_offset}",
+                                                  settings, data_kwargs, log)
+    summary = report.run_summary(cfg, method, evals, base, run_dir, sizes)
     summary["run_dir"] = str(run_dir)
     summary["train_seconds"] = train_seconds
     if summary.get("drift"):
@@ -147,12 +132,12 @@ def sweep(config, workdir, *, ratios, intervals, seeds=1, baselines=("full", "st
           cells.append({"name": name, "isolation_ratio": p, "update_interval": t})
         per_cell.setdefault(name, []).append(
             run_one(name, "epi", k, {"isolation_ratio": float(p), "update_interval": int(t)}))
-  agg = cmp.aggregate(per_cell)
+  agg = report.aggregate(per_cell)
   for name, runs in per_cell.items():
     prev = [r["drift"].get("mean_jaccard_prev") for r in runs if r.get("drift")]
     if prev:
-      agg[name]["drift"]["mean_jaccard_prev"] = cmp._ms(prev)  # pylint: disable=protected-access
-  results = {"config": cmp._plain(config.to_dict()),  # pylint: disable=protected-access
+      agg[name]["drift"]["mean_jaccard_prev"] = report.mean_std(prev)
+  results = {"config": cmp.to_plain(config),
              "seeds": [int(train_cfg.seed) + k for k in range(seeds)], "eval": settings,
              "ratios": [float(p) for p in ratios], "intervals": [int(t) for t in intervals],
              "baselines": list(baselines), "cells": cells, "base": base, "methods": agg,
@@ -191,8 +176,7 @@ def _jac(e):
 
 def sensitivity_markdown(results) -> str:
   """The p x T tables and the per-run table of ``sensitivity.json``."""
-  from epi_jax.evaluation import compare as cmp  # pylint: disable=g-import-not-at-top
-  pm = cmp._pm  # pylint: disable=protected-access
+  pm = report.plus_minus
   methods, ev = results["methods"], results["eval"]
   tasks = [t for t in ev["tasks"] if t in results["base"]]
   ts = results["intervals"]
@@ -238,9 +222,7 @@ def sensitivity_markdown(results) -> str:
 
 def plot_heatmaps(results, path):
   """Two heatmaps over (p, T): normalized average and final Jaccard vs first mask."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from epi_jax.evaluation import drift as drift_lib  # pylint: disable=g-import-not-at-top
-  plt = drift_lib._plt()  # pylint: disable=protected-access
+  plt = plots.pyplot()
   panels = [("normalized average (base = 100)", _grid(results, _avg), "viridis", "{:.1f}"),
             ("final Jaccard vs first mask", _grid(results, _jac), "magma", "{:.3f}")]
   fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(results["intervals"]),
@@ -261,7 +243,7 @@ def plot_heatmaps(results, path):
     ax.set_ylabel("isolation_ratio p")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
-  return drift_lib._save(plt, fig, path)  # pylint: disable=protected-access
+  return plots.save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------
@@ -270,8 +252,6 @@ def plot_heatmaps(results, path):
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   sys.path.insert(0, str(REPO))
-  from epi_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
-  from epi_jax.evaluation import compare as cmp  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=str(REPO / "configs" / "tiny.py"),

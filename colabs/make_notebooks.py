@@ -309,10 +309,11 @@ print({m: str(d) for m, d in runs.items()})'''),
 import numpy as np
 from epi_jax.evaluation import compare, drift
 from epi_jax.training import load_config
+from epi_jax.utils import files
 
 configs = {m: load_config(d) for m, d in runs.items()}
 refreshes = {m: drift.load_refreshes(d) for m, d in runs.items()}
-logs = {m: drift.load_jsonl(d / "metrics.jsonl") for m, d in runs.items()}
+logs = {m: files.read_jsonl(d / "metrics.jsonl") for m, d in runs.items()}
 sizes = compare.param_sizes(configs["epi"].model)   # entries per parameter, to weigh layers
 summary = {m: drift.drift_summary(r, sizes) for m, r in refreshes.items()}
 for m, s in summary.items():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from epi_jax import data as epi_data
-from epi_jax.data import sharegpt, sources
+from epi_jax.data import sharegpt, sources, tasks
 from epi_jax.utils import assets
 
 RAW = assets.default_raw_data_dir()
@@ -153,14 +153,14 @@ def test_bad_records_are_counted(tmp_path):
   body = json.dumps(records).encode()
   bad_utf8 = b'{"instruction": "caf\xe9", "input": "", "output": "ok"}'
   (tmp_path / "alpaca" / "alpaca_5000.json").write_bytes(body[:-1] + b", " + bad_utf8 + b"]")
-  splits, drops = sources.read_alpaca(tmp_path)
+  splits, drops = tasks.get("alpaca").read(tmp_path)
   assert sum(len(v) for v in splits.values()) == 1
   assert dict(drops) == {"missing_field": 2, "empty": 1, "duplicate": 1, "broken_utf8": 1}
 
 
 def test_missing_raw_file_names_it(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"gsm8k/train\.jsonl.*expected at"):
-    sources.read_gsm8k(tmp_path)
+    tasks.get("gsm8k").read(tmp_path)
 
 
 def test_sharegpt_stream_stops_at_truncation(tmp_path):

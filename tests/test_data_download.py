@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from epi_jax import data as epi_data
-from epi_jax.data import cli, download, sources
+from epi_jax.data import cli, download, tasks
 from epi_jax.utils import assets
 
 RAW = assets.default_raw_data_dir()
@@ -69,7 +69,7 @@ def isolated(tmp_path, monkeypatch):
 
 
 def test_pins_cover_and_match_the_shared_raw_files():
-  assert set(download.RAW_FILE_PINS) == {r for rels in sources.RAW_FILES.values() for r in rels}
+  assert set(download.RAW_FILE_PINS) == {r for rels in tasks.RAW_FILES.values() for r in rels}
   for rel, (url, size, sha) in download.RAW_FILE_PINS.items():
     data = (RAW / rel).read_bytes()
     assert (len(data), hashlib.sha256(data).hexdigest()) == (size, sha), rel
@@ -83,7 +83,7 @@ def test_prepare_downloads_then_uses_the_cache(server, isolated, tmp_path, monke
   assert cli.prepare_main(["--data_dir", str(data_dir), "--tasks", ",".join(TASKS),
                            "--mirror", f"{server.url}/good"]) == 0
   got = sorted(server.requests[start:])
-  assert got == sorted(f"/good/{r}" for t in TASKS for r in sources.RAW_FILES[t])
+  assert got == sorted(f"/good/{r}" for t in TASKS for r in tasks.RAW_FILES[t])
   # The same datasets as from the manual dir.
   manual_dir = tmp_path / "from_manual"
   epi_data.prepare(raw_dir=RAW, data_dir=manual_dir, tasks=TASKS)

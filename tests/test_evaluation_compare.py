@@ -41,27 +41,26 @@ def test_split_eval_config():
     cmp.split_eval_config(ml_collections.ConfigDict({"eval": {"bogus": 1}}))
 
 
-def test_results_markdown_and_aggregate():
-  base = {"logiqa": {"accuracy": 0.0, "n": 4}, "alpaca": {"loss": 2.0, "perplexity": 7.4, "n": 4}}
-  runs = {"full": [{"final": {"logiqa": {"accuracy": 0.25, "n": 4},
-                              "alpaca": {"loss": 1.0, "perplexity": 2.7, "n": 4}},
-                    "normalized": {"logiqa": 200.0, "alpaca": 200.0, "average": 200.0},
-                    "forgetting": {"logiqa": 5.0, "alpaca": -1.0}, "forgetting_mean": 2.0,
-                    "eval_seconds": 1.0, "run_dir": "x/full/seed0"},
-                   {"final": {"logiqa": {"accuracy": 0.5, "n": 4},
-                              "alpaca": {"loss": 1.0, "perplexity": 2.7, "n": 4}},
-                    "normalized": {"logiqa": 300.0, "alpaca": 200.0, "average": 250.0},
-                    "forgetting": {"logiqa": 1.0, "alpaca": -1.0}, "forgetting_mean": 0.0,
-                    "eval_seconds": 1.0, "run_dir": "x/full/seed1"}]}
-  methods = cmp.aggregate(runs)
-  assert methods["full"]["average"]["mean"] == 225.0
-  assert methods["full"]["average"]["std"] == 25.0
-  assert methods["full"]["tasks"]["logiqa"]["values"] == [0.25, 0.5]
-  assert methods["full"]["forgetting"]["mean"]["mean"] == 1.0
-  md = cmp.results_markdown({"methods": methods, "base": base, "seeds": [0, 1],
-                             "eval": {**cmp.eval_defaults(), "tasks": ["logiqa", "alpaca"]}})
-  assert "| full | 37.5 ± 12.5 | 1.000 ± 0.000 | 225.0 ± 25.0 | 1.0 ± 1.0 |" in md
-  assert "| base | 0.0 | 2.000 | 100.0 | – |" in md
+def test_cached_eval_recomputes_only_for_new_settings(tmp_path):
+  path = tmp_path / "eval" / "step_4.json"
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"results": {"alpaca": {"loss": 1.5}}, "seconds": 0.1}
+
+  key = cmp.eval_key(cmp.eval_defaults())
+  first = cmp.cached_eval(path, key, compute)
+  assert first["eval_key"] == key and json.loads(path.read_text()) == first
+  assert cmp.cached_eval(path, key, compute) == first and len(calls) == 1
+  # Analysis-only settings do not change the key; settings that change results do.
+  assert cmp.eval_key({**cmp.eval_defaults(), "snapshots": "final"}) == key
+  other = cmp.eval_key({**cmp.eval_defaults(), "seq_len": 128})
+  assert other != key
+  assert cmp.cached_eval(path, other, compute)["eval_key"] == other and len(calls) == 2
+  path.write_text("{not json")  # a broken cache file is recomputed, not an error
+  assert cmp.cached_eval(path, other, compute)["eval_key"] == other and len(calls) == 3
+  assert sorted(p.name for p in path.parent.iterdir()) == ["step_4.json"]
 
 
 _SMALL_TINY = """

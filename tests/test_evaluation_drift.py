@@ -1,4 +1,4 @@
-"""Drift metrics on constructed masks and the plots."""
+"""Drift metrics on constructed masks, and the drift plots and table."""
 
 import json
 
@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from epi_jax.evaluation import drift
+from epi_jax.evaluation import plots
+from epi_jax.evaluation import report
 
 
 def test_jaccard_on_constructed_masks():
@@ -74,13 +76,13 @@ def test_summary_matrix_and_plots(tmp_path):
   rows, steps, mat = drift.layer_matrix(refreshes)
   assert rows == ["block 00", "block 01", "embed"] and steps == [10, 20, 30]
   np.testing.assert_allclose(mat[0], [0.02, 0.015, 0.01])
-  assert drift.plot_drift({"epi": summary}, tmp_path / "p" / "drift.png").stat().st_size > 1000
-  assert drift.plot_layer_heatmap(refreshes, tmp_path / "p" / "heat.png").is_file()
+  assert plots.plot_drift({"epi": summary}, tmp_path / "p" / "drift.png").stat().st_size > 1000
+  assert plots.plot_layer_heatmap(refreshes, tmp_path / "p" / "heat.png").is_file()
   methods = {m: {"normalized": {"gsm8k": {"mean": v, "std": 1.0},
                                 "average": {"mean": v, "std": 0.5}}}
              for m, v in (("full", 98.0), ("epi", 104.0))}
-  assert drift.plot_task_metrics(methods, tmp_path / "p" / "tasks.png").is_file()
-  assert drift.plot_drift({}, tmp_path / "none.png") is None
+  assert plots.plot_task_metrics(methods, tmp_path / "p" / "tasks.png").is_file()
+  assert plots.plot_drift({}, tmp_path / "none.png") is None
   assert drift.load_refreshes(tmp_path / "missing") == []
 
 
@@ -153,12 +155,12 @@ def test_static_mask_curve_is_left_out_and_importance_table(tmp_path):
                                  "per_layer": {"x": 0.1}}])
   assert static["jaccard_first"] == [None]  # -1 means "not tracked", not a Jaccard of 0
   assert not drift.meaningful(static)
-  assert drift.plot_drift({"static": static}, tmp_path / "d.png") is None
+  assert plots.plot_drift({"static": static}, tmp_path / "d.png") is None
   recs = [{"step": s, "jaccard_first": jf, "jaccard_prev": jp, "per_layer": {"x": f, "y": 0.1}}
           for s, jf, jp, f in ((5, 1.0, 1.0, 0.1), (10, 0.7, 0.7, 0.2), (15, 0.5, 0.8, 0.3))]
   summary = drift.drift_summary(recs)
   assert drift.meaningful(summary) and summary["final_jaccard_first"] == 0.5
-  md = drift.importance_drift_markdown({"full": summary, "static": summary})
+  md = report.importance_drift_markdown({"full": summary, "static": summary})
   assert "| 15 | 0.500 | 0.800 |" in md and "full vs first" in md
-  assert drift.plot_drift({"full": summary, "static": static}, tmp_path / "i.png",
+  assert plots.plot_drift({"full": summary, "static": static}, tmp_path / "i.png",
                           what="top-p importance set").is_file()

@@ -282,7 +282,7 @@ def test_cli_missing_or_broken_config_file(tmp_path, capsys):
 
 
 def test_empty_or_truncated_json_names_the_file(tmp_path):
-  from epi_jax.data import sources
+  from epi_jax.data import tasks
   (tmp_path / "codealpaca").mkdir()
   good = [{"instruction": f"Write {i}", "input": "", "output": "x"} for i in range(3)]
   (tmp_path / "codealpaca" / "new_codealpaca.json").write_text(json.dumps(good))
@@ -290,23 +290,23 @@ def test_empty_or_truncated_json_names_the_file(tmp_path):
   for text, what in (("", "empty"), (json.dumps(good)[:-40], "not valid JSON")):
     target.write_text(text)
     with pytest.raises(ValueError, match=f"code_alpaca_2k.json: .*{what}"):
-      sources.read_code_alpaca(tmp_path)
+      tasks.get("code_alpaca").read(tmp_path)
 
 
 def test_unparseable_jsonl_names_file_and_line(tmp_path):
-  from epi_jax.data import sources
+  from epi_jax.data import tasks
   (tmp_path / "gsm8k").mkdir()
   rec = json.dumps({"question": "1+1?", "answer": "2\n#### 2"})
   (tmp_path / "gsm8k" / "test.jsonl").write_text(rec + "\n")
   (tmp_path / "gsm8k" / "train.jsonl").write_text("\n[1, 2,\n3]\n")  # not JSON lines
   with pytest.raises(ValueError, match=r"train\.jsonl: line 2 .*is not JSON"):
-    sources.read_gsm8k(tmp_path)
+    tasks.get("gsm8k").read(tmp_path)
   (tmp_path / "gsm8k" / "train.jsonl").write_text("")
   with pytest.raises(ValueError, match=r"train\.jsonl: the file is empty"):
-    sources.read_gsm8k(tmp_path)
+    tasks.get("gsm8k").read(tmp_path)
   # One bad line among good ones: dropped and counted, not fatal.
   (tmp_path / "gsm8k" / "train.jsonl").write_text(rec + "\n{oops\n" + rec + "\n")
-  splits, drops = sources.read_gsm8k(tmp_path)
+  splits, drops = tasks.get("gsm8k").read(tmp_path)
   assert len(splits["train"]) == 2 and drops["bad_json"] == 1
 
 

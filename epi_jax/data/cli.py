@@ -16,9 +16,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data_dir", default=None,
                       help="where the TFDS datasets live (default $EPI_DATA_DIR or "
                            "~/.cache/epi_jax/tensorflow_datasets)")
+  optional = [t for t in epi_data.ALL_CONFIGS if t not in epi_data.TASKS]
   parser.add_argument("--tasks", default=None,
                       help=f"comma-separated configs (default: {','.join(epi_data.TASKS)}; "
-                           "'lima' is optional)")
+                           f"optional: {','.join(optional)})")
 
 
 def _tasks(arg):

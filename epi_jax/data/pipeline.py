@@ -9,8 +9,8 @@ batches (``B`` rows of length ``L``):
 * ``segment_ids`` int32: 0 for padding, 1, 2, ... for the examples packed in
   a row; attention must not cross segments.
 * ``positions`` int32: restart at 0 for every example.
-* ``task_ids`` int32: the example's index in ``epi_jax.data.ALL_CONFIGS``
-  (the first five are ``TASKS``) per token, -1 for padding.
+* ``task_ids`` int32: the example's task id (its index in the task registry,
+  :mod:`epi_jax.data.tasks`) per token, -1 for padding.
 
 How a global batch is made, deterministically from the seed:
 
@@ -50,7 +50,8 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from epi_jax import data as epi_data
+from epi_jax.data import datasets
+from epi_jax.data import tasks as tasks_lib
 
 # Guard against a task whose examples are all dropped (would loop forever): a
 # task raises after a full epoch (or this many) of consecutive drops.
@@ -69,15 +70,15 @@ def _normalize_stages(mixture, stages) -> list[dict[str, Any]]:
     mix = stage.get("mixture", mixture)
     if not isinstance(mix, Mapping) or not mix:
       raise ValueError(f"stages[{i}]['mixture'] must be a non-empty dict task -> weight")
-    unknown = [t for t in mix if t not in epi_data.ALL_CONFIGS]
+    names = tasks_lib.names()
+    unknown = [t for t in mix if t not in names]
     if unknown:
-      raise ValueError(f"stages[{i}] mixture: unknown task(s) {unknown}; "
-                       f"known: {list(epi_data.ALL_CONFIGS)}")
-    weights = np.zeros(len(epi_data.ALL_CONFIGS))
+      raise ValueError(f"stages[{i}] mixture: unknown task(s) {unknown}; known: {list(names)}")
+    weights = np.zeros(len(names))
     for task, w in mix.items():
       if not np.isfinite(w) or w < 0:
         raise ValueError(f"stages[{i}] mixture weight of {task!r} must be >= 0, got {w}")
-      weights[epi_data.ALL_CONFIGS.index(task)] = w
+      weights[names.index(task)] = w
     if weights.sum() <= 0:
       raise ValueError(f"stages[{i}] mixture has no positive weight: {dict(mix)}")
     steps = stage.get("steps")
@@ -108,7 +109,7 @@ class SFTIterator(grain.DatasetIterator):
     self._last: tuple[tuple[int, int], Any] | None = None
     self._perms: dict[tuple[int, int], np.ndarray] = {}
     self._pad = int(getattr(tokenizer, "pad_id", 0) or 0)
-    n = len(epi_data.ALL_CONFIGS)
+    n = len(stages[0]["weights"])  # one cursor per registered task
     self._state = {"stage": 0, "step": 0, "cursor": [0] * n, "stage_counts": [0] * n,
                    "drops": {"no_assistant_target": 0}}
 
@@ -120,7 +121,7 @@ class SFTIterator(grain.DatasetIterator):
             "stage_counts": list(s["stage_counts"]), "drops": dict(s["drops"])}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    n = len(epi_data.ALL_CONFIGS)
+    n = len(self._state["cursor"])
     if len(state["cursor"]) != n or len(state["stage_counts"]) != n:
       raise ValueError(f"iterator state has {len(state['cursor'])} task cursors, expected {n}")
     self._state = {"stage": int(state["stage"]), "step": int(state["step"]),
@@ -183,7 +184,7 @@ class SFTIterator(grain.DatasetIterator):
         runs[task] = runs.get(task, 0) + 1
         if runs[task] > min(len(self._sources[task]), _MAX_CONSECUTIVE_DROPS):
           raise ValueError(
-              f"task {epi_data.ALL_CONFIGS[task]!r}: {runs[task]} examples in a row were "
+              f"task {tasks_lib.names()[task]!r}: {runs[task]} examples in a row were "
               f"dropped ({self.drops}); is seq_len={self._seq_len} too short for it?")
         continue
       runs[task] = 0
@@ -285,9 +286,9 @@ def make_train_dataset(tokenizer, *, data_dir=None, mixture: Mapping[str, float]
   used = sorted({t for st in stages for t in np.flatnonzero(st["weights"] > 0)})
   task_sources = {}
   for t in used:
-    name = epi_data.ALL_CONFIGS[t]
+    name = tasks_lib.names()[t]
     source = (sources[name] if sources is not None and name in sources
-              else epi_data.load_examples(name, split, data_dir))
+              else datasets.load_examples(name, split, data_dir))
     limit = (max_examples_per_task.get(name) if isinstance(max_examples_per_task, Mapping)
              else max_examples_per_task)
     if limit is not None:

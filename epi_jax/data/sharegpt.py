@@ -38,6 +38,7 @@ import collections
 import json
 import os
 import pathlib
+from typing import Sequence
 
 from epi_jax.data import sources
 
@@ -153,8 +154,13 @@ def is_english(messages) -> bool:
   return bool(words) and stop >= MIN_STOPWORD_FRACTION * len(words)
 
 
-def read_chat(raw_dir=None, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST):
-  """Splits and drop counts for the chat task (see the module docstring)."""
+def read_chat(raw_dir=None, files: Sequence[str] = (), task: str = "chat", *,
+              num_train: int = NUM_TRAIN, num_test: int = NUM_TEST):
+  """Splits and drop counts for the chat task (see the module docstring); a
+  reader of :mod:`epi_jax.data.sources`'s form. ``files`` is empty: the
+  ShareGPT file is found by :func:`sharegpt_path`."""
+  if files:
+    raise ValueError(f"task {task!r}: reads ShareGPT itself, got raw files {list(files)}")
   drops = sources.Drops()
   seen: set[str] = set()
   candidates = {"train": [], "test": []}
@@ -178,6 +184,6 @@ def read_chat(raw_dir=None, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST
     chosen = sorted(candidates[split], key=lambda c: c[0])
     drops["not_sampled"] += max(0, len(chosen) - limit)
     splits[split] = [
-        (f"{split}-{rid}-{h:016x}", {"task": "chat", "id": f"chat-{rid}", "messages": messages})
+        (f"{split}-{rid}-{h:016x}", {"task": task, "id": f"{task}-{rid}", "messages": messages})
         for h, rid, messages in chosen[:limit]]
   return splits, drops

@@ -1,8 +1,10 @@
 """Readers that turn the raw task files into conversation examples.
 
-Each ``read_<task>(raw_dir)`` returns ``(splits, drops)``: ``splits`` maps
-``'train'``/``'test'`` to lists of ``(key, example)`` and ``drops`` counts the
-records left out, by reason. Every example holds ``task``, ``id`` and
+A reader ``read_x(raw_dir, files, task)`` takes the raw dir, the task's raw
+file paths relative to it (in the order of its entry in
+:mod:`epi_jax.data.tasks`) and the task name, and returns ``(splits, drops)``:
+``splits`` maps ``'train'``/``'test'`` to lists of ``(key, example)`` and
+``drops`` counts the records left out, by reason. Every example holds ``task``, ``id`` and
 ``messages`` (a list of ``{'role', 'content'}`` dicts ending with the
 assistant's reference answer, so ``messages[:-1]`` is the prompt) plus the
 task's evaluation fields. Pure Python: no TFDS, no tokenizer.
@@ -32,19 +34,10 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Callable
+from typing import Any, Sequence
 
 Example = dict[str, Any]
 Splits = dict[str, list[tuple[str, Example]]]
-
-# Expected raw files per task, relative to the raw (manual) dir.
-RAW_FILES = {
-    "gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl"),
-    "code_alpaca": ("codealpaca/code_alpaca_2k.json", "codealpaca/new_codealpaca.json"),
-    "logiqa": ("logiqa2/dev.txt", "logiqa2/test.txt"),
-    "alpaca": ("alpaca/alpaca_5000.json",),
-    "lima": ("lima/lima.json",),
-}
 
 # Percent of unique prompts held out as test for the tasks without an official split.
 HELD_OUT_PERCENT = 5
@@ -153,12 +146,19 @@ def gsm8k_final_answer(answer: str) -> str | None:
   return final or None
 
 
-def read_gsm8k(raw_dir) -> tuple[Splits, Drops]:
-  """Official train/test. The reference answer keeps the reasoning and the final
-  ``#### <number>`` line; the ``<<a*b=c>>`` calculator markup is removed."""
+def _train_test(files: Sequence[str], task: str) -> tuple[str, str]:
+  if len(files) != 2:
+    raise ValueError(f"task {task!r}: expected two raw files (train, test), got {list(files)}")
+  return files[0], files[1]
+
+
+def read_gsm8k(raw_dir, files: Sequence[str], task: str = "gsm8k") -> tuple[Splits, Drops]:
+  """Official train/test (``files``: train, test). The reference answer keeps the
+  reasoning and the final ``#### <number>`` line; the ``<<a*b=c>>`` calculator
+  markup is removed."""
   drops = Drops()
   splits: Splits = {}
-  for split, relpath in zip(("train", "test"), RAW_FILES["gsm8k"]):
+  for split, relpath in zip(("train", "test"), _train_test(files, task)):
     out = []
     for i, record in enumerate(_load_jsonl(raw_path(raw_dir, relpath), drops)):
       values = _strings(record, ("question", "answer"))
@@ -175,7 +175,7 @@ def read_gsm8k(raw_dir) -> tuple[Splits, Drops]:
         continue
       reference = _CALC.sub("", answer)
       out.append((f"{split}-{i:05d}", {
-          "task": "gsm8k", "id": f"gsm8k-{split}-{i:05d}",
+          "task": task, "id": f"{task}-{split}-{i:05d}",
           "messages": _chat(question, reference),
           "question": question, "final_answer": final,
       }))
@@ -202,14 +202,14 @@ def logiqa_answer(answer: int, options: list[str]) -> str:
   return f"{LOGIQA_LETTERS[answer]}. {options[answer].strip()}"
 
 
-def read_logiqa(raw_dir) -> tuple[Splits, Drops]:
-  """LogiQA 2.0: dev as train, test as test; train records whose passage
+def read_logiqa(raw_dir, files: Sequence[str], task: str = "logiqa") -> tuple[Splits, Drops]:
+  """LogiQA 2.0 (``files``: dev, test): dev as train, test as test; train records whose passage
   (``text``) also occurs in test are dropped. The reference answer is
   ``"<letter>. <option text>"``. Passages are compared after
   :func:`normalize_passage`."""
   drops = Drops()
   parsed = {}
-  for split, relpath in zip(("train", "test"), RAW_FILES["logiqa"]):
+  for split, relpath in zip(("train", "test"), _train_test(files, task)):
     out = []
     for i, record in enumerate(_load_jsonl(raw_path(raw_dir, relpath), drops)):
       values = _strings(record, ("text", "question"))
@@ -231,7 +231,7 @@ def read_logiqa(raw_dir) -> tuple[Splits, Drops]:
         drops["bad_answer"] += 1
         continue
       out.append((f"{split}-{i:05d}", {
-          "task": "logiqa", "id": f"logiqa-{split}-{record.get('id', i)}",
+          "task": task, "id": f"{task}-{split}-{record.get('id', i)}",
           "messages": _chat(logiqa_prompt(context, question, options),
                             logiqa_answer(answer, options)),
           "context": context, "question": question,
@@ -264,13 +264,14 @@ def _dedup(items, drops: Drops):
 # ----------------------------------------------------------------------------- alpaca-style
 
 
-def _read_instruction_files(task: str, raw_dir, relpaths) -> tuple[Splits, Drops]:
-  """Alpaca-format files, deduplicated by instruction+input (first kept), split
-  by a stable hash of the prompt (``HELD_OUT_PERCENT`` percent test)."""
+def read_instructions(raw_dir, files: Sequence[str], task: str) -> tuple[Splits, Drops]:
+  """Alpaca-format JSON lists (code_alpaca, alpaca), deduplicated by
+  instruction+input (first kept), split by a stable hash of the prompt
+  (``HELD_OUT_PERCENT`` percent test)."""
   drops = Drops()
   seen: set[str] = set()
   splits: Splits = {"train": [], "test": []}
-  for relpath in relpaths:
+  for relpath in files:
     stem = pathlib.Path(relpath).stem
     for i, record in enumerate(_load_json_list(raw_path(raw_dir, relpath))):
       values = _strings(record, ("instruction", "output"))
@@ -303,20 +304,15 @@ def _read_instruction_files(task: str, raw_dir, relpaths) -> tuple[Splits, Drops
   return splits, drops
 
 
-def read_code_alpaca(raw_dir) -> tuple[Splits, Drops]:
-  return _read_instruction_files("code_alpaca", raw_dir, RAW_FILES["code_alpaca"])
-
-
-def read_alpaca(raw_dir) -> tuple[Splits, Drops]:
-  return _read_instruction_files("alpaca", raw_dir, RAW_FILES["alpaca"])
-
-
-def read_lima(raw_dir) -> tuple[Splits, Drops]:
-  """LIMA: ``history`` turns then the final instruction/output; hash-split like alpaca."""
+def read_lima(raw_dir, files: Sequence[str], task: str = "lima") -> tuple[Splits, Drops]:
+  """LIMA (one JSON list): ``history`` turns then the final instruction/output;
+  hash-split like alpaca."""
+  if len(files) != 1:
+    raise ValueError(f"task {task!r}: expected one raw file, got {list(files)}")
   drops = Drops()
   seen: set[str] = set()
   splits: Splits = {"train": [], "test": []}
-  for i, record in enumerate(_load_json_list(raw_path(raw_dir, RAW_FILES["lima"][0]))):
+  for i, record in enumerate(_load_json_list(raw_path(raw_dir, files[0]))):
     values = _strings(record, ("instruction", "output"))
     history = record.get("history") or [] if isinstance(record, dict) else None
     if isinstance(values, str) or not isinstance(history, list) or not all(
@@ -341,24 +337,10 @@ def read_lima(raw_dir) -> tuple[Splits, Drops]:
       continue
     seen.add(sig)
     split = "test" if is_held_out(sig) else "train"
-    key = f"lima-{i:05d}"
+    key = f"{task}-{i:05d}"
     splits[split].append((key, {
-        "task": "lima", "id": key, "messages": messages,
+        "task": task, "id": key, "messages": messages,
         "instruction": turns[-2], "input": "", "output": turns[-1],
     }))
   return splits, drops
 
-
-def read_chat(raw_dir) -> tuple[Splits, Drops]:
-  from epi_jax.data import sharegpt  # pylint: disable=g-import-not-at-top
-  return sharegpt.read_chat(raw_dir)
-
-
-READERS: dict[str, Callable[[Any], tuple[Splits, Drops]]] = {
-    "gsm8k": read_gsm8k,
-    "code_alpaca": read_code_alpaca,
-    "logiqa": read_logiqa,
-    "alpaca": read_alpaca,
-    "chat": read_chat,
-    "lima": read_lima,
-}

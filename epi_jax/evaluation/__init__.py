@@ -5,10 +5,13 @@
   log-likelihood accuracy; GSM8K exact match), with per-example scores.
 * :mod:`~epi_jax.evaluation.metrics`: answer extraction and the normalized
   average score; :mod:`~epi_jax.evaluation.forgetting`: forgetting arithmetic;
-  :mod:`~epi_jax.evaluation.drift`: mask- and importance-drift metrics and plots;
+  :mod:`~epi_jax.evaluation.drift`: mask- and importance-drift metrics;
   :mod:`~epi_jax.evaluation.bootstrap`: paired bootstrap intervals and verdicts;
   :mod:`~epi_jax.evaluation.claims`: the papers' claims tested with them;
-  :mod:`~epi_jax.evaluation.compare`: ``epi-jax compare`` (mixture and sequential).
+  :mod:`~epi_jax.evaluation.compare`: ``epi-jax compare`` (mixture and sequential),
+  which trains, evaluates and caches; :mod:`~epi_jax.evaluation.report`: its
+  aggregate over seeds, tables and verdict text; :mod:`~epi_jax.evaluation.plots`:
+  its plots.
 """
 
 from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENERATE, LOSS_TASKS,

@@ -25,12 +25,21 @@ Both print the verdicts on the paper's claims first.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import pathlib
 import sys
 
+from absl import flags
+from ml_collections import config_flags
+
+from epi_jax import training
 from epi_jax.evaluation import compare as cmp
+from epi_jax.evaluation import report
+from epi_jax.model import load_pretrained
+from epi_jax.training import distributed
+from epi_jax.training.cli import parse_config_flags, unknown_overrides
 
 
 def _literal(text: str):
@@ -87,14 +96,18 @@ def apply_eval_overrides(settings: dict, overrides: dict) -> dict:
   return settings
 
 
+# What a bad command line or config raises before anything runs: flags.Error covers
+# absl's IllegalFlagValueError and UnrecognizedFlagError; a config file or override
+# that does not fit the trainer raises the others.
+_USAGE_ERRORS = (flags.Error, ValueError, FileNotFoundError, AttributeError, TypeError,
+                 KeyError)
+
+
 def _parse_compare(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "Training config file.", flag_values=fv,
                                   lock_config=False)
   flags.DEFINE_string("workdir", None, "Comparison directory.", flag_values=fv)
-  from epi_jax.training import distributed  # pylint: disable=g-import-not-at-top
   distributed.define_flags(fv)
   flags.DEFINE_string("methods", None, "Comma-separated methods (default: all of the "
                       "protocol's).", flag_values=fv)
@@ -104,7 +117,6 @@ def _parse_compare(argv):
   flags.DEFINE_string("tasks", None, "sequential protocol: the two tasks, A,B.", flag_values=fv)
   flags.DEFINE_bool("both_orders", True, "sequential protocol: also B then A.", flag_values=fv)
   flags.DEFINE_integer("seeds", 1, "Number of seeds per method.", flag_values=fv)
-  from epi_jax.training.cli import parse_config_flags, unknown_overrides  # pylint: disable=g-import-not-at-top
   bad = unknown_overrides(argv) or parse_config_flags(fv, argv, "epi-jax compare")
   if bad:
     raise ValueError(bad)
@@ -127,8 +139,7 @@ def compare_main(argv=None) -> int:
       raise ValueError(f"--config and --workdir are required\n{usage}")
     config = fv.config
     train_cfg, settings = cmp.split_eval_config(config)
-    from epi_jax.training import validate  # pylint: disable=g-import-not-at-top
-    validate(train_cfg)  # a bad trainer config fails before the base model's evaluation
+    training.validate(train_cfg)  # a bad trainer config fails before the base model's evaluation
     settings = apply_eval_overrides(settings, overrides)
     with config.unlocked():
       config.eval = settings
@@ -140,16 +151,10 @@ def compare_main(argv=None) -> int:
     if fv.protocol == "mixture" and tasks:
       raise ValueError("--tasks is for --protocol sequential (the mixture protocol "
                        "evaluates --eval.tasks)")
-  except Exception as e:  # pylint: disable=broad-except
-    if type(e).__name__ not in ("Error", "IllegalFlagValueError", "UnrecognizedFlagError",
-                                "ValueError", "FileNotFoundError", "AttributeError",
-                                "TypeError", "KeyError"):
-      raise
+  except _USAGE_ERRORS as e:
     print(f"epi-jax compare: {e}", file=sys.stderr)
     return 2
   del train_cfg
-  from epi_jax.training import distributed  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import NonFiniteError  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize_from_flags(fv)
     with distributed.fail_fast():
@@ -161,7 +166,7 @@ def compare_main(argv=None) -> int:
   except ValueError as e:
     print(f"epi-jax compare: {e}", file=sys.stderr)
     return 2
-  except NonFiniteError as e:
+  except training.NonFiniteError as e:
     print(f"epi-jax compare: {e}", file=sys.stderr)
     return 4
   return 0
@@ -183,13 +188,12 @@ def verdicts_main(argv=None) -> int:
       status = 2
       continue
     print(f"== {d} ({results.get('protocol', 'mixture')}) ==")
-    print(cmp.verdicts_markdown(results))
+    print(report.verdicts_markdown(results))
   return status
 
 
 def evaluate_main(argv=None) -> int:
   """``epi-jax evaluate``: prints one snapshot's (or a pretrained model's) metrics as JSON."""
-  import argparse  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     rest, overrides = split_eval_args(argv)
@@ -216,7 +220,6 @@ def evaluate_main(argv=None) -> int:
     print(f"epi-jax evaluate: {e}", file=sys.stderr)
     return 2
   if args.model:
-    from epi_jax.model import load_pretrained  # pylint: disable=g-import-not-at-top
     try:
       model, tok, _ = load_pretrained(args.model)
     except (FileNotFoundError, ValueError) as e:
@@ -225,27 +228,26 @@ def evaluate_main(argv=None) -> int:
     data_kwargs = {"data_dir": args.data_dir}
     out = cmp.run_eval(model, tok, settings, data_kwargs, log=_err)
   else:
-    from epi_jax.training import list_snapshots, load_config, load_run  # pylint: disable=g-import-not-at-top
     run = pathlib.Path(args.workdir)
     try:
-      config = load_config(run)
+      config = training.load_config(run)
     except (FileNotFoundError, ValueError) as e:
       print(f"epi-jax evaluate: {e}", file=sys.stderr)
       return 2
     data_kwargs = ({"data_dir": args.data_dir} if args.data_dir
                    else cmp.eval_data(config, settings["tasks"]))
-    snaps = list_snapshots(run)
+    snaps = training.list_snapshots(run)
     step = args.snapshot if args.snapshot is not None else (snaps[-1] if snaps else None)
     if step is None or step not in snaps:
       print(f"epi-jax evaluate: no snapshot {step} in {run}; have {snaps}", file=sys.stderr)
       return 2
 
     def compute():
-      model, tok, _ = load_run(run, snapshot=step)
+      model, tok, _ = training.load_run(run, snapshot=step)
       return cmp.run_eval(model, tok, settings, data_kwargs, log=_err)
-    key = cmp._eval_key(settings)  # pylint: disable=protected-access
+    key = cmp.eval_key(settings)
     # Its own cache file per settings, so it never evicts compare's step_<N>.json.
-    out = cmp._cached(run / "eval" / f"step_{step}_{key}.json", key, compute)  # pylint: disable=protected-access
+    out = cmp.cached_eval(run / "eval" / f"step_{step}_{key}.json", key, compute)
     out = {"step": step, **out}
   text = json.dumps(out, indent=1)
   print(text)

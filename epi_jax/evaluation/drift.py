@@ -1,4 +1,4 @@
-"""Drift analysis of the isolation mask and of the importance, and the comparison plots.
+"""Drift analysis of the isolation mask and of the importance (numbers only).
 
 Inputs are a run's ``refreshes.jsonl`` (one object per EPI refresh: ``step``,
 ``isolated_fraction``, ``num_flipped``, ``jaccard_prev``, ``jaccard_first``,
@@ -8,28 +8,38 @@ every method with ``epi.track_importance``, full SFT included; same keys, see
 ``epi_jax.training.importance_drift``) or masks themselves (bool arrays or
 pytrees of them) for the pure metric functions:
 
-* :func:`jaccard`: ``|A & B| / |A | B|`` of two masks (1.0 when both are empty).
-* :func:`layer_shares`: how the isolated entries are spread over the layers
+* :func:`jaccard`: ``|A & B| / |A | B|`` of two masks (1.0 when both are empty);
+  :func:`num_flipped`: entries that differ; :func:`jaccard_curves`: a sequence
+  of masks against the first and the previous one.
+* :func:`layer_fractions`: a flat mask's isolated fraction per layer;
+  :func:`layer_shares`: how the isolated entries are spread over the layers
   (each layer's share of all isolated entries).
 * :func:`migration`: the fraction of isolated entries that moved to another
   layer between two refreshes, ``0.5 * sum_l |share_l(t) - share_l(t-1)|``
   (the total-variation distance of the shares; a lower bound on the entries
   that changed layer, exact when no layer both gains and loses).
+* :func:`top_set`, :func:`top_set_curves`: the top-p set of importance
+  snapshots and its drift (the reference for the trainer's on-device tracker).
+
+For runs: :func:`load_refreshes`, :func:`load_importance_drift`,
+:func:`drift_summary` (the curves), :func:`layer_matrix` (per block over
+refreshes). The plots are in :mod:`~epi_jax.evaluation.plots`, the tables in
+:mod:`~epi_jax.evaluation.report`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
+
+from epi_jax.utils import files
 
 
 def _leaves(mask) -> list[np.ndarray]:
-  import jax  # pylint: disable=g-import-not-at-top
   return [np.asarray(x, bool).ravel() for x in jax.tree_util.tree_leaves(mask)]
 
 
@@ -83,32 +93,17 @@ def migration(prev: Mapping[str, float], cur: Mapping[str, float],
 
 
 # ----------------------------------------------------------------------------
-# refreshes.jsonl
-
-def load_jsonl(path) -> list[dict]:
-  """The objects of a JSON-lines file (empty list when it does not exist)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    return []
-  rows = []
-  for i, line in enumerate(path.read_text().splitlines()):
-    if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from e
-  return rows
-
+# Runs: refreshes.jsonl, importance_drift.jsonl
 
 def load_refreshes(workdir) -> list[dict]:
   """A run's refreshes (``workdir/refreshes.jsonl``), sorted by step."""
-  return sorted(load_jsonl(pathlib.Path(workdir) / "refreshes.jsonl"),
+  return sorted(files.read_jsonl(pathlib.Path(workdir) / "refreshes.jsonl"),
                 key=lambda r: int(r.get("step", 0)))
 
 
 def load_importance_drift(workdir) -> list[dict]:
   """A run's top-p importance sets (``workdir/importance_drift.jsonl``), sorted by step."""
-  return sorted(load_jsonl(pathlib.Path(workdir) / "importance_drift.jsonl"),
+  return sorted(files.read_jsonl(pathlib.Path(workdir) / "importance_drift.jsonl"),
                 key=lambda r: int(r.get("step", 0)))
 
 
@@ -119,7 +114,6 @@ def top_set(scores, ratio: float):
   of saved importance snapshots (the trainer selects on the device with
   EPI's own rule, ``epi_jax.training.importance_drift``).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree_util.tree_flatten(scores)
   flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
   k = int(ratio * flat.size)
@@ -190,138 +184,8 @@ def layer_matrix(refreshes: Sequence[Mapping], group: str = "block",
   return rows, steps, mat
 
 
-# ----------------------------------------------------------------------------
-# Plots
-
-def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
 def meaningful(curve: Mapping[str, Any]) -> bool:
   """Whether a drift curve says anything: two or more points with a tracked
   Jaccard (a static mask, chosen once, has one point, trivially 1)."""
   values = [v for v in curve.get("jaccard_first") or [] if v is not None]
   return len(curve.get("step") or []) >= 2 and len(values) >= 2
-
-
-def plot_drift(curves: Mapping[str, Mapping[str, Any]], path, *,
-               what: str = "mask") -> pathlib.Path | None:
-  """Jaccard vs first and vs previous set over refresh steps, one line per run.
-
-  ``what``: ``'mask'`` (the isolation mask) or ``'top-p importance set'``.
-  Curves that mean nothing (see :func:`meaningful`) are left out.
-  """
-  curves = {k: v for k, v in curves.items() if meaningful(v)}
-  if not curves:
-    return None
-  plt = _plt()
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-  nan = lambda xs: [np.nan if v is None else v for v in xs]  # pylint: disable=unnecessary-lambda-assignment
-  for label, c in curves.items():
-    axes[0].plot(c["step"], nan(c["jaccard_first"]), marker=".", label=label)
-    axes[1].plot(c["step"], nan(c["jaccard_prev"]), marker=".", label=label)
-    mig = nan(c.get("migration", []))
-    if mig:
-      axes[2].plot(c["step"], mig, marker=".", label=label)
-  entries = "isolated entries" if what == "mask" else "top-p entries"
-  for ax, title in zip(axes, (f"Jaccard vs first {what}", f"Jaccard vs previous {what}",
-                              f"{entries} migrating across layers")):
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylim(0, 1.02)
-  axes[1].set_ylim(0, 1.02)
-  axes[0].legend(fontsize=8)
-  return _save(plt, fig, path)
-
-
-def _save(plt, fig, path) -> pathlib.Path:
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
-def plot_layer_heatmap(refreshes: Sequence[Mapping], path, *, title: str = "",
-                       group: str = "block", sizes=None) -> pathlib.Path | None:
-  """Isolated fraction per layer (rows) over refreshes (columns)."""
-  rows, steps, mat = layer_matrix(refreshes, group=group, sizes=sizes)
-  if not rows or not steps:
-    return None
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(steps) + 3), max(3, 0.22 * len(rows) + 1.5)))
-  im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis")
-  ax.set_yticks(range(len(rows)))
-  ax.set_yticklabels(rows, fontsize=6)
-  ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
-  ax.set_xticks(ticks)
-  ax.set_xticklabels([str(steps[i]) for i in ticks], fontsize=7)
-  ax.set_xlabel("refresh step")
-  ax.set_title(title or "isolated fraction per layer")
-  fig.colorbar(im, ax=ax, label="isolated fraction")
-  return _save(plt, fig, path)
-
-
-def plot_task_metrics(methods: Mapping[str, Mapping[str, Any]], path, *,
-                      key: str = "normalized") -> pathlib.Path | None:
-  """Grouped bars: one group per task (plus ``average``), one bar per method.
-
-  ``methods[m][key][task] = {'mean': x, 'std': s}`` (the ``results.json``
-  layout of :mod:`epi_jax.evaluation.compare`).
-  """
-  names = [m for m in methods if methods[m].get(key)]
-  if not names:
-    return None
-  tasks = [t for t in methods[names[0]][key]]
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks) + 2), 3.8))
-  width = 0.8 / len(names)
-  x = np.arange(len(tasks))
-  for i, m in enumerate(names):
-    vals = [methods[m][key].get(t, {}) for t in tasks]
-    mean = [v.get("mean", np.nan) if v.get("mean") is not None else np.nan for v in vals]
-    std = [v.get("std") or 0.0 for v in vals]
-    ax.bar(x + (i - (len(names) - 1) / 2) * width, mean, width, yerr=std, label=m,
-           capsize=2)
-  ax.set_xticks(x)
-  ax.set_xticklabels(tasks)
-  ax.axhline(100.0 if key == "normalized" else 0.0, color="k", lw=0.6)
-  ax.set_ylabel("normalized score (base = 100)" if key == "normalized" else key)
-  ax.legend(fontsize=8)
-  ax.grid(axis="y", alpha=0.3)
-  return _save(plt, fig, path)
-
-
-def importance_drift_markdown(drifts: Mapping[str, Mapping[str, Any]]) -> str:
-  """Table of the top-p importance sets' Jaccard over the run, one column per method."""
-  drifts = {m: d for m, d in drifts.items() if d.get("step")}
-  if not drifts:
-    return ""
-  steps = sorted({s for d in drifts.values() for s in d["step"]})
-  fmt = lambda v: "–" if v is None else f"{v:.3f}"  # pylint: disable=unnecessary-lambda-assignment
-  lines = ["Drift of the top-p importance set (the paper's measure: Jaccard vs the first / "
-           "the previous set; migration = share of the set that changed layer):", "",
-           "| step | " + " | ".join(f"{m} vs first | {m} vs prev | {m} migration"
-                                     for m in drifts) + " |",
-           "|---|" + "---|---|---|" * len(drifts)]
-  for s in steps:
-    cells = []
-    for d in drifts.values():
-      i = d["step"].index(s) if s in d["step"] else None
-      pick = lambda key: None if i is None else d[key][i]  # pylint: disable=unnecessary-lambda-assignment,cell-var-from-loop
-      cells += [fmt(pick("jaccard_first")), fmt(pick("jaccard_prev")), fmt(pick("migration"))]
-    lines.append(f"| {s} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def finite_or_none(x) -> float | None:
-  """``float(x)`` or None for None/NaN/inf (for JSON)."""
-  if x is None:
-    return None
-  x = float(x)
-  return x if math.isfinite(x) else None

@@ -1,5 +1,9 @@
 """Per-task evaluation of a model: batched, jit-compiled, few compiled shapes.
 
+A task is scored by the ``eval_kind`` of its entry in the task registry
+(:mod:`epi_jax.data.tasks`): ``generate`` as GSM8K, ``choice`` as LogiQA,
+``loss`` as the instruction and chat tasks.
+
 * GSM8K: held-out loss of the reference solution (the primary, low-variance
   score), and exact match of the final number of a greedy generation with the
   KV cache (:func:`epi_jax.model.generate`) from the chat-templated question,
@@ -36,17 +40,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from epi_jax.data import datasets
+from epi_jax.data import tasks as tasks_lib
 from epi_jax.evaluation import metrics
 from epi_jax.model.generate import generate
 from epi_jax.model.llama import KVCache, init_cache
 
-TASKS = ("gsm8k", "code_alpaca", "logiqa", "alpaca", "chat")
-LOSS_TASKS = ("code_alpaca", "alpaca", "chat")
+# Live views of the task registry: the benchmark tasks (evaluated by default),
+# every task that can be evaluated, and those scored by their loss only.
+TASKS = tasks_lib.TASKS
+EVAL_TASKS = tasks_lib.name_list(lambda s: s.eval_kind is not None)
+LOSS_TASKS = tasks_lib.name_list(lambda s: s.eval_kind == "loss")
 LETTERS = "ABCDEFGH"
-# Sized so that paired differences between models resolve (standard errors of
-# a few hundredths of a nat, a few points of LogiQA accuracy).
-DEFAULT_NUM_EXAMPLES = {"gsm8k": 128, "logiqa": 300, "code_alpaca": 128,
-                        "alpaca": 128, "chat": 128}
+# The registry's eval_examples: sized so that paired differences between models
+# resolve (standard errors of a few hundredths of a nat, a few points of LogiQA
+# accuracy).
+DEFAULT_NUM_EXAMPLES = tasks_lib.table(lambda s: s.eval_examples,
+                                       lambda s: s.eval_kind is not None)
 DEFAULT_NUM_GENERATE = 32  # GSM8K problems generated for exact match
 
 
@@ -362,7 +372,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = TASKS, data_dir=None,
   Args:
     model: a :class:`epi_jax.model.Llama`.
     tokenizer: its ChatTokenizer/ByteTokenizer.
-    tasks: which tasks (from ``TASKS``).
+    tasks: which tasks (any registered task with an ``eval_kind``; default
+      ``TASKS``, the benchmark tasks).
     data_dir: the prepared TFDS data (default ``epi_jax.data.default_data_dir()``).
     num_examples: examples per task: an int for all, a dict per task (missing
       tasks use ``DEFAULT_NUM_EXAMPLES``), or None for the defaults.
@@ -388,25 +399,25 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = TASKS, data_dir=None,
   """
   if num_examples is None:
     num_examples = DEFAULT_NUM_EXAMPLES
-  unknown = [t for t in tasks if t not in TASKS]
+  unknown = [t for t in tasks if t not in EVAL_TASKS]
   if unknown:
-    raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+    raise ValueError(f"unknown task(s) {unknown}; known: {list(EVAL_TASKS)}")
   results = {}
   for task in tasks:
     start, cpu_start = time.perf_counter(), time.process_time()
     if examples is not None and task in examples:
       exs = list(examples[task])[:_num_for(num_examples, task) or None]
     else:
-      from epi_jax.data import load_examples  # pylint: disable=g-import-not-at-top
-      exs = select_examples(load_examples(task, split, data_dir),
+      exs = select_examples(datasets.load_examples(task, split, data_dir),
                             _num_for(num_examples, task), sample_seed)
     if not exs:
       raise ValueError(f"task {task!r}: no examples to evaluate")
-    if task == "gsm8k":
+    kind = tasks_lib.get(task).eval_kind
+    if kind == "generate":
       res = eval_gsm8k(model, tokenizer, exs, max_new_tokens=max_new_tokens,
                        batch_size=generate_batch_size or batch_size, num_generate=num_generate,
                        loss_batch_size=batch_size, seq_len=seq_len)
-    elif task == "logiqa":
+    elif kind == "choice":
       res = eval_logiqa(model, tokenizer, exs, batch_size=batch_size,
                         seq_len=2 * seq_len, normalize=logiqa_normalize)
     else:

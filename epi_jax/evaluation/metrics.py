@@ -1,6 +1,7 @@
 """Scoring: GSM8K answer extraction and exact match, the normalized average score.
 
-Per-task metrics (what :func:`epi_jax.evaluation.evaluate` reports):
+Per-task metrics (what :func:`epi_jax.evaluation.evaluate` reports; each
+task's primary metric is its ``metric`` in :mod:`epi_jax.data.tasks`):
 
 * ``gsm8k``: ``loss`` of the reference solution (primary: exact match of a
   135M model is near 0 for every method, so it cannot tell them apart), and
@@ -34,16 +35,14 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Mapping
 
-# Task -> (primary metric, higher_is_better).  SECONDARY_METRIC: also reported.
-PRIMARY_METRIC = {
-    "gsm8k": ("loss", False),
-    "logiqa": ("accuracy", True),
-    "code_alpaca": ("loss", False),
-    "alpaca": ("loss", False),
-    "chat": ("loss", False),
-    "humaneval": ("pass@1", True),
-}
-SECONDARY_METRIC = {"gsm8k": "accuracy"}
+from epi_jax.data import tasks as tasks_lib
+
+# Task -> (primary metric, higher_is_better), and task -> a metric also
+# reported: live views of the task registry (its evaluated tasks).
+PRIMARY_METRIC = tasks_lib.table(lambda s: (s.metric, s.higher_is_better),
+                                 lambda s: s.eval_kind is not None)
+SECONDARY_METRIC = tasks_lib.table(
+    lambda s: s.secondary_metric, lambda s: s.eval_kind is not None and s.secondary_metric)
 
 # A number: optional sign or currency, digits with optional thousands commas,
 # optional decimals; or a bare decimal like ".5".

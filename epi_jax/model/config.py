@@ -10,10 +10,8 @@ abstract parameter counts.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from epi_jax.model.attention import IMPLEMENTATIONS
@@ -184,15 +182,6 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
   if bad:
     raise ValueError(f"Unknown ModelConfig field(s) {bad}; known: {sorted(fields)}")
   return ModelConfig(**{**_CONFIGS[key], **overrides})
-
-
-def param_count(config: ModelConfig) -> int:
-  """Number of parameters, computed from the abstract shapes (no allocation)."""
-  from flax import nnx
-  from epi_jax.model.llama import Llama
-  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
-  return int(sum(math.prod(leaf.shape) for leaf in leaves))
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:

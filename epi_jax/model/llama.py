@@ -376,3 +376,10 @@ class Llama(nnx.Module):
 
     x, (ks, vs) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
     return x, ks, vs
+
+
+def param_count(config: ModelConfig) -> int:
+  """Number of parameters, computed from the abstract shapes (no allocation)."""
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  return int(sum(math.prod(leaf.shape) for leaf in leaves))

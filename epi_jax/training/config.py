@@ -17,11 +17,12 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from epi_jax.data import ALL_CONFIGS, TASKS
+from epi_jax.data import tasks as tasks_lib
 from epi_jax.method.options import IMPORTANCES, OptionError
 from epi_jax.model.attention import IMPLEMENTATIONS as ATTENTIONS
 from epi_jax.training import optim
 
+# The methods (evaluation/compare.py imports this one definition).
 METHODS = ("full", "multi_stage", "static", "epi")
 DTYPES = ("float32", "bfloat16")
 INITS = ("pretrained", "random")
@@ -51,11 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"       # auto | xla | einsum | cudnn | splash (epi_jax.model.attention)
 
   c.data = ml_collections.ConfigDict()
-  c.data.mixture = {t: 1.0 for t in TASKS}
-  c.data.stages = [
-      {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0}, "steps": 50},
-      {"mixture": {"logiqa": 1.0, "alpaca": 1.0, "chat": 1.0}, "steps": 50},
-  ]
+  c.data.mixture = {t: 1.0 for t in tasks_lib.names(benchmark_only=True)}
+  c.data.stages = tasks_lib.default_stages(50)  # each benchmark task in its registry stage
   # True: every method trains over data.stages (the sequential A-then-B
   # protocol of `epi-jax compare`); multi_stage always does, the others
   # otherwise train on data.mixture.
@@ -177,7 +175,8 @@ def _check_mixture(mix, field):
   _need(hasattr(mix, "items") and len(mix) > 0, field, mix,
         "must be a non-empty dict task -> weight")
   for task, w in mix.items():
-    _need(task in ALL_CONFIGS, f"{field}.{task}", w, f"unknown task; known: {list(ALL_CONFIGS)}")
+    _need(task in tasks_lib.names(), f"{field}.{task}", w,
+          f"unknown task; known: {list(tasks_lib.names())}")
     _need(_is_num(w) and w >= 0, f"{field}.{task}", w, "weight must be a finite number >= 0")
   _need(sum(mix.values()) > 0, field, dict(mix), "needs a positive weight")
 

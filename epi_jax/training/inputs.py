@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from epi_jax import data as epi_data
+from epi_jax.data import tasks as tasks_lib
 from epi_jax.data.download import has_raw_files
 from epi_jax.data.pipeline import make_train_iterator
 from epi_jax.training import config as cfg_lib
@@ -27,7 +28,7 @@ def used_tasks(config) -> list[str]:
   mixes = ([st["mixture"] for st in config.data.stages] if cfg_lib.uses_stages(config)
            else [config.data.mixture])
   return sorted({t for m in mixes for t, w in m.items() if w > 0},
-                key=epi_data.ALL_CONFIGS.index)
+                key=tasks_lib.task_id)
 
 
 def standin_sources(tasks, n: int = 64) -> dict[str, list[dict[str, Any]]]:
@@ -75,7 +76,7 @@ def ensure_data(config) -> dict[str, Any]:
   if not missing:
     return {"data_dir": data_dir}
   raw_dir = config.data.raw_dir or default_raw_data_dir()
-  local = all(t == "chat" or has_raw_files(raw_dir, t) for t in missing)
+  local = all(has_raw_files(raw_dir, t) for t in missing)
   if not local and config.data.allow_standin:
     print(f"[epi_jax] raw data missing for {missing}: using the built-in stand-in",
           file=sys.stderr)

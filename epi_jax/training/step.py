@@ -17,12 +17,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from epi_jax.data import ALL_CONFIGS
+from epi_jax.data import ALL_CONFIGS  # live: follows the task registry
 from epi_jax.method import epi_metrics, unpacked_mask
 from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.training import optim, sharding
 
-NUM_TASKS = len(ALL_CONFIGS)
 
 
 def loss_sums(spec, params, batch, packed: bool = True):
@@ -36,7 +35,8 @@ def loss_sums(spec, params, batch, packed: bool = True):
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   w = batch["loss_mask"].astype(jnp.float32)
   # task_ids of padding are -1: one_hot gives a zero row.
-  per_task = jax.nn.one_hot(batch["task_ids"], NUM_TASKS, dtype=jnp.float32) * w[..., None]
+  num_tasks = len(ALL_CONFIGS)  # read when traced: a task registered at run time counts
+  per_task = jax.nn.one_hot(batch["task_ids"], num_tasks, dtype=jnp.float32) * w[..., None]
   return jnp.sum(ce * w), (jnp.einsum("blt,bl->t", per_task, ce), per_task.sum((0, 1)))
 
 
@@ -92,8 +92,9 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
         return (jax.tree.map(jnp.add, acc_g, g), acc_s + s, acc_tl + tl, acc_tt + tt), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([NUM_TASKS], jnp.float32),
-              jnp.zeros([NUM_TASKS], jnp.float32))
+      num_tasks = len(ALL_CONFIGS)
+      init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([num_tasks], jnp.float32),
+              jnp.zeros([num_tasks], jnp.float32))
       (grads, loss_sum, tl, tt), _ = jax.lax.scan(body, init, micro)
     # Gradients laid out like their params: with scan_layers the stacked
     # gradients are otherwise free to be replicated (a full copy per device).

@@ -1,0 +1,120 @@
+"""The comparison's plots (PNG files): drift curves, layer heatmaps, per-task bars.
+
+Each ``plot_*`` writes one figure to ``path`` (creating its folder) and returns
+the path, or None when there is nothing to plot. Inputs are the curves of
+:func:`epi_jax.evaluation.drift.drift_summary`, the records of a run's
+``refreshes.jsonl`` / ``importance_drift.jsonl`` and the ``methods`` entries of
+``results.json`` (:mod:`epi_jax.evaluation.report`).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from epi_jax.evaluation import drift as drift_lib
+
+
+def _nan(values) -> list:
+  return [np.nan if v is None else v for v in values]
+
+
+def pyplot():
+  """``matplotlib.pyplot`` on the file-only Agg backend."""
+  # Imported here, not at the top: matplotlib is a large import that only the plots need.
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_drift(curves: Mapping[str, Mapping[str, Any]], path, *,
+               what: str = "mask") -> pathlib.Path | None:
+  """Jaccard vs first and vs previous set over refresh steps, one line per run.
+
+  ``what``: ``'mask'`` (the isolation mask) or ``'top-p importance set'``.
+  Curves that mean nothing (see :func:`~epi_jax.evaluation.drift.meaningful`) are left out.
+  """
+  curves = {k: v for k, v in curves.items() if drift_lib.meaningful(v)}
+  if not curves:
+    return None
+  plt = pyplot()
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  for label, c in curves.items():
+    axes[0].plot(c["step"], _nan(c["jaccard_first"]), marker=".", label=label)
+    axes[1].plot(c["step"], _nan(c["jaccard_prev"]), marker=".", label=label)
+    mig = _nan(c.get("migration", []))
+    if mig:
+      axes[2].plot(c["step"], mig, marker=".", label=label)
+  entries = "isolated entries" if what == "mask" else "top-p entries"
+  for ax, title in zip(axes, (f"Jaccard vs first {what}", f"Jaccard vs previous {what}",
+                              f"{entries} migrating across layers")):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylim(0, 1.02)
+  axes[1].set_ylim(0, 1.02)
+  axes[0].legend(fontsize=8)
+  return save(plt, fig, path)
+
+
+def save(plt, fig, path) -> pathlib.Path:
+  """Writes ``fig`` to ``path`` (creating its folder) and closes it."""
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_layer_heatmap(refreshes: Sequence[Mapping], path, *, title: str = "",
+                       group: str = "block", sizes=None) -> pathlib.Path | None:
+  """Isolated fraction per layer (rows) over refreshes (columns)."""
+  rows, steps, mat = drift_lib.layer_matrix(refreshes, group=group, sizes=sizes)
+  if not rows or not steps:
+    return None
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(steps) + 3), max(3, 0.22 * len(rows) + 1.5)))
+  im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis")
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels(rows, fontsize=6)
+  ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
+  ax.set_xticks(ticks)
+  ax.set_xticklabels([str(steps[i]) for i in ticks], fontsize=7)
+  ax.set_xlabel("refresh step")
+  ax.set_title(title or "isolated fraction per layer")
+  fig.colorbar(im, ax=ax, label="isolated fraction")
+  return save(plt, fig, path)
+
+
+def plot_task_metrics(methods: Mapping[str, Mapping[str, Any]], path, *,
+                      key: str = "normalized") -> pathlib.Path | None:
+  """Grouped bars: one group per task (plus ``average``), one bar per method.
+
+  ``methods[m][key][task] = {'mean': x, 'std': s}`` (the ``results.json``
+  layout of :mod:`epi_jax.evaluation.report`).
+  """
+  names = [m for m in methods if methods[m].get(key)]
+  if not names:
+    return None
+  tasks = list(methods[names[0]][key])
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks) + 2), 3.8))
+  width = 0.8 / len(names)
+  x = np.arange(len(tasks))
+  for i, m in enumerate(names):
+    vals = [methods[m][key].get(t, {}) for t in tasks]
+    mean = [np.nan if v.get("mean") is None else v["mean"] for v in vals]
+    std = [v.get("std") or 0.0 for v in vals]
+    ax.bar(x + (i - (len(names) - 1) / 2) * width, mean, width, yerr=std, label=m,
+           capsize=2)
+  ax.set_xticks(x)
+  ax.set_xticklabels(tasks)
+  ax.axhline(100.0 if key == "normalized" else 0.0, color="k", lw=0.6)
+  ax.set_ylabel("normalized score (base = 100)" if key == "normalized" else key)
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  return save(plt, fig, path)
