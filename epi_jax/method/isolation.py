@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from epi_jax.method import compact, selection
+from epi_jax.method import compact, grouping, selection
 from epi_jax.method.layout import Leaf, eligible_mask, leaf_layout, path_str
 from epi_jax.method.options import EPIOptions, Eligible, LayerAxes, is_refresh_step
 
@@ -208,26 +208,28 @@ def _cuts(options: EPIOptions, layout: list[Leaf], scores: list[jax.Array]):
   bits = {i: _bits(layout[i], scores[i], scales[i]) for i in live}
   thrs = [leaf.broadcast(jnp.full((leaf.shape[leaf.axis],) if leaf.axis is not None else (),
                                   never)) for leaf in layout]
+  # The search runs on leaves stacked by slice shape: one count per group per pass.
+  groups = grouping.make_groups(layout, bits)
+  stacked = [grouping.stack(g, layout, bits) for g in groups]
   if options.selection == "global":
     n = sum(leaf.num_eligible for leaf in layout)
     k = selection.topk_count(options.isolation_ratio, n)
-    thr = selection.kth_largest_bits([bits[i] for i in live], k, 1)
+    thr = selection.kth_largest_bits(stacked, k, 1)
     for i in live:
       thrs[i] = jnp.full(thrs[i].shape, thr, jnp.int32)
   else:  # per-layer top-p: one search per slice, all in one loop
     ks = []
-    for i in live:
-      leaf = layout[i]
-      k = selection.topk_count(options.isolation_ratio, leaf.slice_size)
-      shape = (leaf.shape[leaf.axis],) if leaf.axis is not None else ()
+    for g in groups:
+      k = selection.topk_count(options.isolation_ratio, g.leaf.slice_size)
+      shape = (g.leaf.shape[g.leaf.axis],)
       ks.append(selection._Count(jnp.broadcast_to(k.hi, shape), jnp.broadcast_to(k.lo, shape)))
-    found = selection.kth_largest_bits_per_slice([bits[i] for i in live],
-                                                 [layout[i].axis for i in live], ks)
-    for i, t in zip(live, found):
-      leaf = layout[i]
-      if not all(leaf.eligible):
-        t = jnp.where(jnp.asarray(leaf.eligible), t, never)
-      thrs[i] = leaf.broadcast(t)
+    found = selection.kth_largest_bits_per_slice(stacked, [g.leaf.axis for g in groups], ks)
+    for g, per_slice in zip(groups, found):
+      for i, t in zip(g.members, grouping.split(g, layout, per_slice)):
+        leaf = layout[i]
+        if not all(leaf.eligible):
+          t = jnp.where(jnp.asarray(leaf.eligible), t, never)
+        thrs[i] = leaf.broadcast(t)
     thr = jnp.int32(0)
   threshold = jax.lax.bitcast_convert_type(jnp.maximum(thr, 0), jnp.float32)
   return scales, thrs, threshold
@@ -300,6 +302,11 @@ def _refresh_stats(options: EPIOptions, layout, mask, old_mask, first_mask, old:
   n_elig = selection.count_to_float(selection.count_from_int(
       sum(leaf.num_eligible for leaf in layout)))
   first = old.num_refreshes == 0
+  # Counted on stacks of equal-shape masks: one reduction per group, not per leaf.
+  if options.track_first_mask:
+    mask, old_mask, first_mask = grouping.stack_alike(mask, old_mask, first_mask)
+  else:
+    mask, old_mask = grouping.stack_alike(mask, old_mask)
   return RefreshStats(
       num_refreshes=old.num_refreshes + 1,
       isolated_fraction=(selection.count_to_float(_mask_count(mask))
@@ -376,7 +383,9 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
   # Only small arrays cross the cond: the refresh branch finds the cuts (and
   # the statistics of the new mask); the mask itself is then rebuilt
   # elementwise outside, fused with the update that it masks. Big arrays
-  # returned through a cond's branches cost copies on every step.
+  # returned through a cond's branches cost copies on every step. The cuts of
+  # unstacked leaves cross as two vectors (an entry per leaf), not two arrays
+  # per leaf; a stacked leaf's stay its own (sharded along its layer axis).
   def refresh(ranked):
     scores = _scores(layout, ranked)
     scales, thrs, threshold = _cuts(options, layout, scores)
@@ -385,16 +394,17 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     first = None
     if options.track_first_mask:
       first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, old_first)]
-    return scales, thrs, _refresh_stats(options, layout, mask, old_mask, first, old_stats,
-                                        threshold)
+    return _join(layout, scales), _join(layout, thrs), _refresh_stats(
+        options, layout, mask, old_mask, first, old_stats, threshold)
 
   def keep(ranked):
     del ranked
     ones = [jnp.ones(_scale("none", leaf, None).shape, jnp.float32) for leaf in layout]
-    nevers = [jnp.full(o.shape, selection.NEVER, jnp.int32) for o in ones]
-    return ones, nevers, old_stats
+    return _join(layout, ones), _join(layout, [jnp.full(o.shape, selection.NEVER, jnp.int32)
+                                               for o in ones]), old_stats
 
   scales, thrs, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
+  scales, thrs = _split(layout, scales), _split(layout, thrs)
   new, streak = _with_hysteresis(options, _top_masks(layout, _scores(layout, ranked), scales,
                                                      thrs),
                                  old_mask, old_streak)
@@ -409,6 +419,27 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     streak = jax.tree.unflatten(treedef, [pick(n, o) for n, o in zip(streak, old_streak)])
   return new_state._replace(mask=jax.tree.unflatten(treedef, mask), first_mask=first_mask,
                             out_streak=streak, **stats._asdict())
+
+
+def _join(layout: list[Leaf], values: list[jax.Array]):
+  """Per-leaf cuts as ``(vector of the unstacked leaves' scalars, [stacked leaves' arrays])``."""
+  flat = [v for leaf, v in zip(layout, values) if leaf.axis is None]
+  return (jnp.stack(flat) if flat else jnp.zeros((0,), values[0].dtype),
+          [v for leaf, v in zip(layout, values) if leaf.axis is not None])
+
+
+def _split(layout: list[Leaf], joined) -> list[jax.Array]:
+  """The inverse of ``_join``."""
+  flat, stacked = joined
+  out, i, j = [], 0, 0
+  for leaf in layout:
+    if leaf.axis is None:
+      out.append(flat[i])
+      i += 1
+    else:
+      out.append(stacked[j])
+      j += 1
+  return out
 
 
 def _apply_mask(updates, mask):
