@@ -129,10 +129,9 @@ def optimizer_compile_seconds(variant: str, layers: int, scan: bool) -> dict:
   """Seconds to lower and compile ``tx.update`` + ``apply_updates`` on abstract params."""
   name, _, cut = variant.partition(":")
   config = _variant_config(name, scan)
-  spec = model_lib.spec_for(get_config("smollm2-135m", num_layers=layers, scan_layers=scan))
-  tx = optim.make_optimizer(config, sharding.layer_axes(spec.axes))
-  params = dict(spec.shapes)
-  opt_state = jax.eval_shape(tx.init, params)
+  spec = model_setup.spec_for(get_config("smollm2-135m", num_layers=layers, scan_layers=scan))
+  ts = trainer.setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), spec)
+  tx, params, opt_state = ts.tx, dict(spec.shapes), ts.abstract["opt_state"]
 
   def update(grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)
