@@ -148,6 +148,7 @@ def test_corrupt_latest_checkpoint_falls_back(sharded_run, tmp_path, capfd):
     ("mesh.tensor", 0, "mesh.tensor"),
     ("epi.importance_dtype", "float16", "epi.importance_dtype"),
     ("epi.release_after", 0, "epi.release_after"),
+    ("checkpoint_every", -1, "checkpoint_every=-1: must be an int >= 1, or 0"),
 ])
 def test_bad_config_fails_before_training(field, value, message, tmp_path):
   config = small_config()
@@ -160,6 +161,15 @@ def test_bad_config_fails_before_training(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
     train(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_checkpoint_every_zero_writes_snapshots_only(tmp_path):
+  config = small_config()
+  config.checkpoint_every, config.total_steps, config.snapshot_steps = 0, 3, (2,)
+  result = train(config, tmp_path / "run")
+  assert result.step == 3 and is_finished(tmp_path / "run")
+  assert list_snapshots(tmp_path / "run") == [2, 3]
+  assert ckpt_lib.Checkpointer(tmp_path / "run", 2).all_steps() == []
 
 
 class _null:

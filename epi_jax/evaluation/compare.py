@@ -77,12 +77,19 @@ from epi_jax.utils import files
 VARIANTS = {"static_clip_trainable": "static", "epi_clip_trainable": "epi"}
 
 
-def method_config(train_cfg, name: str, seed: int):
-  """``train_cfg`` for method (or variant) ``name`` and training seed ``seed``."""
+def method_config(train_cfg, name: str, seed: int, *, track_importance: bool = True):
+  """``train_cfg`` for method (or variant) ``name`` and training seed ``seed``.
+
+  ``track_importance=False`` turns ``epi.track_importance`` off for this run:
+  the drift of the top-p importance set is read from the first seed's runs
+  only, and tracking it costs a selection over every parameter at each refresh.
+  """
   cfg = copy.deepcopy(train_cfg)
   with cfg.unlocked():
     cfg.method = VARIANTS.get(name, name)
     cfg.seed = int(seed)
+    if not track_importance:
+      cfg.epi.track_importance = False
     if name in VARIANTS:
       cfg.optimizer.clip_scope = "trainable"
   return cfg
@@ -338,7 +345,7 @@ def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1
   for k in range(seeds):
     for m in methods:
       run_dir = workdir / m / f"seed{k}"
-      cfg = method_config(train_cfg, m, int(train_cfg.seed) + k)
+      cfg = method_config(train_cfg, m, int(train_cfg.seed) + k, track_importance=k == 0)
       if m == "multi_stage" and ends:
         with cfg.unlocked():
           cfg.total_steps = ends[-1]
@@ -376,8 +383,9 @@ def sequential_config(train_cfg, method: str, first: str, second: str, steps: in
   chooses its mask once, at the end of the first stage (``epi.warmup_steps``),
   from the importance gathered on it. Multi-stage SFT in this protocol *is*
   the full run (AdamW over the same two stages), so it is not run twice.
+  It reports no importance drift, so none is tracked.
   """
-  cfg = method_config(train_cfg, method, seed)
+  cfg = method_config(train_cfg, method, seed, track_importance=False)
   with cfg.unlocked():
     cfg.data.staged = True
     cfg.data.stages = [{"mixture": {first: 1.0}, "steps": int(steps)},

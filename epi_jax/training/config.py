@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 100              # multi_stage: <= 0 means the sum of stage steps
   c.log_every = 10
-  c.checkpoint_every = 50
+  c.checkpoint_every = 50          # 0: no checkpoints (the run cannot resume; snapshots still)
   c.keep_checkpoints = 3
   c.snapshot_steps = ()            # params-only snapshots for evaluation
   c.progress_bar = True
@@ -194,8 +194,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _need(c.method in METHODS, "method", c.method, f"expected one of {METHODS}")
   _need(_is_int(c.seed), "seed", c.seed, "must be an int")
-  for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
+  for f in ("log_every", "keep_checkpoints"):
     _need(_is_int(c[f]) and c[f] >= 1, f, c[f], "must be an int >= 1")
+  _need(_is_int(c.checkpoint_every) and c.checkpoint_every >= 0, "checkpoint_every",
+        c.checkpoint_every, "must be an int >= 1, or 0 for no checkpoints")
   snaps = c.snapshot_steps
   _need(isinstance(snaps, (tuple, list)) and all(_is_int(s) and s >= 0 for s in snaps),
         "snapshot_steps", snaps, "must be a tuple of ints >= 0")

@@ -10,7 +10,9 @@ restores the newest checkpoint in ``workdir`` if there is one (params,
 optimizer/EPI state, step, RNG and the data iterator's position, so the
 continued run is identical to an uninterrupted one), then trains to
 ``config.total_steps``, writing metrics, checkpoints and snapshots. SIGTERM
-or SIGINT stops it after the current step with a checkpoint.
+or SIGINT stops it after the current step with a checkpoint. With
+``checkpoint_every=0`` no checkpoint is written (short comparison runs that
+are never resumed: they start over), only the snapshots.
 
 Before anything in ``workdir`` is written: the mesh must fit, no other run may
 hold the workdir (``WORKDIR/LOCK``) and an existing run's ``config.json`` must
@@ -268,6 +270,7 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
 
   # --- The loop: a step, then whatever is due at it.
   last = total if stop_after is None else min(total, max(stop_after, start))
+  saves_checkpoints = config.checkpoint_every > 0  # 0: snapshots only, no resume
   interrupted = last < total  # stopped by stop_after
   step = start
   try:
@@ -284,7 +287,8 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
         refreshes.after_step(step, m, state["opt_state"])
         if drift is not None and drift.due(step):
           writer.importance(drift.record(step, state["opt_state"]))
-        at_checkpoint = step % config.checkpoint_every == 0 or step == total
+        at_checkpoint = saves_checkpoints and (step % config.checkpoint_every == 0
+                                               or step == total)
         at_log = step % config.log_every == 0 or step == total
         if at_log or at_checkpoint or step in config.snapshot_steps:
           check_finite(step)
@@ -301,7 +305,8 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
 
     # --- The end: a last checkpoint; a finished run's final snapshot and DONE.
     check_finite(step)
-    ckpt.save(step, state, it.get_state())
+    if saves_checkpoints:
+      ckpt.save(step, state, it.get_state())
     if not interrupted:
       ckpt_lib.save_snapshot(workdir, step, state["params"])
     ckpt.wait()
