@@ -27,7 +27,7 @@ def get_config():
   ]
   c.data.batch_size = 2
   c.data.seq_len = 128
-  c.optimizer.learning_rate = 2e-4  # few steps: a larger step so that the tasks move
+  c.optimizer.learning_rate = 1e-4
   c.optimizer.warmup_steps = 1
   # Refresh every 2 steps (4 refreshes per run); importance tracked (full SFT
   # included) for the drift of the top-p set, in the first seed's runs.
