@@ -78,38 +78,37 @@ class MetricsWriter:
     if progress_bar:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+  def _append(self, path: pathlib.Path, record: dict[str, Any], scalars: dict[str, Any]):
+    """One JSON line of ``record`` (already cleaned) and its TensorBoard ``scalars``."""
+    with path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if isinstance(v, (int, float)):
+          self._tb.add_scalar(k, float(v), record["step"])
+
   def log(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = _clean(record)
-    with self.metrics_path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-    if self._tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self._tb.add_scalar(k, v, record["step"])
+    self._append(self.metrics_path, record, {k: v for k, v in record.items() if k != "step"})
     if self._bar is not None:
       self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", refresh=False)
 
   def refresh(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with self.refreshes_path.open("a") as f:
-      f.write(json.dumps(_clean(record)) + "\n")
-    if self._tb is not None:
-      for k, v in record.get("per_layer", {}).items():
-        self._tb.add_scalar(f"isolated/{k}", float(v), record["step"])
+    record = _clean(record)
+    self._append(self.refreshes_path, record,
+                 {f"isolated/{k}": v for k, v in record.get("per_layer", {}).items()})
 
   def importance(self, record: dict[str, Any]) -> None:
     """One record of the top-p importance set's drift (see ``importance_drift``)."""
     if not self.enabled:
       return
-    with self.importance_path.open("a") as f:
-      f.write(json.dumps(_clean(record)) + "\n")
-    if self._tb is not None:
-      for k in ("jaccard_prev", "jaccard_first"):
-        if record.get(k) is not None:
-          self._tb.add_scalar(f"importance/{k}", float(record[k]), record["step"])
+    record = _clean(record)
+    self._append(self.importance_path, record,
+                 {f"importance/{k}": record.get(k) for k in ("jaccard_prev", "jaccard_first")})
 
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:
