@@ -1,7 +1,8 @@
 """`make demo` on a 2-core CPU: SmolLM2-135M-Instruct, both protocols, two seeds.
 
-configs/smollm2_multitask.py with sizes chosen to fit about 30 minutes on an
-idle 2-core CPU (docs/RESULTS.md, "make demo: sizes and cost"): 8 steps of
+configs/smollm2_multitask.py with sizes for an idle 2-core CPU (docs/RESULTS.md,
+"make demo: sizes and cost": the sequential part measured 22 min, the whole
+~45-50 min by estimate, over the 30 minutes aimed at): 8 steps of
 2 x 128 tokens per run (~3.2 s per step here), 24 held-out examples per loss
 task (GSM8K: its reference solutions), no LogiQA eval (300 questions cost about
 8 minutes per model here), the mixture runs evaluated at the end only, and the
