@@ -12,6 +12,7 @@ faster), and the achieved GFLOP/s (model FLOPs per token x tokens/s).
   python benchmarks/peer_torch.py                       # SmolLM2-135M, 4 x 256, fp32
   python benchmarks/peer_torch.py --batch 2 --seq 128
   python benchmarks/peer_torch.py --smoke               # tiny sizes (the suite runs it)
+  python benchmarks/peer_torch.py --scan_layers         # ours with the blocks scanned
 
 Timings on a shared machine are noise: run it with nothing else running.
 """
@@ -78,6 +79,7 @@ def worker_ours(args, method: str) -> dict:
   from epi_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   c = cfg_lib.default_config()
   c.method, c.model.name, c.model.init = method, args.model, "random"
+  c.model.scan_layers = args.scan_layers
   c.data.batch_size, c.data.seq_len, c.mesh.data = args.batch, args.seq, 1
   c.total_steps, c.optimizer.warmup_steps = 1000, 0
   c.epi.update_interval = 1000  # a plain (non-refreshing) EPI step is timed
@@ -108,7 +110,7 @@ def worker_ours(args, method: str) -> dict:
 def _run_worker(what: str, args) -> dict:
   cmd = [sys.executable, __file__, "--worker", what, "--model", args.model,
          "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-         "--threads", str(args.threads)]
+         "--threads", str(args.threads)] + (["--scan_layers"] if args.scan_layers else [])
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
   lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
   if out.returncode or not lines:
@@ -125,6 +127,8 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=4, help="per process; the first one compiles")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--scan_layers", action="store_true",
+                 help="our model with its blocks stacked and run by lax.scan")
   p.add_argument("--smoke", action="store_true", help="tiny sizes; checks it runs")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   p.add_argument("--worker", choices=("torch", "full", "epi"), help=argparse.SUPPRESS)
@@ -145,15 +149,19 @@ def main(argv=None) -> dict:
   flops = train_flops_per_token(_model_config(args.model), args.seq) * args.batch * args.seq
   peer = statistics.median(r["step_s"] for r in runs["torch"])
   result = {"model": args.model, "batch": args.batch, "seq": args.seq, "threads": args.threads,
+            "scan_layers": args.scan_layers,
             "rounds": args.rounds, "flops_per_step": flops, "rows": {}}
-  print(f"{args.model}  {args.batch} x {args.seq} fp32  {args.threads} threads  "
+  print(f"{args.model}{' (scan_layers)' if args.scan_layers else ''}  "
+        f"{args.batch} x {args.seq} fp32  {args.threads} threads  "
         f"{args.rounds} rounds (median)")
   print(f"{'step':10s} {'s/step':>8s} {'first step s':>13s} {'GFLOP/s':>8s} {'peer/ours':>10s}")
   for w, rs in runs.items():
     st = statistics.median(r["step_s"] for r in rs)
     first = statistics.median(r["first_step_s"] for r in rs)
     row = {"step_s": st, "first_step_s": first, "gflops": flops / st / 1e9,
-           "speed_vs_peer": peer / st, "first_loss": rs[0]["losses"][0]}
+           "speed_vs_peer": peer / st, "first_loss": rs[0]["losses"][0],
+           "rounds_step_s": [r["step_s"] for r in rs],
+           "rounds_first_step_s": [r["first_step_s"] for r in rs]}
     result["rows"][w] = row
     print(f"{w:10s} {st:8.3f} {first:13.2f} {row['gflops']:8.1f} {peer / st:10.3f}")
   full = result["rows"]["full"]

@@ -18,6 +18,7 @@ def get_config():
   c.checkpoint_every = 200
   c.snapshot_steps = (100, 300)    # compare adds the stage end (200)
   c.model.compute_dtype = "bfloat16"
+  c.model.scan_layers = True       # compile time independent of depth
   c.data.stages = [
       {"mixture": {"gsm8k": 1.0, "code_alpaca": 1.0, "logiqa": 1.0}, "steps": 200},
       {"mixture": {"alpaca": 1.0, "chat": 1.0}, "steps": 200},

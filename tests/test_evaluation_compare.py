@@ -63,6 +63,17 @@ def test_cached_eval_recomputes_only_for_new_settings(tmp_path):
   assert sorted(p.name for p in path.parent.iterdir()) == ["step_4.json"]
 
 
+def test_interrupted_run_stops_the_comparison_with_a_clear_error(tmp_path, monkeypatch):
+  """A run stopped by a signal has no final snapshot: the comparison says so
+  and stops, instead of failing on the missing snapshot."""
+  import types
+  cfg = types.SimpleNamespace(total_steps=8)
+  monkeypatch.setattr(cmp.training, "train",
+                      lambda c, d: types.SimpleNamespace(interrupted=True, step=3))
+  with pytest.raises(cmp.RunInterrupted, match=r"\[epi seed0\] training stopped at step 3 of 8"):
+    cmp.train_and_evaluate(cfg, tmp_path / "run", "epi seed0", {}, {})
+
+
 _SMALL_TINY = """
 import runpy
 def get_config():
@@ -117,11 +128,12 @@ def test_compare_end_to_end_tiny(tmp_path):
   # Clipping: the trainable norm is logged beside the global one.
   norms = results["methods"]["epi"]["grad_norms"]
   assert norms["trainable_grad_norm"]["mean"] <= norms["grad_norm"]["mean"] * (1 + 1e-6)
-  # Drift the paper's way: top-p importance sets of full SFT (mode "none"), static and EPI.
+  # Drift the paper's way: top-p importance sets of full SFT (mode "none") and
+  # EPI (its masks), from the first seed (cmp.DRIFT_METHODS).
   imp = results["importance_drift"]
-  assert {"full", "static", "epi"} <= set(imp)
+  assert set(imp) == set(cmp.DRIFT_METHODS) == {"full", "epi"}
   assert imp["full"]["step"] == [3, 6, 9, 12] and imp["full"]["jaccard_first"][0] == 1.0
-  assert imp["static"]["final_jaccard_first"] is not None  # the static mask's is trivially 1
+  assert imp["epi"]["final_jaccard_first"] is not None
   assert (workdir / "plots" / "importance_drift.png").is_file()
   assert (workdir / "plots" / "importance_layers_full.png").is_file()
   assert "Drift of the top-p importance set" in md

@@ -150,6 +150,64 @@ def test_trainer_tracker_matches_the_numpy_top_sets():
   assert r2["jaccard_prev"] == 1.0 and r2["jaccard_first"] is None
 
 
+def test_epi_tracker_reads_its_mask_as_the_top_set():
+  """EPI's tracker takes the refreshed mask as the top-p set; it is the set a
+  selection over the importance picks (the records are the same)."""
+  import jax
+  import jax.numpy as jnp
+
+  from epi_jax.training import config as cfg_lib
+  from epi_jax.training import importance_drift, optim
+  cfg = cfg_lib.default_config()
+  cfg.method = "epi"
+  cfg.epi.isolation_ratio, cfg.epi.update_interval, cfg.epi.track_importance = 0.25, 2, True
+  cfg.epi.exclude = ()
+  params = {"a": jnp.zeros((4, 6)), "b": jnp.zeros(10)}
+  tx = optim.make_optimizer(cfg)
+  state = tx.init(params)
+  reads = importance_drift.ImportanceDrift(cfg)
+  selects = importance_drift.ImportanceDrift(cfg)
+  selects._select = jax.jit(importance_drift.top_set_fn(cfg))
+  assert reads.reads_mask
+  rng = np.random.default_rng(0)
+  got, want = [], []
+  for step in range(1, 9):
+    grads = {k: jnp.asarray(rng.normal(size=v.shape) * (1 + step % 3), jnp.float32)
+             for k, v in params.items()}
+    _, state = tx.update(grads, state, params)
+    if reads.due(step):
+      got.append(reads.record(step, state))
+      want.append(selects.record(step, state))
+  assert len(got) == 4 and got == want
+  assert got[-1]["jaccard_first"] < 1.0  # the set moved: the comparison is not vacuous
+
+
+def test_tracker_counts_a_stacked_leaf_per_layer_named_as_unscanned():
+  """scan_layers: a stacked leaf's layers get their own per-layer entries,
+  named like the unscanned layout's (``layers/<i>/...``), so reports match."""
+  import jax.numpy as jnp
+  import optax
+
+  import epi_jax
+
+  from epi_jax.training import config as cfg_lib
+  from epi_jax.training import importance_drift
+  cfg = cfg_lib.default_config()
+  cfg.method = "full"
+  cfg.epi.isolation_ratio, cfg.epi.update_interval = 0.25, 2
+  cfg.epi.normalization, cfg.epi.exclude, cfg.epi.track_importance = "none", (), True
+  tx = epi_jax.isolate(optax.sgd(0.1), 0.25, 2, mode="none")
+  params = {"layers/mlp/w": jnp.zeros((2, 5)), "head": jnp.zeros(10)}
+  state = tx.init(params)
+  imp = {"layers/mlp/w": jnp.asarray([[1.0] * 5, [9.0, 8.0, 7.0, 6.0, 5.0]]),
+         "head": jnp.arange(10, dtype=jnp.float32) / 10}
+  tracker = importance_drift.ImportanceDrift(cfg, layer_axes={"layers/mlp/w": 0, "head": None})
+  rec = tracker.record(2, state._replace(epi=state.epi._replace(importance=imp)))
+  assert rec["per_layer"] == {"head": 0.0, "layers/0/mlp/w": 0.0, "layers/1/mlp/w": 1.0}
+  assert rec["top_fraction"] == pytest.approx(0.25) and rec["jaccard_first"] == 1.0
+  assert drift.block_of("layers/1/mlp/w") == "block 01"
+
+
 def test_static_mask_curve_is_left_out_and_importance_table(tmp_path):
   static = drift.drift_summary([{"step": 5, "jaccard_prev": 1.0, "jaccard_first": -1.0,
                                  "per_layer": {"x": 0.1}}])

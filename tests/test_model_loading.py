@@ -257,3 +257,25 @@ def test_loading_into_scanned_layout_equals_loading_then_stacking(llama_ckpt, tm
     assert got["layers/attn/q/kernel"].sharding == replicated
     tokens = _tokens()
     assert _rel_err(forward(scanned, tokens), _torch_logits(ref, tokens)) <= 1e-4
+
+
+def test_config_and_tokenizer_without_weights_and_the_kept_reader(llama_ckpt, tmp_path):
+  """``pretrained_config`` gives load_pretrained's config and tokenizer without
+  the weights; the parsed GGUF is kept, and read again once the file changes."""
+  import os
+
+  from epi_jax.model.gguf_cache import gguf_reader
+  from epi_jax.model.loading import pretrained_config
+  ref, directory = llama_ckpt
+  gguf_path = _write_gguf(ref, tmp_path / "tiny.gguf")
+  _, tok, config = load_pretrained(str(gguf_path), scan_layers=True)
+  got_config, got_tok = pretrained_config(str(gguf_path), scan_layers=True)
+  assert got_config == config
+  assert got_tok.encode("<|im_start|>ab!") == tok.encode("<|im_start|>ab!")
+  with pytest.raises(FileNotFoundError, match="No tokenizer.json"):  # as load_pretrained
+    pretrained_config(str(directory))
+  assert gguf_reader(gguf_path) is gguf_reader(str(gguf_path))
+  first = gguf_reader(gguf_path)
+  st = os.stat(gguf_path)
+  os.utime(gguf_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+  assert gguf_reader(gguf_path) is not first

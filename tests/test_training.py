@@ -172,6 +172,26 @@ def test_checkpoint_every_zero_writes_snapshots_only(tmp_path):
   assert ckpt_lib.Checkpointer(tmp_path / "run", 2).all_steps() == []
 
 
+def test_later_seed_reuses_the_compiled_step(tmp_path):
+  """Runs differing only in their seed share one compiled step (the seed is in
+  the initial state only), and a reused step trains exactly like a fresh one."""
+  from epi_jax.training import step as step_lib
+  step_lib._STEP_CACHE.clear()
+  first = small_config()
+  first.total_steps, first.checkpoint_every, first.snapshot_steps = 2, 0, ()
+  later = cfg_lib.from_json(cfg_lib.to_json(first))
+  later.seed = first.seed + 1
+  train(first, tmp_path / "seed0")
+  reused = train(later, tmp_path / "seed1")
+  assert len(step_lib._STEP_CACHE) == 1
+  step_lib._STEP_CACHE.clear()
+  fresh = train(later, tmp_path / "fresh")
+  assert losses(tmp_path / "seed1") == losses(tmp_path / "fresh")
+  assert losses(tmp_path / "seed0") != losses(tmp_path / "seed1")
+  for k, v in fresh.params.items():
+    np.testing.assert_array_equal(np.asarray(reused.params[k]), np.asarray(v), err_msg=k)
+
+
 class _null:
   def __enter__(self):
     return self

@@ -169,6 +169,9 @@ def compare_main(argv=None) -> int:
   except training.NonFiniteError as e:
     print(f"epi-jax compare: {e}", file=sys.stderr)
     return 4
+  except cmp.RunInterrupted as e:
+    print(f"epi-jax compare: {e}", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -75,14 +75,18 @@ from epi_jax.utils import files
 # Variants that can be compared beside the methods: clipping by the norm of
 # the trainable gradients only (optimizer.clip_scope='trainable').
 VARIANTS = {"static_clip_trainable": "static", "epi_clip_trainable": "epi"}
+# The runs whose importance drift is read (with epi.track_importance), in the
+# first seed only: full SFT's (unconstrained drift) and EPI's (its masks).
+DRIFT_METHODS = ("full", "epi")
 
 
 def method_config(train_cfg, name: str, seed: int, *, track_importance: bool = True):
   """``train_cfg`` for method (or variant) ``name`` and training seed ``seed``.
 
   ``track_importance=False`` turns ``epi.track_importance`` off for this run:
-  the drift of the top-p importance set is read from the first seed's runs
-  only, and tracking it costs a selection over every parameter at each refresh.
+  the drift of the top-p importance set is read from the first seed's runs of
+  ``DRIFT_METHODS`` only, and tracking it costs a selection over every
+  parameter at each refresh (full SFT; EPI reads its mask).
   """
   cfg = copy.deepcopy(train_cfg)
   with cfg.unlocked():
@@ -264,12 +268,16 @@ def param_sizes(model_config) -> dict[str, int]:
       if path.is_dir():
         cfg = loading.hf_config(json.loads((path / "config.json").read_text()))
       else:
-        cfg = loading.gguf_config(gguf.GGUFReader(path))
+        cfg = loading.gguf_config(loading.gguf_reader(path))
     return {k: int(np.prod(v.shape)) for k, v in model_setup.spec_for(cfg).shapes.items()}
   except Exception as e:  # pylint: disable=broad-except
     print(f"[epi_jax] layer sizes unavailable ({e}); migration weighs layers equally",
           file=sys.stderr)
     return {}
+
+
+class RunInterrupted(RuntimeError):
+  """A run of the comparison was stopped by a signal (SIGTERM/SIGINT) before its end."""
 
 
 def train_and_evaluate(cfg, run_dir, label: str, settings, data_kwargs,
@@ -287,7 +295,11 @@ def train_and_evaluate(cfg, run_dir, label: str, settings, data_kwargs,
   else:
     log(f"[{label}] training into {run_dir}")
     start = time.time()
-    training.train(cfg, run_dir)  # the final model is dropped: the snapshots are on disk
+    result = training.train(cfg, run_dir)  # the final model is dropped: snapshots are on disk
+    if result.interrupted:  # a signal stopped it: nothing to evaluate yet
+      raise RunInterrupted(f"[{label}] training stopped at step {result.step} of "
+                           f"{cfg.total_steps} by a signal; rerun the same command to go on "
+                           "(finished runs and their evaluations are kept)")
     train_seconds = round(time.time() - start, 1)
   done = run_dir / "DONE"
   if train_seconds is None and done.is_file():
@@ -345,7 +357,8 @@ def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1
   for k in range(seeds):
     for m in methods:
       run_dir = workdir / m / f"seed{k}"
-      cfg = method_config(train_cfg, m, int(train_cfg.seed) + k, track_importance=k == 0)
+      cfg = method_config(train_cfg, m, int(train_cfg.seed) + k,
+                          track_importance=k == 0 and m in DRIFT_METHODS)
       if m == "multi_stage" and ends:
         with cfg.unlocked():
           cfg.total_steps = ends[-1]

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from epi_jax.model.config import ModelConfig
+from epi_jax.model.gguf_cache import gguf_reader
 from epi_jax.model import tensor_names as names
 from epi_jax.model.llama import Llama
 from epi_jax.model.tokenizer import ChatTokenizer
@@ -223,7 +224,7 @@ def load_gguf(path, *, param_dtype=jnp.float32, dtype=None, shardings=None,
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file not found: {path}")
-  reader = gguf.GGUFReader(str(path))
+  reader = gguf_reader(path)
   config = gguf_config(reader, param_dtype=param_dtype, dtype=dtype,
                        scan_layers=scan_layers)
   arch = _gguf_field(reader, "general.architecture")
@@ -411,6 +412,27 @@ def resolve_model_path(name_or_path: str) -> pathlib.Path:
         f"({', '.join(KNOWN_MODELS)}), a Hugging Face Hub id (org/name[@revision]) nor an "
         "existing .gguf file or checkpoint directory")
   return path
+
+
+def pretrained_config(name_or_path: str, *, param_dtype=jnp.float32, dtype=None,
+                      scan_layers: bool = False) -> tuple[ModelConfig, ChatTokenizer]:
+  """The config and tokenizer of a pretrained model, without its weights
+  (for a model whose params come from elsewhere, e.g. a training snapshot).
+  The arguments are :func:`load_pretrained`'s."""
+  path = resolve_model_path(name_or_path)
+  if path.is_dir():
+    cfg_path, tok_path = path / "config.json", path / "tokenizer.json"
+    for f in (cfg_path, tok_path):
+      if not f.is_file():
+        raise FileNotFoundError(f"No {f.name} in checkpoint directory {path}")
+    config = hf_config(json.loads(cfg_path.read_text()), param_dtype=param_dtype,
+                       dtype=dtype, scan_layers=scan_layers)
+    return config, ChatTokenizer.from_file(tok_path, config_dir=path)
+  if path.suffix == ".gguf":
+    reader = gguf_reader(path)
+    config = gguf_config(reader, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers)
+    return config, ChatTokenizer.from_gguf_reader(reader)
+  raise ValueError(f"Unsupported model file {path} (expected .gguf or a checkpoint directory)")
 
 
 def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, dtype=None,

@@ -24,6 +24,8 @@ import pathlib
 import re
 from typing import Sequence
 
+from epi_jax.model.gguf_cache import gguf_reader
+
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 _ROLES = ("system", "user", "assistant")
 # What an id outside the vocabulary decodes to (as invalid UTF-8 bytes do).
@@ -161,11 +163,10 @@ class ChatTokenizer(_ChatML):
   @classmethod
   def from_gguf(cls, path) -> "ChatTokenizer":
     """Rebuilds the tokenizer stored in a GGUF file's metadata."""
-    import gguf
     path = pathlib.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"GGUF file not found: {path}")
-    return cls.from_gguf_reader(gguf.GGUFReader(str(path)))
+    return cls.from_gguf_reader(gguf_reader(path))
 
   @classmethod
   def from_gguf_reader(cls, reader) -> "ChatTokenizer":

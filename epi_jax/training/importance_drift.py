@@ -12,7 +12,8 @@ top-k, the same eligible leaves) and writes to ``importance_drift.jsonl``:
 ``{"step", "jaccard_prev", "jaccard_first", "top_fraction", "per_layer": {path:
 fraction of the leaf in the set}}``
 
-For EPI (``release_after=1``) the set at a refresh step is its mask; for
+For EPI (``release_after=1``) the set at a refresh step is its mask, which
+the tracker reads instead of selecting it a second time; for
 static it shows what the frozen mask no longer follows; for full SFT it is
 the drift of an unconstrained run. The previous and first sets live on the
 device (two bools per parameter). A resumed run starts over from its
@@ -23,13 +24,16 @@ restore point: its first record after the resume has ``jaccard_prev`` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import epi_jax
-from epi_jax.training import optim
+from epi_jax.method.layout import leaf_layout
+from epi_jax.training import model_setup, optim
 
 
 def records_drift(config) -> bool:
@@ -58,10 +62,13 @@ def top_set_fn(config, layer_axes=None) -> Callable[[Any], Any]:
                                                options)[0]
 
 
-def _counts(top, prev, first):
-  """Per-leaf int32 counts: |top|, |top & prev|, |top | prev|, the same with first."""
-  count = lambda tree: [jnp.sum(x, dtype=jnp.int32) for x in jax.tree.leaves(tree)]  # pylint: disable=unnecessary-lambda-assignment
-  out = {"top": count(top), "size": [jnp.int32(x.size) for x in jax.tree.leaves(top)]}
+def _counts(layout, top, prev, first):
+  """Per-layer int32 counts (a leaf's, or a stacked leaf's per slice):
+  |top|, |top & prev|, |top | prev|, the same with first."""
+  def count(tree):
+    return [jnp.sum(x, axis=leaf.reduce_axes, dtype=jnp.int32)
+            for x, leaf in zip(jax.tree.leaves(tree), layout)]
+  out = {"top": count(top), "size": [jnp.int32(leaf.slice_size) for leaf in layout]}
   for name, other in (("prev", prev), ("first", first)):
     if other is not None:
       out[f"and_{name}"] = count(jax.tree.map(jnp.logical_and, top, other))
@@ -74,8 +81,12 @@ class ImportanceDrift:
 
   def __init__(self, config, *, layer_axes=None, resumed: bool = False):
     self._options = _options(config, layer_axes)
-    self._select = jax.jit(top_set_fn(config, layer_axes))
-    self._counts = jax.jit(_counts)
+    # EPI without hysteresis refreshes on this schedule to exactly this top-p
+    # set (its mask): read it instead of selecting over every parameter again.
+    self.reads_mask = config.method == "epi" and self._options.release_after == 1
+    self._select = jax.jit(epi_jax.unpacked_mask if self.reads_mask
+                           else top_set_fn(config, layer_axes))
+    self._counts = None  # jitted on the first record, for the leaves' layout
     self.prev = self.first = None
     self.resumed = resumed
 
@@ -84,17 +95,24 @@ class ImportanceDrift:
 
   def record(self, step: int, opt_state) -> dict[str, Any]:
     top = self._select(opt_state)
+    if self._counts is None:
+      self._layout = leaf_layout(self._options, top)
+      self._counts = jax.jit(functools.partial(_counts, self._layout))
     c = jax.device_get(self._counts(top, self.prev, self.first))
-    names = sorted(top)  # the order of jax.tree.leaves on a dict
-    total = float(sum(int(x) for x in c["size"]))
-    rec = {"step": int(step), "top_fraction": float(sum(int(x) for x in c["top"])) / total,
-           "per_layer": {k: int(n) / max(int(s), 1)
-                         for k, n, s in zip(names, c["top"], c["size"])}}
+    total = lambda counts: sum(int(np.sum(n)) for n in counts)  # pylint: disable=unnecessary-lambda-assignment
+    rec = {"step": int(step), "top_fraction": total(c["top"]) / sum(
+        int(s) * (1 if leaf.axis is None else leaf.shape[leaf.axis])
+        for s, leaf in zip(c["size"], self._layout)), "per_layer": {}}
+    for name, n, s, leaf in zip(sorted(top), c["top"], c["size"], self._layout):
+      if leaf.axis is None:  # sorted: the order of jax.tree.leaves on a dict
+        rec["per_layer"][name] = int(n) / max(int(s), 1)
+      else:  # a stacked leaf: one entry per layer, named as unscanned
+        for l, nl in enumerate(np.asarray(n).tolist()):
+          rec["per_layer"][model_setup.layer_name(f"{name}[{l}]")] = nl / max(int(s), 1)
     for name in ("prev", "first"):
       if f"and_{name}" in c:
-        union = sum(int(x) for x in c[f"or_{name}"])
-        rec[f"jaccard_{name}"] = 1.0 if union == 0 else sum(
-            int(x) for x in c[f"and_{name}"]) / union
+        union = total(c[f"or_{name}"])
+        rec[f"jaccard_{name}"] = 1.0 if union == 0 else total(c[f"and_{name}"]) / union
       else:
         first_ever = not self.resumed and self.prev is None
         rec[f"jaccard_{name}"] = 1.0 if first_ever else None

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from epi_jax.model import ByteTokenizer, Llama, get_config, load_pretrained
+from epi_jax.model.loading import pretrained_config
 from epi_jax.model.config import ModelConfig, config_names
 from epi_jax.training import sharding
 
@@ -127,6 +128,17 @@ def load_for_eval(mc):
   return build(mc, seed=0, mesh=None)
 
 
+def spec_and_tokenizer(mc):
+  """``(spec, tokenizer)`` of ``config.model`` without loading any weights
+  (for params that come from a snapshot)."""
+  if _is_random(mc):
+    return spec_for(model_config(mc)), ByteTokenizer()
+  cfg, tokenizer = pretrained_config(mc.name, param_dtype=_DTYPES[mc.param_dtype],
+                                     dtype=_DTYPES[mc.compute_dtype],
+                                     scan_layers=mc.scan_layers)
+  return spec_for(dataclasses.replace(cfg, remat=mc.remat, attention=mc.attention)), tokenizer
+
+
 _LAYER_KEY = re.compile(r"layers/(\d+)/(.+)")
 
 
@@ -148,6 +160,18 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
   for rest, by_layer in per_layer.items():
     out[f"layers/{rest}"] = jnp.stack([by_layer[i] for i in range(len(by_layer))])
   return out
+
+
+_SLICE_NAME = re.compile(r"layers/(.+)\[(\d+)\]")
+
+
+def layer_name(name: str) -> str:
+  """A per-layer name in the unscanned layout's form: slice ``i`` of a stacked
+  leaf (``layers/<rest>[i]``, as ``epi_jax.per_layer_isolated`` names it) is
+  ``layers/<i>/<rest>``; any other name is returned as it is. Per-layer records
+  of scanned and unscanned runs then name the same layer alike."""
+  m = _SLICE_NAME.fullmatch(name)
+  return f"layers/{m.group(2)}/{m.group(1)}" if m else name
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:

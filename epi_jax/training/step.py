@@ -10,6 +10,8 @@ same gradient as one big batch (up to float rounding).
 
 from __future__ import annotations
 
+import collections
+import json
 from typing import Any, Callable
 
 import jax
@@ -20,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from epi_jax.data import ALL_CONFIGS  # live: follows the task registry
 from epi_jax.method import epi_metrics, unpacked_mask
 from epi_jax.method import per_layer_isolated as _per_layer
-from epi_jax.training import optim, sharding
+from epi_jax.training import model_setup, optim, sharding
 
 
 
@@ -44,6 +46,38 @@ def all_finite(tree) -> jax.Array:
   """Whether every float leaf of ``tree`` is finite (a device bool)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
+# Compiled steps kept for runs in this process whose configs differ only in
+# their seed: the seed enters the initial state, not the step, so the runs of
+# a comparison's later seeds trace and compile nothing (epi-jax compare).
+_STEP_CACHE: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+_STEP_CACHE_SIZE = 8
+
+
+def cached_train_step(config, spec, tx: optax.GradientTransformation, mesh,
+                      state_shardings) -> Callable[[Any, Any], tuple[Any, dict]]:
+  """:func:`make_train_step`, reused for a config equal to an earlier one but for its seed.
+
+  The key is the whole config but ``seed`` (and, for static/EPI,
+  ``epi.track_importance``), the mesh and the registered tasks:
+  ``spec``, ``tx`` and ``state_shardings`` are functions of those
+  (``trainer.setup``), so the kept step is the one this call would build.
+  The last ``_STEP_CACHE_SIZE`` are kept.
+  """
+  plain = config.to_dict()
+  plain.pop("seed", None)
+  if optim.is_epi(config):  # their state holds the importance either way; the
+    plain["epi"].pop("track_importance", None)  # drift tracker is host-side
+  key = (json.dumps(plain, sort_keys=True, default=list), mesh, tuple(ALL_CONFIGS))
+  if key in _STEP_CACHE:
+    _STEP_CACHE.move_to_end(key)
+    return _STEP_CACHE[key]
+  step = make_train_step(config, spec, tx, mesh, state_shardings)
+  _STEP_CACHE[key] = step
+  while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+    _STEP_CACHE.popitem(last=False)
+  return step
 
 
 def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
@@ -130,6 +164,6 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
 
 
 def per_layer_isolated(opt_state, layer_axes=None) -> dict[str, jax.Array]:
-  """``{param path: isolated fraction}`` of the current EPI mask (a stacked
-  leaf: one entry per layer, ``path[l]``)."""
-  return _per_layer(opt_state, layer_axes)
+  """``{param path: isolated fraction}`` of the current EPI mask; a stacked
+  leaf's layers are named as in the unscanned layout (``model_setup.layer_name``)."""
+  return {model_setup.layer_name(k): v for k, v in _per_layer(opt_state, layer_axes).items()}

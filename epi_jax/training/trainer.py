@@ -249,7 +249,7 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
     start, state = 0, ts.init_state(params)
 
   # --- The step, and what is written beside it.
-  train_step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
+  train_step = step_lib.cached_train_step(config, spec, ts.tx, mesh, ts.shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start,
                                      total_steps=total, progress_bar=config.progress_bar)
   refreshes = metrics_lib.RefreshLog(config, ts.layer_axes, state["opt_state"], writer)
@@ -442,10 +442,6 @@ def load_run(workdir, snapshot: int | None = None):
     snapshot = snaps[-1]
   if snapshot not in snaps:
     raise FileNotFoundError(f"No snapshot {snapshot} in {workdir}; have {snaps}")
-  if config.model.init == "random":
-    tokenizer, spec = model_setup.ByteTokenizer(), model_setup.spec_for(
-        model_setup.model_config(config.model))
-  else:
-    spec, _, tokenizer = model_setup.load_for_eval(config.model)
+  spec, tokenizer = model_setup.spec_and_tokenizer(config.model)
   params = ckpt_lib.load_snapshot(workdir, snapshot, spec.shapes)
   return spec.bind(params), tokenizer, config
