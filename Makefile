@@ -27,8 +27,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # `make demo`: the sequential protocol (gsm8k, then chat) and the five-task comparison,
-# two seeds each, on a 2-core CPU (configs/demo.py; the sequential part measured 22 min,
-# the whole ~45-50 min by estimate: docs/RESULTS.md). `make demo PRESET=gpu`: configs/demo_gpu.py, three seeds, both orders,
+# two seeds each, on a 2-core CPU (configs/demo.py; 26 min measured from a fresh clone:
+# docs/RESULTS.md). `make demo PRESET=gpu`: configs/demo_gpu.py, three seeds, both orders,
 # about an hour on one GPU. The verdicts are printed first, then again at the end.
 PRESET ?= cpu
 DEMO_DIR ?= runs/demo

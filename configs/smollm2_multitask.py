@@ -13,8 +13,8 @@ def get_config():
   c = default_config()
   c.method = "epi"
   c.seed = 0
-  # Sized for `make demo` (four methods + evaluation in ~30 min on 2 CPU cores):
-  # 20 steps of 4 x 192 tokens per method.
+  # A short multi-task run on a CPU (configs/demo.py shrinks it further for
+  # `make demo`): 20 steps of 4 x 192 tokens.
   c.total_steps = 20
   c.log_every = 2
   c.checkpoint_every = 10
