@@ -69,7 +69,10 @@ def worker_torch(args) -> dict:
   return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "losses": losses}
 
 
-def worker_ours(args, method: str) -> dict:
+def build_ours(args, method: str):
+  """``(step, state, batch)``: the trainer's jitted step for ``method`` at the
+  shapes of ``args``, its initial state (random init) and the batch of
+  :func:`_tokens` (loss on all positions). Also used by ``profile_step.py``."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -97,6 +100,12 @@ def worker_ours(args, method: str) -> dict:
            "task_ids": np.zeros((b, l), np.int32)}
   batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()},
                          sharding.batch_sharding(mesh))
+  return step, state, batch
+
+
+def worker_ours(args, method: str) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state, batch = build_ours(args, method)
   times, losses = [], []
   for _ in range(args.steps):
     t0 = time.perf_counter()

@@ -62,3 +62,22 @@ def test_train_flops_per_token_of_smollm2():
   cfg = get_config("smollm2-135m")
   assert abs(train_flops_per_token(cfg, 256) / 1e9 - 0.86) < 0.01
   assert train_flops_per_token(cfg, 512) > train_flops_per_token(cfg, 256)
+
+
+def test_profile_step_smoke(tmp_path):
+  """benchmarks/profile_step.py traces the trainer's step and attributes its ops' time."""
+  out = tmp_path / "profile.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--smoke",
+                         "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())["results"]["full"]
+  assert r["num_ops"] > 50 and r["ops_s"] > 0 and r["wall_step_s"] > 0
+  kinds = r["by_phase_kind"]
+  # The model's matmuls run forward and backward; AdamW runs outside the gradient.
+  assert kinds["forward/matmul"] > 0 and kinds["backward/matmul"] > 0
+  assert any(k.startswith("update/") and v > 0 for k, v in kinds.items())
+  assert abs(sum(kinds.values()) - r["ops_s"]) < 1e-6 * max(r["ops_s"], 1.0)
+  assert r["top"] and r["top_grouped"][0]["s"] >= r["top_grouped"][-1]["s"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -68,7 +69,7 @@ def _counts(layout, top, prev, first):
   def count(tree):
     return [jnp.sum(x, axis=leaf.reduce_axes, dtype=jnp.int32)
             for x, leaf in zip(jax.tree.leaves(tree), layout)]
-  out = {"top": count(top), "size": [jnp.int32(leaf.slice_size) for leaf in layout]}
+  out = {"top": count(top)}
   for name, other in (("prev", prev), ("first", first)):
     if other is not None:
       out[f"and_{name}"] = count(jax.tree.map(jnp.logical_and, top, other))
@@ -98,17 +99,18 @@ class ImportanceDrift:
     if self._counts is None:
       self._layout = leaf_layout(self._options, top)
       self._counts = jax.jit(functools.partial(_counts, self._layout))
+      self._entries = sum(math.prod(leaf.shape) for leaf in self._layout)
     c = jax.device_get(self._counts(top, self.prev, self.first))
     total = lambda counts: sum(int(np.sum(n)) for n in counts)  # pylint: disable=unnecessary-lambda-assignment
-    rec = {"step": int(step), "top_fraction": total(c["top"]) / sum(
-        int(s) * (1 if leaf.axis is None else leaf.shape[leaf.axis])
-        for s, leaf in zip(c["size"], self._layout)), "per_layer": {}}
-    for name, n, s, leaf in zip(sorted(top), c["top"], c["size"], self._layout):
+    rec = {"step": int(step), "top_fraction": total(c["top"]) / max(self._entries, 1),
+           "per_layer": {}}
+    for name, n, leaf in zip(sorted(top), c["top"], self._layout):
+      size = max(leaf.slice_size, 1)
       if leaf.axis is None:  # sorted: the order of jax.tree.leaves on a dict
-        rec["per_layer"][name] = int(n) / max(int(s), 1)
+        rec["per_layer"][name] = int(n) / size
       else:  # a stacked leaf: one entry per layer, named as unscanned
         for l, nl in enumerate(np.asarray(n).tolist()):
-          rec["per_layer"][model_setup.layer_name(f"{name}[{l}]")] = nl / max(int(s), 1)
+          rec["per_layer"][model_setup.layer_name(f"{name}[{l}]")] = nl / size
     for name in ("prev", "first"):
       if f"and_{name}" in c:
         union = total(c[f"or_{name}"])

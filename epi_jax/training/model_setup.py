@@ -1,6 +1,6 @@
 """The model as training and evaluation see it: built or loaded from ``config.model``
-as a flat dict of params (``build``, ``load_for_eval``) plus a way back to a Llama
-(``ModelSpec.bind``).
+as a flat dict of params (``build``; ``spec_and_tokenizer`` without the weights)
+plus a way back to a Llama (``ModelSpec.bind``).
 
 Params are kept as ``{'layers/0/attn/q/kernel': array, ...}`` (paths joined
 with '/'), which is what EPI's ``eligible`` predicates, the per-layer
@@ -121,11 +121,6 @@ def build(mc, seed: int, mesh=None):
   # remat and the attention kernel do not change the params: set them on the spec.
   cfg = dataclasses.replace(cfg, remat=mc.remat, attention=mc.attention)
   return spec_for(cfg), flat_params(model), tokenizer
-
-
-def load_for_eval(mc):
-  """``(spec, params, tokenizer)`` on the default device (pretrained: its weights)."""
-  return build(mc, seed=0, mesh=None)
 
 
 def spec_and_tokenizer(mc):

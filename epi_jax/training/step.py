@@ -25,7 +25,6 @@ from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.training import model_setup, optim, sharding
 
 
-
 def loss_sums(spec, params, batch, packed: bool = True):
   """``(sum of CE over masked tokens, (per-task CE sums, per-task token counts))``.
 
