@@ -39,22 +39,27 @@ def test_bench_opt_refresh_bytes_tiny(tmp_path):
   assert "| n params | variant |" in proc.stdout
 
 
-def test_peer_torch_smoke(tmp_path):
-  """benchmarks/peer_torch.py runs the peer and our two steps, each in its own process."""
-  out = tmp_path / "peer.json"
+def _smoke(script: str, tmp_path, timeout: int):
+  """Runs ``benchmarks/<script> --smoke`` on one CPU device: (its stdout, its --out JSON)."""
+  out = tmp_path / "out.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peer_torch.py"), "--smoke",
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke",
                          "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
-                        timeout=900)
+                        timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads(out.read_text())
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_peer_torch_smoke(tmp_path):
+  """benchmarks/peer_torch.py runs the peer and our two steps, each in its own process."""
+  stdout, res = _smoke("peer_torch.py", tmp_path, timeout=900)
   assert set(res["rows"]) == {"torch", "full", "epi"}
   for row in res["rows"].values():
     assert row["step_s"] > 0 and row["gflops"] > 0
     # Random init, same token ids: both frameworks start near ln(vocab).
     assert abs(row["first_loss"] - np.log(272)) < 0.5, row
-  assert "peer/ours" in proc.stdout
+  assert "peer/ours" in stdout
 
 
 def test_train_flops_per_token_of_smollm2():
@@ -66,14 +71,9 @@ def test_train_flops_per_token_of_smollm2():
 
 def test_profile_step_smoke(tmp_path):
   """benchmarks/profile_step.py traces the trainer's step and attributes its ops' time."""
-  out = tmp_path / "profile.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--smoke",
-                         "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  r = json.loads(out.read_text())["results"]["full"]
+  stdout, res = _smoke("profile_step.py", tmp_path, timeout=600)
+  assert "phase/kind" in stdout
+  r = res["results"]["full"]
   assert r["num_ops"] > 50 and r["ops_s"] > 0 and r["wall_step_s"] > 0
   kinds = r["by_phase_kind"]
   # The model's matmuls run forward and backward; AdamW runs outside the gradient.
