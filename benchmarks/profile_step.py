@@ -42,6 +42,7 @@ import peer_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 SMOKE = dict(model="tiny", batch=2, seq=32, steps=2, top=10)
 _SKIP = {"parameter", "constant", "broadcast", "bitcast", "reshape", "get-tuple-element",
          "tuple", "iota", "convert"}
+_MOVES = {"copy", "transpose", "concatenate", "dynamic-update-slice", "slice"}
 
 
 def _split_instruction(line: str):
@@ -102,9 +103,7 @@ def classify(op: dict, vocab: int) -> tuple[str, str]:
     kind = "scatter"
   elif "reduce" in ops or "reduce-window" in ops:
     kind = "reduce"
-  elif ops & {"copy", "transpose", "concatenate", "dynamic-update-slice", "slice"} and \
-      len(ops - {"copy", "transpose", "concatenate", "dynamic-update-slice", "slice",
-                 "fusion"}) == 0:
+  elif ops & _MOVES and not ops - _MOVES - {"fusion"}:
     kind = "copy"
   else:
     kind = "elementwise"
@@ -123,7 +122,9 @@ def profile(args, method: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   step, state, batch = peer_torch.build_ours(args, method)
   compiled = step.lower(state, batch).compile()
-  ops = parse_hlo(compiled.as_text())
+  text = compiled.as_text()
+  module = re.match(r"HloModule\s+([\w.\-]+)", text).group(1)  # the step's, no other jit's
+  ops = parse_hlo(text)
   vocab = peer_torch._model_config(args.model).vocab_size  # pylint: disable=protected-access
   for _ in range(2):  # warm: the first call allocates
     state, m = compiled(state, batch)
@@ -139,7 +140,7 @@ def profile(args, method: str) -> dict:
   per_op = collections.Counter()
   for e in events:
     a = e.get("args") or {}
-    if e.get("ph") == "X" and a.get("hlo_op") and a.get("hlo_module", "").startswith("jit_"):
+    if e.get("ph") == "X" and a.get("hlo_op") and a.get("hlo_module") == module:
       per_op[a["hlo_op"]] += e.get("dur", 0.0) / 1e6 / args.steps
   table = collections.Counter()
   rows = []

@@ -80,8 +80,8 @@ def reference_losses(config, batch):
 
 
 # SmolLM2's shapes with the blocks scanned (the layout of `make demo`): its
-# unscanned EPI step alone compiles for minutes here, and test_scan_layers
-# checks that both layouts train alike.
+# unscanned EPI step alone took 94 s to compile at 2 x 128 (BENCHMARKS.md),
+# and test_scan_layers checks that both layouts train alike.
 @pytest.mark.parametrize("model, batch, seq, scan", [
     ("tiny", 2, 32, False),
     pytest.param("smollm2-135m", 1, 32, True, marks=pytest.mark.slow),
