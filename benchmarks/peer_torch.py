@@ -13,6 +13,13 @@ faster), and the achieved GFLOP/s (model FLOPs per token x tokens/s).
   python benchmarks/peer_torch.py --batch 2 --seq 128
   python benchmarks/peer_torch.py --smoke               # tiny sizes (the suite runs it)
   python benchmarks/peer_torch.py --scan_layers         # ours with the blocks scanned
+  python benchmarks/peer_torch.py --interleaved         # our full and EPI steps, one process
+
+``--interleaved`` builds our full and EPI steps in one process and runs them
+alternately (``--steps`` each after their first), so the EPI / full step ratio
+is free of the drift between processes that the separate runs see. The first
+steps (compile included) are not comparable with the separate runs' (the
+second compile shares the process with the first step's buffers).
 
 Timings on a shared machine are noise: run it with nothing else running.
 """
@@ -116,6 +123,39 @@ def worker_ours(args, method: str) -> dict:
   return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "losses": losses}
 
 
+def interleaved(args) -> dict:
+  """Our full and EPI steps in one process, run alternately; medians."""
+  import jax  # pylint: disable=g-import-not-at-top
+  built, first = {}, {}
+  for method in ("full", "epi"):
+    t0 = time.perf_counter()
+    step, state, batch = build_ours(args, method)
+    state, m = step(state, batch)
+    jax.block_until_ready(m["loss"])
+    first[method] = time.perf_counter() - t0
+    built[method] = [step, state, batch]
+  times = {m: [] for m in built}
+  for r in range(args.steps):
+    for method in (("full", "epi") if r % 2 == 0 else ("epi", "full")):  # neither always first
+      step, state, batch = built[method]
+      t0 = time.perf_counter()
+      state, m = step(state, batch)
+      jax.block_until_ready(m["loss"])
+      times[method].append(time.perf_counter() - t0)
+      built[method][1] = state
+  rows = {m: {"step_s": statistics.median(t), "steps_s": t, "build_and_first_step_s": first[m]}
+          for m, t in times.items()}
+  ratio = rows["epi"]["step_s"] / rows["full"]["step_s"]
+  print(f"{args.model}{' (scan_layers)' if args.scan_layers else ''}  {args.batch} x "
+        f"{args.seq} fp32, one process, {args.steps} steps each, alternated (median)")
+  for m, row in rows.items():
+    print(f"{m:6s} {row['step_s']:8.3f} s/step   build + first step {first[m]:7.1f} s")
+  print(f"epi/full step {ratio:.4f}")
+  return {"model": args.model, "batch": args.batch, "seq": args.seq,
+          "scan_layers": args.scan_layers, "interleaved": True, "rows": rows,
+          "epi_over_full": ratio}
+
+
 def _run_worker(what: str, args) -> dict:
   cmd = [sys.executable, __file__, "--worker", what, "--model", args.model,
          "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
@@ -138,6 +178,8 @@ def main(argv=None) -> dict:
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--scan_layers", action="store_true",
                  help="our model with its blocks stacked and run by lax.scan")
+  p.add_argument("--interleaved", action="store_true",
+                 help="our full and EPI steps alternated in one process (no peer)")
   p.add_argument("--smoke", action="store_true", help="tiny sizes; checks it runs")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   p.add_argument("--worker", choices=("torch", "full", "epi"), help=argparse.SUPPRESS)
@@ -149,6 +191,12 @@ def main(argv=None) -> dict:
     r = worker_torch(args) if args.worker == "torch" else worker_ours(args, args.worker)
     print("RESULT " + json.dumps(r), flush=True)
     return r
+  if args.interleaved:
+    result = interleaved(args)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
 
   runs = {w: [] for w in ("torch", "full", "epi")}
   for _ in range(args.rounds):

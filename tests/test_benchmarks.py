@@ -39,14 +39,14 @@ def test_bench_opt_refresh_bytes_tiny(tmp_path):
   assert "| n params | variant |" in proc.stdout
 
 
-def _smoke(script: str, tmp_path, timeout: int):
+def _smoke(script: str, tmp_path, timeout: int, *flags: str):
   """Runs ``benchmarks/<script> --smoke`` on one CPU device: (its stdout, its --out JSON)."""
   out = tmp_path / "out.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke",
-                         "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout)
+                         "--out", str(out), *flags], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout, json.loads(out.read_text())
 
@@ -60,6 +60,17 @@ def test_peer_torch_smoke(tmp_path):
     # Random init, same token ids: both frameworks start near ln(vocab).
     assert abs(row["first_loss"] - np.log(272)) < 0.5, row
   assert "peer/ours" in stdout
+
+
+def test_peer_torch_interleaved_smoke(tmp_path):
+  """``--interleaved``: our full and EPI steps alternated in one process."""
+  stdout, res = _smoke("peer_torch.py", tmp_path, 600, "--interleaved")
+  assert set(res["rows"]) == {"full", "epi"}
+  for row in res["rows"].values():
+    assert len(row["steps_s"]) == 3 and row["step_s"] > 0
+  assert res["epi_over_full"] == pytest.approx(res["rows"]["epi"]["step_s"]
+                                                / res["rows"]["full"]["step_s"])
+  assert "epi/full step" in stdout
 
 
 def test_train_flops_per_token_of_smollm2():

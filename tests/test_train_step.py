@@ -14,8 +14,9 @@ import numpy as np
 import optax
 import pytest
 
+from epi_jax.method import unpacked_mask
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import model_setup, sharding, trainer
+from epi_jax.training import model_setup, optim, sharding, trainer
 from epi_jax.training import step as step_lib
 
 STEPS = 3
@@ -95,3 +96,28 @@ def test_trainer_step_equals_reference_and_epi_equals_full(model, batch, seq, sc
   np.testing.assert_allclose(full, ref, rtol=1e-5)
   np.testing.assert_allclose(epi, full, rtol=1e-5)
   assert full[-1] < full[0]  # the steps train
+
+
+def test_trainable_grad_norm_is_over_the_entries_the_update_trained():
+  """At a refresh step the new mask already applies: ``trainable_grad_norm`` is
+  the gradient norm over the entries left out of it (the ones this update moved)."""
+  c = cfg_lib.default_config()
+  c.method, c.model.name, c.model.init = "epi", "tiny", "random"
+  c.data.batch_size, c.data.seq_len, c.mesh.data = 2, 32, 1
+  c.epi.update_interval, c.epi.warmup_steps, c.epi.isolation_ratio = 1, 1, 0.5
+  config = cfg_lib.validate(c)
+  mesh = sharding.make_mesh(config.mesh)
+  spec, params, _ = model_setup.build(config.model, config.seed, mesh)
+  ts = trainer.setup(config, mesh, spec)
+  data = _batch(spec.config.vocab_size, 2, 32)
+  gb = jax.device_put({k: jnp.asarray(v) for k, v in data.items()}, sharding.batch_sharding(mesh))
+  denom = jnp.sum(gb["loss_mask"].astype(jnp.float32))
+  grads = jax.block_until_ready(
+      jax.grad(lambda p: step_lib.loss_sums(spec, p, gb)[0] / denom)(params))
+  step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
+  state, m = step(ts.init_state(params), gb)  # the first step refreshes
+  assert float(m["isolated_fraction"]) > 0.4
+  trained = jax.tree.map(jnp.logical_not, unpacked_mask(state["opt_state"]))
+  expected = float(optim.trainable_norm(grads, trained))
+  assert expected < 0.9 * float(m["grad_norm"])
+  np.testing.assert_allclose(float(m["trainable_grad_norm"]), expected, rtol=1e-5)

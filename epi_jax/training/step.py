@@ -89,8 +89,9 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
   finite: loss, gradients and new params all finite; with
   ``optimizer.skip_nonfinite`` only the new params, and ``skipped_steps`` counts
   the updates skipped so far), and for EPI methods the EPI state's statistics
-  and ``trainable_grad_norm`` (the norm of the gradients of the entries not
-  isolated before this step, what ``clip_scope='trainable'`` clips by).
+  and ``trainable_grad_norm`` (the norm of the gradients of the entries this
+  step's update trained, not isolated after it: what ``clip_scope='trainable'``
+  clips by, except at a refresh step, where the clip uses the previous mask).
   """
   skip = bool(config.optimizer.skip_nonfinite)
   accum = int(config.optimizer.grad_accum_steps)
@@ -134,12 +135,14 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
     grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
     grad_norm = optax.tree.norm(grads)
     extra = {}
-    if use_epi:
-      trainable = jax.tree.map(jnp.logical_not, unpacked_mask(state["opt_state"]))
-      trainable_grad_norm = optim.trainable_norm(grads, trainable)
-      if clip_trainable:
-        extra["trainable"] = trainable
+    if clip_trainable:  # the mask in force before this step
+      extra["trainable"] = jax.tree.map(jnp.logical_not, unpacked_mask(state["opt_state"]))
     updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
+    if use_epi:
+      # Read from the new mask: a read of the old one beside the update that
+      # overwrites it in place would cost XLA a copy of every mask leaf per step.
+      trainable_grad_norm = optim.trainable_norm(
+          grads, jax.tree.map(jnp.logical_not, unpacked_mask(opt_state)))
     new_params = optax.apply_updates(params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
     new_state = {"step": state["step"] + 1, "params": new_params,
