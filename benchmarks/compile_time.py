@@ -77,12 +77,13 @@ def _patched(obj, name, value):
     setattr(obj, name, old)
 
 
-def _no_search(options, layout, scores):
+def _no_search(options, layout, groups, scores):
   """``_cuts`` without normalization and search: constant scales and thresholds."""
-  del options, scores
-  scales = [jnp.ones(() if l.axis is None else (1,) * len(l.shape), jnp.float32) for l in layout]
-  thrs = [jnp.full(s.shape, selection.NEVER, jnp.int32) for s in scales]
-  return scales, thrs, jnp.float32(0.0)
+  del options, layout, scores
+  slices = [(g.leaf.shape[g.leaf.axis],) for g in groups]
+  return (isolation.Cuts([jnp.ones(n, jnp.float32) for n in slices],
+                         [jnp.full(n, selection.NEVER, jnp.int32) for n in slices]),
+          [jnp.zeros(g.leaf.shape, jnp.bool_) for g in groups], jnp.float32(0.0))
 
 
 def _no_stats(options, layout, mask, old_mask, first_mask, old, threshold):

@@ -22,7 +22,7 @@ from epi_jax.training import step as step_lib
 STEPS = 3
 
 
-def _config(model: str, method: str, batch: int, seq: int, scan: bool = False):
+def _config(model: str, method: str, batch: int, seq: int, scan: bool = False, **epi):
   c = cfg_lib.default_config()
   c.method, c.model.name, c.model.init = method, model, "random"
   c.model.scan_layers = scan
@@ -31,6 +31,7 @@ def _config(model: str, method: str, batch: int, seq: int, scan: bool = False):
   c.total_steps, c.optimizer.warmup_steps = 100, 1
   c.optimizer.learning_rate = 1e-3
   c.epi.update_interval = 100  # no refresh within STEPS: nothing isolated yet
+  c.epi.update(epi)
   return cfg_lib.validate(c)
 
 
@@ -101,11 +102,7 @@ def test_trainer_step_equals_reference_and_epi_equals_full(model, batch, seq, sc
 def test_trainable_grad_norm_is_over_the_entries_the_update_trained():
   """At a refresh step the new mask already applies: ``trainable_grad_norm`` is
   the gradient norm over the entries left out of it (the ones this update moved)."""
-  c = cfg_lib.default_config()
-  c.method, c.model.name, c.model.init = "epi", "tiny", "random"
-  c.data.batch_size, c.data.seq_len, c.mesh.data = 2, 32, 1
-  c.epi.update_interval, c.epi.warmup_steps, c.epi.isolation_ratio = 1, 1, 0.5
-  config = cfg_lib.validate(c)
+  config = _config("tiny", "epi", 2, 32, update_interval=1, warmup_steps=1, isolation_ratio=0.5)
   mesh = sharding.make_mesh(config.mesh)
   spec, params, _ = model_setup.build(config.model, config.seed, mesh)
   ts = trainer.setup(config, mesh, spec)

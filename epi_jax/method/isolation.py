@@ -112,12 +112,14 @@ def _all_finite(tree) -> jax.Array:
   takes the gradient norm (clipping, logging) has it already, and XLA computes
   it once for both. A finite sum means finite entries; only a sum that is not
   (an inf or NaN entry, or squares that overflow) has the entries themselves
-  checked, in a ``lax.cond``: ``sum(x - x)`` per leaf is NaN exactly when some
-  entry is inf or NaN (XLA does not fold ``x - x`` for floats).
+  checked, in a ``lax.cond``: ``sum(x - x)`` is NaN exactly when some entry is
+  inf or NaN (XLA does not fold ``x - x`` for floats), taken over the leaves
+  stacked by shape (``grouping.stack_alike``).
   """
   def entries_finite(tree):
     total = jnp.float32(0.0)
-    for x in jax.tree.leaves(tree):
+    # Leaves of one shape stacked: a sum per shape, not per leaf, to compile.
+    for x in grouping.stack_alike(jax.tree.leaves(tree))[0]:
       d = x - x
       if jnp.iscomplexobj(d):
         d = jnp.real(d) + jnp.imag(d)
@@ -203,47 +205,80 @@ def _bits(leaf: Leaf, score, scale) -> jax.Array:
   return bits if elig is True else jnp.where(elig, bits, -1)
 
 
-def _cuts(options: EPIOptions, layout: list[Leaf], scores: list[jax.Array]):
-  """Per-leaf scales and bit thresholds of a refresh, and the global threshold.
+class Cuts(NamedTuple):
+  """What a refresh decides, per group of stacked leaves (``grouping``): for
+  every slice of the group its normalization factor and its bit threshold.
 
-  Only these small arrays (a scalar, or one value per slice) leave the
-  refresh: the masks are rebuilt from them elementwise (``_top_masks``).
+  Only these small vectors leave the refresh: the masks are rebuilt from them
+  elementwise, leaf by leaf (``_leaf_cuts``, ``_top_masks``).
+  """
+  scales: list[jax.Array]  # float32 [slices of the group]
+  thrs: list[jax.Array]    # int32 [slices of the group]
+
+
+def _groups(layout: list[Leaf], scores: list[jax.Array]) -> list[grouping.Group]:
+  """The leaves with an eligible slice, grouped by slice shape (``grouping``)."""
+  return grouping.make_groups(layout, {i: scores[i] for i, leaf in enumerate(layout)
+                                       if leaf.any_eligible})
+
+
+def _stacks(groups, layout: list[Leaf], leaves: list[jax.Array], bools: bool = False
+            ) -> list[jax.Array]:
+  """Per group, its members of ``leaves`` stacked along the group's layer axis
+  (with ``bools``: stored masks, unpacked)."""
+  as_is = lambda x, shape: x  # pylint: disable=unnecessary-lambda-assignment
+  read = _as_bool if bools else as_is
+  return [grouping.stack(g, layout, {i: read(leaves[i], layout[i].shape) for i in g.members})
+          for g in groups]
+
+
+def _cuts(options: EPIOptions, layout: list[Leaf], groups, scores: list[jax.Array]):
+  """A refresh's cuts, the top-k masks stacked per group, and the global threshold.
+
+  Each leaf (or slice) is normalized by its own reduction, as if alone, so
+  the masks do not depend on how leaves are grouped; from the normalized bits
+  on, everything runs on one array per group (a few for a whole model), not
+  per leaf: XLA's compile time grows with the number of ops in the graph.
+  The search counts exactly.
   """
   scales = [_scale(options.normalization, leaf, s) for leaf, s in zip(layout, scores)]
+  bits = _stacks(groups, layout, [_bits(leaf, s, d) if leaf.any_eligible else None
+                                  for leaf, s, d in zip(layout, scores, scales)])
   never = jnp.int32(selection.NEVER)  # above every score's bits
-  live = [i for i, leaf in enumerate(layout) if leaf.any_eligible]
-  bits = {i: _bits(layout[i], scores[i], scales[i]) for i in live}
-  thrs = [leaf.broadcast(jnp.full((leaf.shape[leaf.axis],) if leaf.axis is not None else (),
-                                  never)) for leaf in layout]
-  # The search runs on leaves stacked by slice shape: one count per group per pass.
-  groups = grouping.make_groups(layout, bits)
-  stacked = [grouping.stack(g, layout, bits) for g in groups]
+  slices = [(g.leaf.shape[g.leaf.axis],) for g in groups]
   if options.selection == "global":
     n = sum(leaf.num_eligible for leaf in layout)
     k = selection.topk_count(options.isolation_ratio, n)
-    thr = selection.kth_largest_bits(stacked, k, 1)
-    for i in live:
-      thrs[i] = jnp.full(thrs[i].shape, thr, jnp.int32)
+    thr = selection.kth_largest_bits(bits, k, 1)
+    thrs = [jnp.full(shape, thr, jnp.int32) for shape in slices]
   else:  # per-layer top-p: one search per slice, all in one loop
     ks = []
-    for g in groups:
+    for g, shape in zip(groups, slices):
       k = selection.topk_count(options.isolation_ratio, g.leaf.slice_size)
-      shape = (g.leaf.shape[g.leaf.axis],)
       ks.append(selection._Count(jnp.broadcast_to(k.hi, shape), jnp.broadcast_to(k.lo, shape)))
-    found = selection.kth_largest_bits_per_slice(stacked, [g.leaf.axis for g in groups], ks)
-    for g, per_slice in zip(groups, found):
-      for i, t in zip(g.members, grouping.split(g, layout, per_slice)):
-        leaf = layout[i]
-        if not all(leaf.eligible):
-          t = jnp.where(jnp.asarray(leaf.eligible), t, never)
-        thrs[i] = leaf.broadcast(t)
+    found = selection.kth_largest_bits_per_slice(bits, [g.leaf.axis for g in groups], ks)
+    thrs = [t if all(g.leaf.eligible) else jnp.where(jnp.asarray(g.leaf.eligible), t, never)
+            for g, t in zip(groups, found)]
     thr = jnp.int32(0)
+  top = [b >= g.leaf.broadcast(t) for g, b, t in zip(groups, bits, thrs)]
   threshold = jax.lax.bitcast_convert_type(jnp.maximum(thr, 0), jnp.float32)
-  return scales, thrs, threshold
+  per_slice = [jnp.concatenate([scales[i].reshape(-1) for i in g.members]) for g in groups]
+  return Cuts(per_slice, thrs), top, threshold
+
+
+def _leaf_cuts(layout: list[Leaf], groups, cuts: Cuts):
+  """Per leaf, the scale and the threshold of ``cuts`` shaped to broadcast
+  against it (ones and NEVER for a leaf with no eligible slice)."""
+  scales = [_scale("none", leaf, None) for leaf in layout]
+  thrs = [jnp.full(d.shape, selection.NEVER, jnp.int32) for d in scales]
+  for g, d, t in zip(groups, cuts.scales, cuts.thrs):
+    for i, di, ti in zip(g.members, grouping.split(g, layout, d), grouping.split(g, layout, t)):
+      scales[i], thrs[i] = layout[i].broadcast(di), layout[i].broadcast(ti)
+  return scales, thrs
 
 
 def _top_masks(layout: list[Leaf], scores, scales, thrs) -> list[jax.Array]:
-  """Bool top-k masks, elementwise from the cuts of ``_cuts``."""
+  """Bool top-k masks, elementwise from the cuts of ``_leaf_cuts``."""
   return [_bits(leaf, s, d) >= t if leaf.any_eligible else jnp.zeros(leaf.shape, jnp.bool_)
           for leaf, s, d, t in zip(layout, scores, scales, thrs)]
 
@@ -253,8 +288,9 @@ def select_mask(importance, options: EPIOptions, params=None) -> tuple[Any, jax.
   threshold): the top-k of the normalized scores. For benchmarks and analysis."""
   layout = leaf_layout(options, importance)
   scores = _scores(layout, _ranked(options, importance, params))
-  scales, thrs, threshold = _cuts(options, layout, scores)
-  masks = _top_masks(layout, scores, scales, thrs)
+  groups = _groups(layout, scores)
+  cuts, _, threshold = _cuts(options, layout, groups, scores)
+  masks = _top_masks(layout, scores, *_leaf_cuts(layout, groups, cuts))
   return jax.tree.unflatten(jax.tree.structure(importance), masks), threshold
 
 
@@ -271,19 +307,20 @@ def _store(options: EPIOptions, mask: jax.Array) -> jax.Array:
   return compact.pack(mask) if options.packed_mask else mask
 
 
-def _with_hysteresis(options: EPIOptions, top: list, old_mask: list, old_streak):
-  """Stored masks of a refresh from its top-k masks, and the new out-streaks.
+def _with_hysteresis(release_after: int, top: list, old_mask: list, old_streak):
+  """Bool masks of a refresh from its top-k masks, and the new out-streaks.
 
   With ``release_after = R > 1`` an isolated entry stays isolated until it has
-  been out of the top-k at R consecutive refreshes.
+  been out of the top-k at R consecutive refreshes. ``old_mask`` may be stored
+  (packed) masks.
   """
-  if options.release_after == 1:
-    return [_store(options, t) for t in top], old_streak
+  if release_after == 1:
+    return list(top), old_streak
   masks, streaks = [], []
   for t, old, streak in zip(top, old_mask, old_streak):
     old = _as_bool(old, t.shape)
     streak = jnp.where(t | ~old, jnp.uint8(0), jnp.minimum(streak, jnp.uint8(254)) + jnp.uint8(1))
-    masks.append(_store(options, t | (old & (streak < options.release_after))))
+    masks.append(t | (old & (streak < release_after)))
     streaks.append(streak)
   return masks, streaks
 
@@ -306,14 +343,11 @@ def _jaccard(a: list, b: list) -> jax.Array:
 
 def _refresh_stats(options: EPIOptions, layout, mask, old_mask, first_mask, old: RefreshStats,
                    threshold) -> RefreshStats:
+  """The statistics of a refresh, from its bool masks stacked per group (the
+  new, the previous and, when tracked, the first one)."""
   n_elig = selection.count_to_float(selection.count_from_int(
       sum(leaf.num_eligible for leaf in layout)))
   first = old.num_refreshes == 0
-  # Counted on stacks of equal-shape masks: one reduction per group, not per leaf.
-  if options.track_first_mask:
-    mask, old_mask, first_mask = grouping.stack_alike(mask, old_mask, first_mask)
-  else:
-    mask, old_mask = grouping.stack_alike(mask, old_mask)
   return RefreshStats(
       num_refreshes=old.num_refreshes + 1,
       isolated_fraction=(selection.count_to_float(_mask_count(mask))
@@ -388,33 +422,45 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
                            state.jaccard_prev, state.jaccard_first, state.threshold)
 
   # Only small arrays cross the cond: the refresh branch finds the cuts (and
-  # the statistics of the new mask); the mask itself is then rebuilt
-  # elementwise outside, fused with the update that it masks. Big arrays
-  # returned through a cond's branches cost copies on every step. The cuts of
-  # unstacked leaves cross as two vectors (an entry per leaf), not two arrays
-  # per leaf; a stacked leaf's stay its own (sharded along its layer axis).
+  # the statistics of the new mask) on the leaves stacked per group, so its
+  # graph holds a few ops per group, not per leaf; the mask itself is then
+  # rebuilt elementwise outside, leaf by leaf, fused with the update that it
+  # masks. Big arrays returned through a cond's branches cost copies on every
+  # step.
+  scores = _scores(layout, ranked)
+  groups = _groups(layout, scores)
+
   def refresh(ranked):
-    scores = _scores(layout, ranked)
-    scales, thrs, threshold = _cuts(options, layout, scores)
-    mask, _ = _with_hysteresis(options, _top_masks(layout, scores, scales, thrs),
-                               old_mask, old_streak)
+    cuts, top, threshold = _cuts(options, layout, groups, _scores(layout, ranked))
+    # The statistics count stored masks stacked per group: packed masks stay
+    # packed (a group's stack packs along its members' last axis, unless that
+    # is the axis they are stacked on).
+    packs = [options.packed_mask and g.leaf.axis != len(g.leaf.shape) - 1 for g in groups]
+
+    def stored(masks):
+      return [s if p else b for s, b, p in zip(_stacks(groups, layout, masks),
+                                                _stacks(groups, layout, masks, bools=True),
+                                                packs)]
+    old = stored(old_mask)
+    mask, _ = _with_hysteresis(options.release_after, top, old,
+                               _stacks(groups, layout, old_streak) if old_streak else ())
+    mask = [compact.pack(m) if p else m for m, p in zip(mask, packs)]
     first = None
     if options.track_first_mask:
-      first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, old_first)]
-    return _join(layout, scales), _join(layout, thrs), _refresh_stats(
-        options, layout, mask, old_mask, first, old_stats, threshold)
+      first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, stored(old_first))]
+    return cuts, _refresh_stats(options, layout, mask, old, first, old_stats, threshold)
 
   def keep(ranked):
     del ranked
-    ones = [jnp.ones(_scale("none", leaf, None).shape, jnp.float32) for leaf in layout]
-    return _join(layout, ones), _join(layout, [jnp.full(o.shape, selection.NEVER, jnp.int32)
-                                               for o in ones]), old_stats
+    slices = [(g.leaf.shape[g.leaf.axis],) for g in groups]
+    return Cuts([jnp.ones(n, jnp.float32) for n in slices],
+                [jnp.full(n, selection.NEVER, jnp.int32) for n in slices]), old_stats
 
-  scales, thrs, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
-  scales, thrs = _split(layout, scales), _split(layout, thrs)
-  new, streak = _with_hysteresis(options, _top_masks(layout, _scores(layout, ranked), scales,
-                                                     thrs),
-                                 old_mask, old_streak)
+  cuts, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
+  new, streak = _with_hysteresis(
+      options.release_after, _top_masks(layout, scores, *_leaf_cuts(layout, groups, cuts)),
+      old_mask, old_streak)
+  new = [_store(options, m) for m in new]
   pick = lambda n, o: jnp.where(do_refresh, n, o)  # pylint: disable=unnecessary-lambda-assignment
   mask = [pick(n, o) for n, o in zip(new, old_mask)]
   first_mask = state.first_mask
@@ -426,27 +472,6 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     streak = jax.tree.unflatten(treedef, [pick(n, o) for n, o in zip(streak, old_streak)])
   return new_state._replace(mask=jax.tree.unflatten(treedef, mask), first_mask=first_mask,
                             out_streak=streak, **stats._asdict())
-
-
-def _join(layout: list[Leaf], values: list[jax.Array]):
-  """Per-leaf cuts as ``(vector of the unstacked leaves' scalars, [stacked leaves' arrays])``."""
-  flat = [v for leaf, v in zip(layout, values) if leaf.axis is None]
-  return (jnp.stack(flat) if flat else jnp.zeros((0,), values[0].dtype),
-          [v for leaf, v in zip(layout, values) if leaf.axis is not None])
-
-
-def _split(layout: list[Leaf], joined) -> list[jax.Array]:
-  """The inverse of ``_join``."""
-  flat, stacked = joined
-  out, i, j = [], 0, 0
-  for leaf in layout:
-    if leaf.axis is None:
-      out.append(flat[i])
-      i += 1
-    else:
-      out.append(stacked[j])
-      j += 1
-  return out
 
 
 def _apply_mask(updates, mask):
