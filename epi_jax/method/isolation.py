@@ -466,8 +466,10 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
   first_mask = state.first_mask
   if options.track_first_mask:
     is_first = do_refresh & (state.num_refreshes == 0)
-    first_mask = jax.tree.unflatten(treedef, [jnp.where(is_first, n, o)
-                                              for n, o in zip(new, old_first)])
+    # From the mask just stored (equal to ``new`` when ``is_first``): a select
+    # of two masks, not a second rebuild of the new one from the importance.
+    first_mask = jax.tree.unflatten(treedef, [jnp.where(is_first, m, o)
+                                              for m, o in zip(mask, old_first)])
   if options.release_after > 1:
     streak = jax.tree.unflatten(treedef, [pick(n, o) for n, o in zip(streak, old_streak)])
   return new_state._replace(mask=jax.tree.unflatten(treedef, mask), first_mask=first_mask,
