@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from epi_jax.method import isolation, selection
+from epi_jax.method import isolation
 from epi_jax.model import get_config
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import model_setup
@@ -80,9 +80,7 @@ def _patched(obj, name, value):
 def _no_search(options, layout, groups, scores):
   """``_cuts`` without normalization and search: constant scales and thresholds."""
   del options, layout, scores
-  slices = [(g.leaf.shape[g.leaf.axis],) for g in groups]
-  return (isolation.Cuts([jnp.ones(n, jnp.float32) for n in slices],
-                         [jnp.full(n, selection.NEVER, jnp.int32) for n in slices]),
+  return (isolation._no_cuts(groups),  # pylint: disable=protected-access
           [jnp.zeros(g.leaf.shape, jnp.bool_) for g in groups], jnp.float32(0.0))
 
 

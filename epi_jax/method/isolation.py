@@ -222,14 +222,21 @@ def _groups(layout: list[Leaf], scores: list[jax.Array]) -> list[grouping.Group]
                                        if leaf.any_eligible})
 
 
-def _stacks(groups, layout: list[Leaf], leaves: list[jax.Array], bools: bool = False
+def _stacks(groups, layout: list[Leaf], leaves: list[jax.Array], unpack=None
             ) -> list[jax.Array]:
-  """Per group, its members of ``leaves`` stacked along the group's layer axis
-  (with ``bools``: stored masks, unpacked)."""
-  as_is = lambda x, shape: x  # pylint: disable=unnecessary-lambda-assignment
-  read = _as_bool if bools else as_is
-  return [grouping.stack(g, layout, {i: read(leaves[i], layout[i].shape) for i in g.members})
-          for g in groups]
+  """Per group, its members of ``leaves`` stacked along the group's layer axis;
+  ``unpack`` (a bool per group): stored masks read as bools in those groups."""
+  unpack = unpack or [False] * len(groups)
+  return [grouping.stack(g, layout, {i: _as_bool(leaves[i], layout[i].shape) if u
+                                     else leaves[i] for i in g.members})
+          for g, u in zip(groups, unpack)]
+
+
+def _no_cuts(groups) -> Cuts:
+  """The cuts of no refresh: scale 1, threshold NEVER, for every slice."""
+  slices = [(g.leaf.shape[g.leaf.axis],) for g in groups]
+  return Cuts([jnp.ones(n, jnp.float32) for n in slices],
+              [jnp.full(n, selection.NEVER, jnp.int32) for n in slices])
 
 
 def _cuts(options: EPIOptions, layout: list[Leaf], groups, scores: list[jax.Array]):
@@ -436,25 +443,19 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
     # packed (a group's stack packs along its members' last axis, unless that
     # is the axis they are stacked on).
     packs = [options.packed_mask and g.leaf.axis != len(g.leaf.shape) - 1 for g in groups]
-
-    def stored(masks):
-      return [s if p else b for s, b, p in zip(_stacks(groups, layout, masks),
-                                                _stacks(groups, layout, masks, bools=True),
-                                                packs)]
-    old = stored(old_mask)
+    unpack = [not p for p in packs]  # bool masks stay bool; unpacked where they can't stack packed
+    old = _stacks(groups, layout, old_mask, unpack)
     mask, _ = _with_hysteresis(options.release_after, top, old,
                                _stacks(groups, layout, old_streak) if old_streak else ())
     mask = [compact.pack(m) if p else m for m, p in zip(mask, packs)]
     first = None
     if options.track_first_mask:
-      first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, stored(old_first))]
+      first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, _stacks(groups, layout, old_first, unpack))]
     return cuts, _refresh_stats(options, layout, mask, old, first, old_stats, threshold)
 
   def keep(ranked):
     del ranked
-    slices = [(g.leaf.shape[g.leaf.axis],) for g in groups]
-    return Cuts([jnp.ones(n, jnp.float32) for n in slices],
-                [jnp.full(n, selection.NEVER, jnp.int32) for n in slices]), old_stats
+    return _no_cuts(groups), old_stats
 
   cuts, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
   new, streak = _with_hysteresis(
