@@ -79,8 +79,8 @@ def _patched(obj, name, value):
 
 def _no_search(options, layout, groups, scores):
   """``_cuts`` without normalization and search: constant scales and thresholds."""
-  del options, layout, scores
-  return (isolation._no_cuts(groups),  # pylint: disable=protected-access
+  del options, scores
+  return (isolation._no_cuts(layout),  # pylint: disable=protected-access
           [jnp.zeros(g.leaf.shape, jnp.bool_) for g in groups], jnp.float32(0.0))
 
 

@@ -206,14 +206,18 @@ def _bits(leaf: Leaf, score, scale) -> jax.Array:
 
 
 class Cuts(NamedTuple):
-  """What a refresh decides, per group of stacked leaves (``grouping``): for
-  every slice of the group its normalization factor and its bit threshold.
+  """What a refresh decides, per leaf (None for a leaf with no eligible
+  slice): its normalization factor and its bit threshold, per slice for a
+  stacked leaf, shaped to broadcast against the leaf.
 
-  Only these small vectors leave the refresh: the masks are rebuilt from them
-  elementwise, leaf by leaf (``_leaf_cuts``, ``_top_masks``).
+  Only these small arrays leave the refresh: the masks are rebuilt from them
+  elementwise, leaf by leaf (``_top_masks``). Per leaf, not per group: a
+  group's vector sliced at each member's offset inside the per-leaf fusions
+  would make every leaf's fusion a kernel of its own (the offset is a
+  constant of the kernel), where leaves of one shape share one kernel.
   """
-  scales: list[jax.Array]  # float32 [slices of the group]
-  thrs: list[jax.Array]    # int32 [slices of the group]
+  scales: list[Optional[jax.Array]]  # float32 [] or [slices] broadcast
+  thrs: list[Optional[jax.Array]]    # int32, shaped like the scales
 
 
 def _groups(layout: list[Leaf], scores: list[jax.Array]) -> list[grouping.Group]:
@@ -232,11 +236,11 @@ def _stacks(groups, layout: list[Leaf], leaves: list[jax.Array], unpack=None
           for g, u in zip(groups, unpack)]
 
 
-def _no_cuts(groups) -> Cuts:
+def _no_cuts(layout: list[Leaf]) -> Cuts:
   """The cuts of no refresh: scale 1, threshold NEVER, for every slice."""
-  slices = [(g.leaf.shape[g.leaf.axis],) for g in groups]
-  return Cuts([jnp.ones(n, jnp.float32) for n in slices],
-              [jnp.full(n, selection.NEVER, jnp.int32) for n in slices])
+  ones = [_scale("none", leaf, None) if leaf.any_eligible else None for leaf in layout]
+  return Cuts(ones, [None if d is None else jnp.full(d.shape, selection.NEVER, jnp.int32)
+                     for d in ones])
 
 
 def _cuts(options: EPIOptions, layout: list[Leaf], groups, scores: list[jax.Array]):
@@ -258,6 +262,9 @@ def _cuts(options: EPIOptions, layout: list[Leaf], groups, scores: list[jax.Arra
     k = selection.topk_count(options.isolation_ratio, n)
     thr = selection.kth_largest_bits(bits, k, 1)
     thrs = [jnp.full(shape, thr, jnp.int32) for shape in slices]
+    leaf_thrs = [leaf.broadcast(jnp.full((leaf.shape[leaf.axis],) if leaf.axis is not None
+                                         else (), thr, jnp.int32))
+                 if leaf.any_eligible else None for leaf in layout]
   else:  # per-layer top-p: one search per slice, all in one loop
     ks = []
     for g, shape in zip(groups, slices):
@@ -267,25 +274,18 @@ def _cuts(options: EPIOptions, layout: list[Leaf], groups, scores: list[jax.Arra
     thrs = [t if all(g.leaf.eligible) else jnp.where(jnp.asarray(g.leaf.eligible), t, never)
             for g, t in zip(groups, found)]
     thr = jnp.int32(0)
+    leaf_thrs = [None] * len(layout)
+    for g, t in zip(groups, thrs):  # tiny slices, once per refresh
+      for i, ti in zip(g.members, grouping.split(g, layout, t)):
+        leaf_thrs[i] = layout[i].broadcast(ti)
   top = [b >= g.leaf.broadcast(t) for g, b, t in zip(groups, bits, thrs)]
   threshold = jax.lax.bitcast_convert_type(jnp.maximum(thr, 0), jnp.float32)
-  per_slice = [jnp.concatenate([scales[i].reshape(-1) for i in g.members]) for g in groups]
-  return Cuts(per_slice, thrs), top, threshold
-
-
-def _leaf_cuts(layout: list[Leaf], groups, cuts: Cuts):
-  """Per leaf, the scale and the threshold of ``cuts`` shaped to broadcast
-  against it (ones and NEVER for a leaf with no eligible slice)."""
-  scales = [_scale("none", leaf, None) for leaf in layout]
-  thrs = [jnp.full(d.shape, selection.NEVER, jnp.int32) for d in scales]
-  for g, d, t in zip(groups, cuts.scales, cuts.thrs):
-    for i, di, ti in zip(g.members, grouping.split(g, layout, d), grouping.split(g, layout, t)):
-      scales[i], thrs[i] = layout[i].broadcast(di), layout[i].broadcast(ti)
-  return scales, thrs
+  scales = [d if leaf.any_eligible else None for leaf, d in zip(layout, scales)]
+  return Cuts(scales, leaf_thrs), top, threshold
 
 
 def _top_masks(layout: list[Leaf], scores, scales, thrs) -> list[jax.Array]:
-  """Bool top-k masks, elementwise from the cuts of ``_leaf_cuts``."""
+  """Bool top-k masks, elementwise from a refresh's per-leaf ``Cuts``."""
   return [_bits(leaf, s, d) >= t if leaf.any_eligible else jnp.zeros(leaf.shape, jnp.bool_)
           for leaf, s, d, t in zip(layout, scores, scales, thrs)]
 
@@ -297,7 +297,7 @@ def select_mask(importance, options: EPIOptions, params=None) -> tuple[Any, jax.
   scores = _scores(layout, _ranked(options, importance, params))
   groups = _groups(layout, scores)
   cuts, _, threshold = _cuts(options, layout, groups, scores)
-  masks = _top_masks(layout, scores, *_leaf_cuts(layout, groups, cuts))
+  masks = _top_masks(layout, scores, *cuts)
   return jax.tree.unflatten(jax.tree.structure(importance), masks), threshold
 
 
@@ -455,11 +455,11 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
 
   def keep(ranked):
     del ranked
-    return _no_cuts(groups), old_stats
+    return _no_cuts(layout), old_stats
 
   cuts, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
   new, streak = _with_hysteresis(
-      options.release_after, _top_masks(layout, scores, *_leaf_cuts(layout, groups, cuts)),
+      options.release_after, _top_masks(layout, scores, *cuts),
       old_mask, old_streak)
   new = [_store(options, m) for m in new]
   pick = lambda n, o: jnp.where(do_refresh, n, o)  # pylint: disable=unnecessary-lambda-assignment
