@@ -6,8 +6,9 @@ Its configs, features, descriptions and readers come from the task registry
 form (:func:`builder_config`). Built in the ``array_record`` file format, so
 neither building nor reading needs TensorFlow (read with
 ``builder.as_data_source``). The raw files come from the manual dir:
-``download_config.manual_dir`` when it exists, else ``$EPI_RAW_DATA_DIR``,
-else ``../shared/data`` beside the checkout. Records dropped by the documented
+``download_config.manual_dir`` when it exists and is not empty, else
+``$EPI_RAW_DATA_DIR``, else ``../shared/data`` beside the checkout; the chat
+config needs none (see :func:`usable_manual_dir`). Records dropped by the documented
 filters (see :mod:`epi_jax.data.sources`) are counted per reason in the
 dataset's metadata (``metadata.json``, key ``drops``).
 """
@@ -57,6 +58,23 @@ def resolve_raw_dir(raw_dir=None) -> pathlib.Path:
   return found
 
 
+def usable_manual_dir(dl_manager) -> pathlib.Path | None:
+  """The download config's manual dir if it exists and holds something, else None.
+
+  Never TFDS's ``dl_manager.manual_dir`` unguarded: it raises an AssertionError
+  (a traceback) for a missing or empty dir, and with no manual dir configured
+  it stands for ``DATA_DIR/downloads/manual``, which a fresh machine lacks. The
+  chat task needs no manual dir at all (ShareGPT comes from its package), and
+  the tasks with raw files name what is missing themselves
+  (:func:`resolve_raw_dir`, :func:`epi_jax.data.sources.raw_path`).
+  """
+  try:
+    manual = dl_manager.manual_dir
+  except AssertionError:  # missing or empty (TFDS's check), or no manual dir enabled
+    return None
+  return pathlib.Path(manual) if manual is not None and pathlib.Path(manual).is_dir() else None
+
+
 class EpiSft(tfds.core.GeneratorBasedBuilder):
   """Multi-task SFT conversations: one config per task."""
 
@@ -79,10 +97,11 @@ class EpiSft(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     spec = tasks_lib.get(self.builder_config.name)
-    manual = dl_manager.manual_dir
-    manual = manual if manual is not None and pathlib.Path(manual).is_dir() else None
+    manual = usable_manual_dir(dl_manager)
     # A task without raw files finds its data itself (chat: its PyPI package,
-    # unless the manual dir holds a copy).
+    # unless the manual dir holds a copy), so it builds without any manual dir.
+    # A task with raw files falls back to $EPI_RAW_DATA_DIR / ../shared/data;
+    # a missing dir or file is a FileNotFoundError naming it.
     raw_dir = resolve_raw_dir(manual) if spec.raw_files else manual
     splits, drops = spec.read(raw_dir)
     self.info.metadata["drops"] = {k: int(v) for k, v in sorted(drops.items())}

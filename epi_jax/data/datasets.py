@@ -29,11 +29,12 @@ DATASET_NAME = "epi_sft"
 
 
 def default_data_dir() -> pathlib.Path:
-  """Where the built datasets live: ``$EPI_DATA_DIR`` or ``~/.cache/epi_jax/tensorflow_datasets``."""
+  """Where the built datasets live: ``$EPI_DATA_DIR``, else ``tensorflow_datasets`` in the
+  cache home (``$EPI_JAX_CACHE`` or ``~/.cache/epi_jax``; :func:`epi_jax.utils.assets.cache_home`)."""
   env = os.environ.get("EPI_DATA_DIR")
   if env:
     return pathlib.Path(env)
-  return pathlib.Path(os.path.expanduser("~")) / ".cache" / "epi_jax" / "tensorflow_datasets"
+  return assets.cache_home() / "tensorflow_datasets"
 
 
 def get_builder(task: str, data_dir=None) -> EpiSft:

@@ -18,11 +18,18 @@ import tempfile
 import zipfile
 
 
+CACHE_ENV = "EPI_JAX_CACHE"
+
+
+def cache_home() -> pathlib.Path:
+  """The project's cache root, ``$EPI_JAX_CACHE`` or ``~/.cache/epi_jax`` (not created)."""
+  return pathlib.Path(os.environ.get(CACHE_ENV) or os.path.join(
+      os.path.expanduser("~"), ".cache", "epi_jax"))
+
+
 def cache_dir() -> pathlib.Path:
-  """The project's cache root: ``$EPI_JAX_CACHE`` or ``~/.cache/epi_jax``."""
-  root = os.environ.get("EPI_JAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "epi_jax")
-  path = pathlib.Path(root)
+  """:func:`cache_home`, created if missing."""
+  path = cache_home()
   path.mkdir(parents=True, exist_ok=True)
   return path
 
