@@ -106,7 +106,7 @@ def _keep_only(pred, true_fn, false_fn, *operands):
 CUTS = {
     "no_scale": lambda: _patched(isolation, "_scale", _scale_one),
     "no_refresh": lambda: _patched(isolation.jax.lax, "cond", _keep_only),
-    "no_finite": lambda: _patched(isolation, "_all_finite", lambda tree: jnp.bool_(True)),
+    "no_finite": lambda: _patched(isolation, "_scores_finite", lambda *_: jnp.bool_(True)),
     "no_search": lambda: _patched(isolation, "_cuts", _no_search),
     "no_stats": lambda: _patched(isolation, "_refresh_stats", _no_stats),
 }

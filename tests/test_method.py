@@ -67,13 +67,13 @@ def reference_masks(grads, params, *, p, T, beta, W=None, importance="grad_sq",
         norm.append(x if d is None else x * (np.float32(1) / (d + tiny)))
       if selection_ == "global":
         flat = np.concatenate([n.ravel() for n, e in zip(norm, elig) if e])
-        k = int(np.floor(p * flat.size))
+        k = int(np.floor(np.float32(p) * np.float32(flat.size)))
         thr = np.sort(flat)[::-1][k - 1] if k > 0 else np.inf
         mask = [(n >= thr) if e else np.zeros(n.shape, bool) for n, e in zip(norm, elig)]
       else:
         mask = []
         for n, e in zip(norm, elig):
-          k = int(np.floor(p * n.size))
+          k = int(np.floor(np.float32(p) * np.float32(n.size)))
           thr = np.sort(n.ravel())[::-1][k - 1] if (k > 0 and e) else np.inf
           mask.append(n >= thr if e else np.zeros(n.shape, bool))
       if release_after > 1:  # hysteresis: isolated entries leave after R misses in a row
@@ -136,7 +136,7 @@ def test_exact_isolated_count_and_stats():
   for p in (0.0, 0.013, 0.25, 1.0):
     tx = epi_jax.epi_transform(p, 2, 0.9)
     state, masks = run_tx(tx, grad_stream(2), params)
-    assert sum(int(m.sum()) for m in masks[-1]) == int(np.floor(p * n))
+    assert sum(int(m.sum()) for m in masks[-1]) == int(np.floor(np.float32(p) * np.float32(n)))
     s = epi_jax.epi_state(state)
     np.testing.assert_allclose(float(s.isolated_fraction), np.floor(p * n) / n, rtol=1e-6)
     assert int(s.num_refreshes) == 1 and int(s.count) == 2
@@ -511,7 +511,7 @@ def test_displacement_importance_is_cpi_ft_probe_mask():
   norm = [np.abs(a - b) * (np.float32(1) / (np.abs(a - b).mean() + tiny))
           for a, b in zip(at, theta0)]
   flat = np.concatenate([n.ravel() for n in norm])
-  k = int(np.floor(p * flat.size))
+  k = int(np.floor(np.float32(p) * np.float32(flat.size)))
   thr = np.sort(flat)[::-1][k - 1]
   want = [n >= thr for n in norm]
   got = [np.asarray(m) for m in jax.tree.leaves(epi_jax.unpacked_mask(state))]

@@ -96,6 +96,22 @@ def test_every_state_leaf_sharded_like_its_param(sharded_run):
     assert adam[0].nu[k].sharding.is_equivalent_to(p.sharding, p.ndim), k
 
 
+def test_explicit_mesh_equals_auto(sharded_run, tmp_path):
+  """mesh.axis_types='explicit' (jax.make_mesh's default kind): the same losses,
+  masks and params as the Auto mesh of the same shape, state sharded alike."""
+  config = small_config(data=2, fsdp=2, tensor=2)
+  config.mesh.axis_types = "explicit"
+  result = train(config, tmp_path)
+  assert losses(tmp_path) == losses(sharded_run.workdir)
+  got, ref = (epi_state(r.state["opt_state"]) for r in (result, sharded_run))
+  assert int(got.num_refreshes) == 3
+  for k, v in ref.mask.items():
+    np.testing.assert_array_equal(np.asarray(got.mask[k]), np.asarray(v), err_msg=k)
+    assert got.mask[k].sharding.is_equivalent_to(v.sharding, v.ndim), k
+  for k, v in sharded_run.params.items():
+    np.testing.assert_array_equal(np.asarray(result.params[k]), np.asarray(v), err_msg=k)
+
+
 def test_kill_and_resume_equals_uninterrupted(sharded_run, tmp_path):
   config = small_config(data=2, fsdp=2, tensor=2)
   first = train(config, tmp_path, stop_after=3)
@@ -146,6 +162,7 @@ def test_corrupt_latest_checkpoint_falls_back(sharded_run, tmp_path, capfd):
     ("data.mixture", {"nope": 1.0}, "data.mixture.nope"),
     ("epi.isolation_ratio", 1.5, "epi.isolation_ratio"),
     ("mesh.tensor", 0, "mesh.tensor"),
+    ("mesh.axis_types", "manual", "mesh.axis_types"),
     ("epi.importance_dtype", "float16", "epi.importance_dtype"),
     ("epi.release_after", 0, "epi.release_after"),
     ("checkpoint_every", -1, "checkpoint_every=-1: must be an int >= 1, or 0"),

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from epi_jax.method import selection
 from epi_jax.utils import files
 
 
@@ -110,13 +111,14 @@ def load_importance_drift(workdir) -> list[dict]:
 def top_set(scores, ratio: float):
   """The top-``ratio`` entries of ``scores`` (an array or a pytree, pooled), as bools.
 
-  ``k = floor(ratio * N)``; ties at the threshold are all kept. For analysis
+  ``k = floor(ratio * N)`` as EPI computes it (``selection.num_selected``); ties
+  at the threshold are all kept. For analysis
   of saved importance snapshots (the trainer selects on the device with
   EPI's own rule, ``epi_jax.training.importance_drift``).
   """
   leaves, treedef = jax.tree_util.tree_flatten(scores)
   flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
-  k = int(ratio * flat.size)
+  k = selection.num_selected(ratio, flat.size)
   thr = np.inf if k == 0 else np.partition(flat, flat.size - k)[flat.size - k]
   return jax.tree_util.tree_unflatten(treedef, [np.asarray(x) >= thr for x in leaves])
 

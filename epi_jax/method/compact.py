@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from epi_jax.method import selection
 
@@ -35,8 +36,39 @@ def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(shape[:-1]) + (-(-shape[-1] // BITS),)
 
 
+def _explicit_mesh():
+  """The context's abstract mesh when it has Explicit axes, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or not mesh.explicit_axes else mesh
+
+
+def _fit(spec, shape, mesh) -> P:
+  """``spec`` on the dimensions of ``shape`` that its mesh axes still divide."""
+  dims = list(spec) + [None] * (len(shape) - len(spec))
+  size = lambda a: math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+  return P(*[a if a is not None and d % size(a) == 0 else None for a, d in zip(dims, shape)])
+
+
+def _on_auto_axes(fn, x, out_shape, out_spec=None):
+  """``fn(x)``; under Explicit mesh axes, run with them Auto and the result
+  sharded as ``out_spec`` (default: ``x``'s spec where it divides
+  ``out_shape``). Packing reshapes the last axis, which Explicit sharding
+  types reject for a sharded axis; the bytes of a shard are its own either way.
+  """
+  mesh = _explicit_mesh()
+  if mesh is None:
+    return fn(x)
+  if out_spec is None:
+    out_spec = _fit(jax.typeof(x).sharding.spec, out_shape, mesh)
+  return jax.sharding.auto_axes(fn, out_sharding=out_spec)(x)
+
+
 def pack(mask: jax.Array) -> jax.Array:
   """Bool mask ``(..., n)`` -> uint8 ``(..., ceil(n/8))``, little-endian bits."""
+  return _on_auto_axes(_pack, mask, packed_shape(mask.shape))
+
+
+def _pack(mask: jax.Array) -> jax.Array:
   if mask.ndim == 0:
     mask = mask[None]
   n = mask.shape[-1]
@@ -49,8 +81,15 @@ def pack(mask: jax.Array) -> jax.Array:
   return jnp.sum(m * weights, axis=-1, dtype=jnp.uint8)
 
 
-def unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """uint8 ``(..., ceil(n/8))`` -> bool mask of ``shape`` (inverse of ``pack``)."""
+def unpack(packed: jax.Array, shape: tuple[int, ...], out_spec=None) -> jax.Array:
+  """uint8 ``(..., ceil(n/8))`` -> bool mask of ``shape`` (inverse of ``pack``).
+
+  ``out_spec``: under Explicit mesh axes, the result's PartitionSpec (default:
+  the packed mask's, where it divides ``shape``)."""
+  return _on_auto_axes(lambda p: _unpack(p, shape), packed, shape, out_spec)
+
+
+def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   shifts = jnp.arange(BITS, dtype=jnp.uint8)
   bits = jnp.right_shift(packed[..., None], shifts) & jnp.uint8(1)
   flat = bits.reshape(packed.shape[:-1] + (packed.shape[-1] * BITS,))

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from epi_jax.method import compact, grouping, selection
-from epi_jax.method.layout import Leaf, eligible_mask, leaf_layout, path_str
+from epi_jax.method.layout import Leaf, can_isolate, eligible_mask, leaf_layout, path_str
 from epi_jax.method.options import EPIOptions, Eligible, LayerAxes, is_refresh_step
 
 
@@ -105,29 +105,35 @@ def _score(importance: str, g, p):
   return jnp.abs(g * p.astype(jnp.promote_types(work, p.dtype))).astype(jnp.float32)
 
 
-def _all_finite(tree) -> jax.Array:
-  """Whether every entry of every leaf is finite.
+def _scores_finite(importance: str, g_leaves, p_leaves) -> jax.Array:
+  """Whether every score s(g) is finite: a non-finite gradient, or a finite
+  one whose square overflows (|g| > 1.8e19 in float32), fails.
 
-  Read off the squared norm, ``optax.tree.norm``'s own sum: a step that also
-  takes the gradient norm (clipping, logging) has it already, and XLA computes
-  it once for both. A finite sum means finite entries; only a sum that is not
-  (an inf or NaN entry, or squares that overflow) has the entries themselves
-  checked, in a ``lax.cond``: ``sum(x - x)`` is NaN exactly when some entry is
-  inf or NaN (XLA does not fold ``x - x`` for floats), taken over the leaves
-  stacked by shape (``grouping.stack_alike``).
+  Read off the scores' sum: with ``grad_sq`` that is the squared gradient
+  norm, ``optax.tree.norm``'s own sum, which a step that also clips or logs
+  the norm has already (XLA computes it once for both). A finite sum means
+  finite scores (they are >= 0); only a sum that is not has the scores
+  themselves checked, recomputed in a ``lax.cond`` (so no score array is
+  materialized on the common path): ``sum(s - s)`` is NaN exactly when some
+  score is inf or NaN (XLA does not fold ``x - x`` for floats), taken over
+  the scores stacked by shape (``grouping.stack_alike``).
   """
-  def entries_finite(tree):
+  def scores(g_leaves, p_leaves):
+    return [_score(importance, g, p) for g, p in zip(g_leaves, p_leaves)]
+
+  def entries_finite(g_leaves, p_leaves):
     total = jnp.float32(0.0)
     # Leaves of one shape stacked: a sum per shape, not per leaf, to compile.
-    for x in grouping.stack_alike(jax.tree.leaves(tree))[0]:
-      d = x - x
-      if jnp.iscomplexobj(d):
-        d = jnp.real(d) + jnp.imag(d)
-      total = total + jnp.sum(d, dtype=jnp.float32)
+    for x in grouping.stack_alike(scores(g_leaves, p_leaves))[0]:
+      total = total + jnp.sum(x - x, dtype=jnp.float32)
     return jnp.isfinite(total)
 
-  norm_finite = jnp.isfinite(optax.tree.norm(tree, squared=True))
-  return jax.lax.cond(norm_finite, lambda tree: jnp.bool_(True), entries_finite, tree)
+  if importance == "grad_sq":
+    total = optax.tree.norm(g_leaves, squared=True)
+  else:
+    total = sum(jnp.sum(s, dtype=jnp.float32) for s in scores(g_leaves, p_leaves))
+  return jax.lax.cond(jnp.isfinite(total), lambda *_: jnp.bool_(True), entries_finite,
+                      g_leaves, p_leaves)
 
 
 def _real_f32(x) -> jax.Array:
@@ -136,21 +142,26 @@ def _real_f32(x) -> jax.Array:
 
 
 def _ema(options: EPIOptions, layout: list[Leaf], state: EPIState, grads, params):
-  """The new importance: ``beta I + (1 - beta) s(g)``; unchanged on a
-  non-finite gradient. With ``displacement`` the kept theta_0 (no EMA)."""
+  """The new importance: ``beta I + (1 - beta) s(g)``; unchanged when some
+  score is not finite (so I stays finite). With ``displacement`` the kept
+  theta_0 (no EMA)."""
   imp_leaves, treedef = jax.tree.flatten(state.importance)
   if options.importance == "displacement":
     return state.importance
   g_leaves = treedef.flatten_up_to(grads)
   p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(imp_leaves)
   decay = _real_f32(options.ema_decay)
-  finite = _all_finite(grads)
-  out = []
-  for leaf, imp, g, p in zip(layout, imp_leaves, g_leaves, p_leaves):
+  # Int and bool leaves keep their (int or bool) importance: never isolated.
+  scored = [i for i, imp in enumerate(imp_leaves) if can_isolate(imp.dtype)]
+  finite = _scores_finite(options.importance, [g_leaves[i] for i in scored],
+                          [p_leaves[i] for i in scored])
+  out = list(imp_leaves)
+  for i in scored:
+    leaf, imp, g, p = layout[i], imp_leaves[i], g_leaves[i], p_leaves[i]
     new = decay * imp.astype(jnp.float32) + (1.0 - decay) * _score(options.importance, g, p)
     if imp.dtype == jnp.bfloat16:
       new = compact.stochastic_round_bf16(new, state.count, skip_axis=leaf.axis)
-    out.append(jnp.where(finite, new.astype(imp.dtype), imp))
+    out[i] = jnp.where(finite, new.astype(imp.dtype), imp)
   return jax.tree.unflatten(treedef, out)
 
 
@@ -162,8 +173,8 @@ def _ranked(options: EPIOptions, importance, params):
     return importance
   if params is None:
     raise ValueError("importance='displacement' needs params: pass params to update().")
-  return jax.tree.map(lambda t0, p: jnp.abs(p.astype(t0.dtype) - t0).astype(jnp.float32),
-                      importance, params)
+  return jax.tree.map(lambda t0, p: jnp.abs(p.astype(t0.dtype) - t0).astype(jnp.float32)
+                      if can_isolate(t0.dtype) else t0, importance, params)
 
 
 def _scores(layout: list[Leaf], ranked) -> list[jax.Array]:
@@ -305,9 +316,12 @@ def select_mask(importance, options: EPIOptions, params=None) -> tuple[Any, jax.
 # Masks: storage, hysteresis, statistics.
 # ---------------------------------------------------------------------------
 
-def _as_bool(mask, shape):
-  """A stored (bool or packed) mask leaf as bools of ``shape``."""
-  return compact.unpack(mask, shape) if mask.dtype == jnp.uint8 else mask
+def _as_bool(mask, shape, like=None):
+  """A stored (bool or packed) mask leaf as bools of ``shape`` (sharded like
+  the array ``like`` under Explicit mesh axes, when given)."""
+  if mask.dtype != jnp.uint8:
+    return mask
+  return compact.unpack(mask, shape, None if like is None else jax.typeof(like).sharding.spec)
 
 
 def _store(options: EPIOptions, mask: jax.Array) -> jax.Array:
@@ -383,12 +397,15 @@ def _init_epi(options: EPIOptions, params) -> EPIState:
     return _store(options, jnp.zeros_like(p, dtype=jnp.bool_))
 
   # tree.map over params: every per-parameter field inherits their sharding.
+  # Leaves that can't be isolated (int, bool) keep their own dtype here, which
+  # is what marks them ineligible in the layout of the importance.
   if options.importance == "displacement":  # the initial params theta_0, a copy
     importance = jax.tree.map(lambda p: jnp.array(
-        p, jnp.complex64 if jnp.iscomplexobj(p) else jnp.float32, copy=True), params)
+        p, jnp.complex64 if jnp.iscomplexobj(p) else
+        jnp.float32 if can_isolate(p.dtype) else p.dtype, copy=True), params)
   else:
-    importance = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=options.importance_dtype),
-                              params)
+    importance = jax.tree.map(lambda p: jnp.zeros_like(
+        p, dtype=options.importance_dtype if can_isolate(p.dtype) else p.dtype), params)
   # Distinct scalars (not one shared array): donated state needs distinct buffers.
   zero = lambda: jnp.zeros([], jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
   return EPIState(
@@ -404,7 +421,27 @@ def _init_epi(options: EPIOptions, params) -> EPIState:
 
 
 def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState:
-  """Importance EMA, then (on schedule) a refresh of the mask."""
+  """Importance EMA, then (on schedule) a refresh of the mask.
+
+  Under a mesh with Explicit axes (``jax.sharding.AxisType.Explicit``, what
+  ``jax.make_mesh`` builds by default) the update runs with those axes Auto,
+  its outputs sharded exactly as the state it replaces. Explicit sharding
+  types would have to match across the refresh's ``lax.cond`` and
+  ``while_loop`` carries, where per-slice reductions of sharded leaves meet
+  fresh constants; with the axes Auto, the partitioner places them as on an
+  Auto mesh (same masks, no gather of per-parameter arrays: tested).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not mesh.explicit_axes:
+    return _update_epi_auto(options, grads, state, params)
+  out_sharding = jax.tree.map(lambda x: jax.typeof(x).sharding, state)
+  return jax.sharding.auto_axes(
+      lambda g, s, p: _update_epi_auto(options, g, s, p), out_sharding=out_sharding,
+  )(grads, state, params)
+
+
+def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params) -> EPIState:
+  """``_update_epi`` on Auto (or no) mesh axes."""
   layout = leaf_layout(options, state.importance)
   importance = _ema(options, layout, state, grads, params)
   new_state = state._replace(count=optax.safe_increment(state.count), importance=importance)
@@ -479,7 +516,7 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
 
 def _apply_mask(updates, mask):
   def apply(u, m):  # a packed mask is unpacked here, fused into the select
-    return jnp.where(_as_bool(m, u.shape), jnp.zeros_like(u), u)
+    return jnp.where(_as_bool(m, u.shape, u), jnp.zeros_like(u), u)
   return jax.tree.map(apply, updates, mask)
 
 
@@ -627,7 +664,7 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
     inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
     if reset_on_release:
       released = jax.tree.map(
-          lambda old, new, u: _as_bool(old, u.shape) & ~_as_bool(new, u.shape),
+          lambda old, new, u: _as_bool(old, u.shape, u) & ~_as_bool(new, u.shape, u),
           state.epi.mask, epi.mask, updates)
       inner_state = optax.tree_map_params(
           inner, lambda v, r: jnp.where(r, jnp.zeros_like(v), v), inner_state, released,
@@ -722,7 +759,7 @@ def unpacked_mask(state) -> Any:
   importance, which always has the params' shapes).
   """
   s = state if isinstance(state, EPIState) else epi_state(state)
-  return jax.tree.map(lambda m, imp: _as_bool(m, imp.shape), s.mask, s.importance)
+  return jax.tree.map(lambda m, imp: _as_bool(m, imp.shape, imp), s.mask, s.importance)
 
 
 def per_layer_isolated(state, layer_axes: LayerAxes = None) -> dict[str, jax.Array]:

@@ -28,6 +28,15 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
+def can_isolate(dtype) -> bool:
+  """Whether leaves of ``dtype`` can be isolated at all: float or complex.
+
+  Int and bool leaves (step counters, flags that optax users keep in their
+  trees) never are, and do not count in N_eligible.
+  """
+  return jnp.issubdtype(dtype, jnp.inexact)
+
+
 class Leaf(NamedTuple):
   """Static facts of one leaf: its layer axis and per-slice eligibility."""
   axis: Optional[int]          # None: the whole leaf is one layer
@@ -92,7 +101,8 @@ def _per_leaf(value, tree, what: str, callable_fn) -> list:
 
 
 def leaf_layout(options: EPIOptions, tree) -> list[Leaf]:
-  """The static layout of ``tree`` (params, grads or importance)."""
+  """The static layout of ``tree`` (params, grads or importance): leaves of a
+  dtype that ``can_isolate`` rejects are ineligible whatever ``eligible`` says."""
   shapes = [tuple(x.shape) for x in jax.tree.leaves(tree)]
   paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
   if options.layer_axes is None:
@@ -126,6 +136,8 @@ def leaf_layout(options: EPIOptions, tree) -> list[Leaf]:
         raise ValueError(f"eligible leaves must be Python bools, got {leaf!r}.")
     elig = [(bool(b),) * (shape[a] if a is not None else 1)
             for b, shape, a in zip(leaves, shapes, norm_axes)]
+  elig = [el if can_isolate(x.dtype) else (False,) * len(el)
+          for el, x in zip(elig, jax.tree.leaves(tree))]
   return [Leaf(a, el, s) for a, el, s in zip(norm_axes, elig, shapes)]
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPORTANCES = ("grad_sq", "grad_abs", "taylor", "displacement")
 NORMALIZATIONS = ("layer_mean", "layer_max", "none")
@@ -26,18 +27,42 @@ Eligible = Union[None, Any, Callable[..., bool]]
 LayerAxes = Union[None, Any, Callable[[str, tuple], Optional[int]]]
 
 
-def _concrete(x) -> Optional[float]:
-  """A Python number for a number or a concrete scalar array; None if traced."""
-  if isinstance(x, bool):
+def _scalar(field: str, x, *, integer: bool) -> Optional[float]:
+  """The value of a numeric option: a Python number for a concrete one, None
+  for a traced scalar (``optax.inject_hyperparams`` under jit), taken as given.
+
+  Raises ``OptionError`` naming ``field`` for anything that is not a real
+  number or a scalar array of one: a bool, a string, None, a schedule, an
+  array of another shape.
+  """
+  def bad(what):
+    raise OptionError(field, f"{field} {what}, got {x!r}.")
+
+  if isinstance(x, (bool, np.bool_)):
+    bad("must be a number, not a bool")
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    if integer:
+      bad("must be an int")
+    return float(x)
+  if callable(x):
+    bad("is a callable: to schedule it, wrap the optimizer in optax.inject_hyperparams "
+        "and pass the schedule there")
+  if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+    bad("must be a number")
+  if x.shape != ():
+    bad(f"must be a scalar, not an array of shape {tuple(x.shape)}")
+  if not (jnp.issubdtype(x.dtype, jnp.number)):
+    bad(f"must be a number, not an array of {x.dtype}")
+  if isinstance(x, jax.core.Tracer):
     return None
-  if isinstance(x, (int, float)):
-    return x
-  if isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype") or getattr(x, "shape", None) != ():
-    return None
-  try:
-    return complex(x).real if jnp.iscomplexobj(x) else float(x)
-  except Exception:  # pylint: disable=broad-except
-    return None
+  value = complex(x).real if jnp.iscomplexobj(x) else float(x)
+  # inject_hyperparams casts numbers to the params' dtype, so an injected
+  # integer may arrive as a float array: integral values are accepted.
+  if integer and int(value) != value:
+    bad("must be an integer")
+  return value
 
 
 def _importance_dtype(importance_dtype) -> jnp.dtype:
@@ -93,18 +118,19 @@ class EPIOptions:
     def bad(field, what):
       raise OptionError(field, f"{field} {what}, got {getattr(self, field)!r}.")
 
-    ratio = _concrete(self.isolation_ratio)
+    ratio = _scalar("isolation_ratio", self.isolation_ratio, integer=False)
     if ratio is not None and not 0.0 <= ratio <= 1.0:
       bad("isolation_ratio", "must be in [0, 1]")
-    interval = _concrete(self.update_interval)
-    if interval is not None and (interval < 1 or int(interval) != interval):
+    interval = _scalar("update_interval", self.update_interval, integer=True)
+    if interval is not None and interval < 1:
       bad("update_interval", "must be an integer >= 1")
-    decay = _concrete(self.ema_decay)
+    decay = _scalar("ema_decay", self.ema_decay, integer=False)
     if decay is not None and not 0.0 <= decay < 1.0:
       bad("ema_decay", "must be in [0, 1)")
-    warmup = _concrete(self.warmup_steps)
-    if warmup is not None and (warmup < 0 or int(warmup) != warmup):
-      bad("warmup_steps", "must be an integer >= 0")
+    if self.warmup_steps is not None:
+      warmup = _scalar("warmup_steps", self.warmup_steps, integer=True)
+      if warmup is not None and warmup < 0:
+        bad("warmup_steps", "must be an integer >= 0")
     for name, allowed in (("importance", IMPORTANCES), ("normalization", NORMALIZATIONS),
                           ("selection", SELECTIONS), ("mode", MODES)):
       if getattr(self, name) not in allowed:

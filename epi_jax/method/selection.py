@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _BASE_BITS = 16
 _BASE = 1 << _BASE_BITS
@@ -62,20 +63,34 @@ def count_to_float(c: _Count) -> jax.Array:
   return c.hi.astype(jnp.float32) * _BASE + c.lo.astype(jnp.float32)
 
 
-def topk_count(ratio: Any, n: int) -> _Count:
-  """``floor(ratio * n)`` as a ``_Count``.
+def num_selected(ratio, n: int) -> int:
+  """k for a concrete ratio: ``floor(p * N)`` the way ``topk_count`` computes it."""
+  r = np.float32(np.real(ratio))
+  if r >= 1:
+    return n
+  return int(min(max(np.floor(r * np.float32(n)), 0), n))
 
-  Exact when ``ratio`` is a Python number. A traced ratio (e.g. from
-  ``optax.inject_hyperparams``) is multiplied in float32, exact for
-  ``n < 2**24`` and within float32 rounding above.
+
+def topk_count(ratio: Any, n: int) -> _Count:
+  """``k = floor(p * N)`` as a ``_Count``, one formula for every way p arrives.
+
+  p is rounded to float32 and multiplied by ``float32(N)`` in float32 (round
+  to nearest), then floored; ``p >= 1`` gives N exactly. A Python float, a
+  NumPy scalar and a traced value (``optax.inject_hyperparams``) thus give the
+  same k, so injecting p never changes the masks. The float32 product also
+  gives the k a decimal p means: ``0.29 * 100`` is 28.999999999999996 in
+  float64 but rounds to 29 in float32. Above 2**24 entries ``float32(N)`` is
+  itself rounded: k is then within a relative 2**-23 of ``p * N``.
   """
-  if isinstance(ratio, (int, float)):
-    return count_from_int(int(ratio * n)) if ratio < 1 else count_from_int(n)
+  if isinstance(ratio, (int, float, np.number)) and not isinstance(ratio, bool):
+    return count_from_int(num_selected(ratio, n))
   # real: inject_hyperparams casts hyperparameters to the params' dtype (complex too).
-  k = jnp.floor(jnp.real(jnp.asarray(ratio)).astype(jnp.float32) * jnp.float32(n))
-  k = jnp.clip(k, 0.0, float(n))
+  r = jnp.real(jnp.asarray(ratio)).astype(jnp.float32)
+  k = jnp.clip(jnp.floor(r * jnp.float32(n)), 0.0, float(n))
   hi = jnp.floor(k / _BASE)
-  return _Count(hi.astype(jnp.int32), (k - hi * _BASE).astype(jnp.int32))
+  every = count_from_int(n)
+  return _Count(jnp.where(r >= 1, every.hi, hi.astype(jnp.int32)),
+                jnp.where(r >= 1, every.lo, (k - hi * _BASE).astype(jnp.int32)))
 
 
 def score_bits(scores: jax.Array) -> jax.Array:

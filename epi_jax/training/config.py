@@ -117,6 +117,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1                 # -1: the remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # "auto" or "explicit" (jax.sharding.AxisType): the same program either way
+  # (the step runs its model with the axes Auto); "explicit" for code that
+  # passes the trainer's mesh to JAX code written for Explicit meshes.
+  c.mesh.axis_types = "auto"
   return c
 
 
@@ -293,6 +297,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _need(_is_int(v) and (v >= 1 or v == -1), f"mesh.{f}", v, "must be an int >= 1 or -1")
   _need([c.mesh[f] for f in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh", c.mesh.to_dict(),
         "at most one axis may be -1")
+  _need(c.mesh.axis_types in ("auto", "explicit"), "mesh.axis_types", c.mesh.axis_types,
+        "must be 'auto' or 'explicit'")
   return c
 
 

@@ -66,8 +66,25 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.s
   if n < len(devices) and jax.process_count() > 1:
     raise ValueError(f"config.mesh uses {n} of {len(devices)} devices; multi-process "
                      "runs must use all devices")
-  return jax.make_mesh(shape, MESH_AXES, devices=devices[:n],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}[
+      mesh_config.get("axis_types", "auto")]
+  return jax.make_mesh(shape, MESH_AXES, devices=devices[:n], axis_types=(kind,) * 3)
+
+
+def has_explicit_axes(mesh) -> bool:
+  """Whether ``mesh`` has an axis of type Explicit."""
+  return jax.sharding.AxisType.Explicit in tuple(getattr(mesh, "axis_types", ()))
+
+
+def constrain(x, specs, mesh):
+  """``with_sharding_constraint`` of ``x`` to ``specs`` (a PartitionSpec or a
+  pytree of them) on ``mesh``, or inside ``jax.sharding.auto_axes`` on the
+  context's Auto view of it (constraints may name Auto axes only)."""
+  context = jax.sharding.get_abstract_mesh()
+  on = mesh if context.empty else context
+  shardings = jax.tree.map(lambda s: NamedSharding(on, s), specs,
+                           is_leaf=lambda s: isinstance(s, P))
+  return jax.lax.with_sharding_constraint(x, shardings)
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int],

@@ -116,8 +116,7 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
       def split(x):
         b = x.shape[0]
         x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, P(None, sharding.BATCH_AXES, *[None] * (x.ndim - 2))))
+        return sharding.constrain(x, P(None, sharding.BATCH_AXES, *[None] * (x.ndim - 2)), mesh)
       micro = jax.tree.map(split, batch)
 
       def body(carry, mb):
@@ -132,7 +131,8 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
       (grads, loss_sum, tl, tt), _ = jax.lax.scan(body, init, micro)
     # Gradients laid out like their params: with scan_layers the stacked
     # gradients are otherwise free to be replicated (a full copy per device).
-    grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
+    grads = sharding.constrain(grads, jax.tree.map(lambda s: s.spec, state_shardings["params"]),
+                               mesh)
     grad_norm = optax.tree.norm(grads)
     extra = {}
     if clip_trainable:  # the mask in force before this step
@@ -160,9 +160,13 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
       metrics.update(epi_metrics(opt_state), trainable_grad_norm=trainable_grad_norm)
     return new_state, metrics
 
+  out_shardings = (state_shardings, sharding.replicated(mesh))
+  if sharding.has_explicit_axes(mesh):
+    # The model's ops are placed by the partitioner (Auto), as on an Auto
+    # mesh; the state keeps its Explicit shardings in and out.
+    train_step = jax.sharding.auto_axes(train_step, out_sharding=out_shardings)
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+                 out_shardings=out_shardings, donate_argnums=0)
 
 
 def per_layer_isolated(opt_state, layer_axes=None) -> dict[str, jax.Array]:
