@@ -37,9 +37,9 @@ from ml_collections import config_flags
 from epi_jax import training
 from epi_jax.evaluation import compare as cmp
 from epi_jax.evaluation import report
+from epi_jax.evaluation.evaluate import EVAL_TASKS
 from epi_jax.model import load_pretrained
 from epi_jax.training import distributed
-from epi_jax.evaluation.evaluate import EVAL_TASKS
 from epi_jax.training.cli import parse_config_flags, unknown_overrides
 from epi_jax.utils.usage import ArgumentParser, fail, wants_help
 
