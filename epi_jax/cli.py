@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from epi_jax.utils.usage import fail
+
 # subcommand -> (module, function, help)
 _COMMANDS = {
     "generate": ("epi_jax.model.cli", "generate_main", "generate text with a model"),
@@ -43,14 +45,13 @@ def main(argv=None) -> int:
     return 0
   name, rest = argv[0], argv[1:]
   if name not in _COMMANDS:
-    print(f"epi-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-    return 2
+    return fail("epi-jax", f"unknown command {name!r}; commands: {', '.join(_COMMANDS)} "
+                "(see epi-jax --help)")
   module, func, _ = _COMMANDS[name]
   try:
     fn = getattr(importlib.import_module(module), func)
   except (ImportError, AttributeError) as e:
-    print(f"epi-jax {name}: not available in this build ({e})", file=sys.stderr)
-    return 2
+    return fail(f"epi-jax {name}", f"not available in this build ({e})")
   result = fn(rest)
   return int(result or 0)
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from epi_jax import data as epi_data
+from epi_jax.utils.usage import ArgumentParser, fail, wants_help
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def _tasks(arg):
 def prepare_main(argv=None) -> int:
   """``epi-jax data prepare [--raw_dir DIR] [--data_dir DIR] [--mirror URL]``: builds every
   config, downloading the raw files no raw dir holds."""
-  parser = argparse.ArgumentParser(prog="epi-jax data prepare", description=prepare_main.__doc__)
+  parser = ArgumentParser(prog="epi-jax data prepare", description=prepare_main.__doc__)
   parser.add_argument("--raw_dir", default=None,
                       help="folder with the raw task files (default $EPI_RAW_DATA_DIR or "
                            "../shared/data beside the checkout); files missing there are "
@@ -80,7 +81,7 @@ def load_stats_tokenizer(name: str):
 
 def stats_main(argv=None) -> int:
   """``epi-jax data stats``: examples and tokens per task and split, and drop counts."""
-  parser = argparse.ArgumentParser(prog="epi-jax data stats", description=stats_main.__doc__)
+  parser = ArgumentParser(prog="epi-jax data stats", description=stats_main.__doc__)
   _common(parser)
   parser.add_argument("--tokenizer", default="auto", choices=("auto", "smollm2", "byte"),
                       help="tokenizer for the token counts (auto: SmolLM2 if it loads)")
@@ -137,10 +138,15 @@ def main(argv=None) -> int:
   """``epi-jax data {prepare,stats} ...``."""
   argv = list(sys.argv[1:] if argv is None else argv)
   commands = {"prepare": prepare_main, "stats": stats_main}
-  if not argv or argv[0] not in commands:
-    print("usage: epi-jax data {prepare,stats} [options]", file=sys.stderr)
-    return 2
-  return commands[argv[0]](argv[1:])
+  usage = "usage: epi-jax data {prepare,stats} [options]  (epi-jax data prepare --help)"
+  if argv and argv[0] in commands:
+    return commands[argv[0]](argv[1:])
+  if wants_help(argv[:1]):
+    print(usage)
+    return 0
+  if not argv:
+    return fail("epi-jax data", "give a subcommand: prepare or stats (see epi-jax data --help)")
+  return fail("epi-jax data", f"unknown subcommand {argv[0]!r}; known: prepare, stats")
 
 
 if __name__ == "__main__":

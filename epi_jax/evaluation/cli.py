@@ -37,9 +37,11 @@ from ml_collections import config_flags
 from epi_jax import training
 from epi_jax.evaluation import compare as cmp
 from epi_jax.evaluation import report
+from epi_jax.evaluation.evaluate import EVAL_TASKS
 from epi_jax.model import load_pretrained
 from epi_jax.training import distributed
 from epi_jax.training.cli import parse_config_flags, unknown_overrides
+from epi_jax.utils.usage import ArgumentParser, fail, wants_help
 
 
 def _literal(text: str):
@@ -76,23 +78,31 @@ def split_eval_args(argv) -> tuple[list[str], dict]:
   return split_prefixed_args(argv, "--eval.")
 
 
-def apply_eval_overrides(settings: dict, overrides: dict) -> dict:
-  """Applies ``{'num_examples.gsm8k': 8, 'tasks': 'a,b', ...}`` to eval settings."""
+def apply_eval_overrides(settings: dict, overrides: dict, known_tasks=cmp.TASKS) -> dict:
+  """Applies ``{'num_examples.gsm8k': 8, 'tasks': 'a,b', ...}`` to eval settings.
+
+  Raises:
+    ValueError: one line naming the first bad ``--eval.FIELD`` (an unknown
+      field, or a value :func:`compare.check_eval_settings` refuses).
+  """
   settings = json.loads(json.dumps(settings))
   for key, value in overrides.items():
     path = key.split(".")
-    if path[0] not in settings:
-      raise ValueError(f"Unknown eval setting {key!r}; known: {sorted(settings)}")
+    if path[0] not in settings or len(path) > 2 or (len(path) == 2
+                                                   and path[0] != "num_examples"):
+      raise ValueError(f"Unknown eval setting --eval.{key}; known: {sorted(settings)}")
     if path[0] == "tasks" and isinstance(value, str):
       value = [t for t in value.split(",") if t]
-    if path[0] == "num_examples" and len(path) == 1 and isinstance(value, int):
+    if path == ["num_examples"] and not isinstance(value, dict):
+      if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"--eval.num_examples={value!r}: expected an int >= 1 (every task) "
+                         "or --eval.num_examples.TASK=N")
       value = {t: value for t in settings["num_examples"]}
     if len(path) == 1:
       settings[path[0]] = value
-    elif len(path) == 2 and path[0] == "num_examples":
-      settings["num_examples"][path[1]] = value
     else:
-      raise ValueError(f"Unknown eval setting {key!r}")
+      settings["num_examples"][path[1]] = value
+  cmp.check_eval_settings(settings, "--eval.", known_tasks)
   return settings
 
 
@@ -129,14 +139,14 @@ def compare_main(argv=None) -> int:
            "[--protocol mixture|sequential --tasks A,B] "
            "[--methods full,multi_stage,static,epi] [--seeds N] "
            "[--config.FIELD=VALUE ...] [--eval.FIELD=VALUE ...]")
-  if any(a in ("-h", "--help") for a in argv):
+  if wants_help(argv):
     print(usage + "\n\n" + (__doc__ or ""))
     return 0
   try:
     rest, overrides = split_eval_args(argv)
     fv = _parse_compare(rest)
     if fv.config is None or not fv.workdir:
-      raise ValueError(f"--config and --workdir are required\n{usage}")
+      raise ValueError("--config and --workdir are required (see epi-jax compare --help)")
     config = fv.config
     train_cfg, settings = cmp.split_eval_config(config)
     training.validate(train_cfg)  # a bad trainer config fails before the base model's evaluation
@@ -152,8 +162,7 @@ def compare_main(argv=None) -> int:
       raise ValueError("--tasks is for --protocol sequential (the mixture protocol "
                        "evaluates --eval.tasks)")
   except _USAGE_ERRORS as e:
-    print(f"epi-jax compare: {e}", file=sys.stderr)
-    return 2
+    return fail("epi-jax compare", e)
   del train_cfg
   try:
     distributed.initialize_from_flags(fv)
@@ -164,8 +173,7 @@ def compare_main(argv=None) -> int:
       else:
         cmp.compare(config, fv.workdir, methods=methods, seeds=fv.seeds)
   except ValueError as e:
-    print(f"epi-jax compare: {e}", file=sys.stderr)
-    return 2
+    return fail("epi-jax compare", e)
   except training.NonFiniteError as e:
     print(f"epi-jax compare: {e}", file=sys.stderr)
     return 4
@@ -178,17 +186,20 @@ def compare_main(argv=None) -> int:
 def verdicts_main(argv=None) -> int:
   """``epi-jax verdicts DIR ...``: prints the verdicts of comparisons' ``results.json``."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or any(a in ("-h", "--help") for a in argv):
-    print("usage: epi-jax verdicts DIR [DIR ...]  (comparison workdirs)")
-    return 0 if argv else 2
+  usage = "usage: epi-jax verdicts DIR [DIR ...]  (comparison workdirs)"
+  if wants_help(argv):
+    print(usage)
+    return 0
+  if not argv:
+    return fail("epi-jax verdicts", "give at least one comparison directory (see "
+                "epi-jax verdicts --help)")
   status = 0
   for d in argv:
     path = pathlib.Path(d) / "results.json"
     try:
       results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-      print(f"epi-jax verdicts: cannot read {path} ({e})", file=sys.stderr)
-      status = 2
+      status = fail("epi-jax verdicts", f"cannot read {path} ({e})")
       continue
     print(f"== {d} ({results.get('protocol', 'mixture')}) ==")
     print(report.verdicts_markdown(results))
@@ -198,13 +209,9 @@ def verdicts_main(argv=None) -> int:
 def evaluate_main(argv=None) -> int:
   """``epi-jax evaluate``: prints one snapshot's (or a pretrained model's) metrics as JSON."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    rest, overrides = split_eval_args(argv)
-  except ValueError as e:
-    print(f"epi-jax evaluate: {e}", file=sys.stderr)
-    return 2
-  parser = argparse.ArgumentParser(prog="epi-jax evaluate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  prog = "epi-jax evaluate"
+  parser = ArgumentParser(prog=prog, description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", help="a training run directory")
   parser.add_argument("--snapshot", type=int, default=None,
                       help="step of the snapshot (default: the final one)")
@@ -212,22 +219,25 @@ def evaluate_main(argv=None) -> int:
                       "name, a Hub id org/name[@revision], a .gguf file or a checkpoint dir")
   parser.add_argument("--data_dir", default=None, help="prepared data (default: the run's)")
   parser.add_argument("--output", default=None, help="also write the JSON here")
+  if wants_help(argv):
+    parser.print_help()
+    return 0
+  try:
+    rest, overrides = split_eval_args(argv)
+  except ValueError as e:
+    return fail(prog, e)
   args = parser.parse_args(rest)
   if bool(args.workdir) == bool(args.model):
-    print("epi-jax evaluate: give exactly one of --workdir RUN or --model NAME",
-          file=sys.stderr)
-    return 2
+    return fail(prog, "give exactly one of --workdir RUN or --model NAME")
   try:
-    settings = apply_eval_overrides(cmp.eval_defaults(), overrides)
+    settings = apply_eval_overrides(cmp.eval_defaults(), overrides, known_tasks=EVAL_TASKS)
   except ValueError as e:
-    print(f"epi-jax evaluate: {e}", file=sys.stderr)
-    return 2
+    return fail(prog, e)
   if args.model:
     try:
       model, tok, _ = load_pretrained(args.model)
     except (FileNotFoundError, ValueError) as e:
-      print(f"epi-jax evaluate: {e}", file=sys.stderr)
-      return 2
+      return fail(prog, e)
     data_kwargs = {"data_dir": args.data_dir}
     out = cmp.run_eval(model, tok, settings, data_kwargs, log=_err)
   else:
@@ -235,15 +245,13 @@ def evaluate_main(argv=None) -> int:
     try:
       config = training.load_config(run)
     except (FileNotFoundError, ValueError) as e:
-      print(f"epi-jax evaluate: {e}", file=sys.stderr)
-      return 2
+      return fail(prog, e)
     data_kwargs = ({"data_dir": args.data_dir} if args.data_dir
                    else cmp.eval_data(config, settings["tasks"]))
     snaps = training.list_snapshots(run)
     step = args.snapshot if args.snapshot is not None else (snaps[-1] if snaps else None)
     if step is None or step not in snaps:
-      print(f"epi-jax evaluate: no snapshot {step} in {run}; have {snaps}", file=sys.stderr)
-      return 2
+      return fail(prog, f"--snapshot: no snapshot {step} in {run}; have {snaps}")
 
     def compute():
       model, tok, _ = training.load_run(run, snapshot=step)

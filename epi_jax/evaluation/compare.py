@@ -60,12 +60,13 @@ import gguf
 import numpy as np
 
 from epi_jax import training
+from epi_jax.data import datasets
 from epi_jax.evaluation import bootstrap
 from epi_jax.evaluation import claims
 from epi_jax.evaluation import metrics
 from epi_jax.evaluation import report
-from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENERATE, TASKS,
-                                         evaluate)
+from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENERATE, EVAL_TASKS,
+                                         TASKS, evaluate)
 from epi_jax.model import loading
 from epi_jax.training import inputs
 from epi_jax.training import model_setup
@@ -144,12 +145,57 @@ def split_eval_config(config) -> tuple[Any, dict[str, Any]]:
     settings.update(given)
     with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
       del config["eval"]
-  if settings["snapshots"] not in ("all", "final"):
-    raise ValueError(f"config.eval.snapshots={settings['snapshots']!r}: expected 'all' or 'final'")
-  unknown = [t for t in settings["tasks"] if t not in TASKS]
-  if unknown:
-    raise ValueError(f"config.eval.tasks has unknown task(s) {unknown}; known: {list(TASKS)}")
+  check_eval_settings(settings, "config.eval.")
   return config, settings
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_eval_settings(settings: Mapping[str, Any], prefix: str = "config.eval.",
+                        known_tasks: Sequence[str] = TASKS) -> None:
+  """Checks resolved eval ``settings`` (:func:`eval_defaults`' fields) before anything runs.
+
+  ``known_tasks``: those ``tasks`` may name (a comparison's: the benchmark tasks;
+  ``epi-jax evaluate``: every task with an eval).
+
+  Raises:
+    ValueError: one line naming the first bad field as ``PREFIX + FIELD`` (e.g.
+      ``config.eval.`` or the CLI's ``--eval.``), its value and what it takes.
+  """
+  def bad(field, value, want):
+    raise ValueError(f"{prefix}{field}={value!r}: {want}")
+
+  tasks, known = settings["tasks"], ",".join(known_tasks)
+  if (isinstance(tasks, str) or not isinstance(tasks, Sequence)
+      or not all(isinstance(t, str) for t in tasks)):
+    bad("tasks", tasks, f"expected task names, comma-separated; known: {known}")
+  unknown = [t for t in tasks if t not in known_tasks]
+  if unknown:
+    bad("tasks", ",".join(tasks), f"unknown task(s) {unknown}; known: {known}")
+  if not tasks:
+    bad("tasks", "", f"expected at least one task; known: {known}")
+  num = settings["num_examples"]
+  if not isinstance(num, Mapping):
+    bad("num_examples", num, "expected an int >= 1 (every task) or {task: int >= 1}")
+  for task, n in num.items():
+    if task not in EVAL_TASKS:
+      bad(f"num_examples.{task}", n, f"unknown task; known: {','.join(EVAL_TASKS)}")
+    if n is not None and not (_is_int(n) and n >= 1):
+      bad(f"num_examples.{task}", n, "expected an int >= 1 (or None: all)")
+  for field, low, none_ok in (("num_generate", 0, True), ("max_new_tokens", 1, False),
+                              ("batch_size", 1, False), ("generate_batch_size", 1, True),
+                              ("seq_len", 2, False), ("bootstrap_resamples", 1, False)):
+    value = settings[field]
+    if not ((value is None and none_ok) or (_is_int(value) and value >= low)):
+      bad(field, value, f"expected an int >= {low}" + (" or None" if none_ok else ""))
+  if not (settings["sample_seed"] is None or _is_int(settings["sample_seed"])):
+    bad("sample_seed", settings["sample_seed"], "expected an int or None")
+  for field, choices in (("logiqa_normalize", ("sum", "mean")), ("snapshots", ("all", "final")),
+                         ("split", datasets.SPLITS)):
+    if settings[field] not in choices:
+      bad(field, settings[field], f"expected one of {', '.join(map(repr, choices))}")
 
 
 _ANALYSIS_ONLY = ("snapshots", "bootstrap_resamples")  # not part of an eval's cache key

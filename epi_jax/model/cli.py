@@ -6,14 +6,17 @@ import argparse
 import sys
 import time
 
+from epi_jax.utils.usage import ArgumentParser, fail
+
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-  parser = parser or argparse.ArgumentParser(
+  parser = parser or ArgumentParser(
       prog="epi-jax generate", description="Generate an assistant reply.")
   parser.add_argument("--model", default="smollm2-135m-instruct",
                       help="'smollm2-135m-instruct' (fetched once into the cache), "
-                           "a Hugging Face Hub id org/name[@revision], a .gguf file or a "
-                           "Hugging Face checkpoint directory")
+                           "a Hugging Face Hub id org/name[@revision], a .gguf file, a "
+                           "Hugging Face checkpoint directory, or a training run directory "
+                           "(its latest snapshot, in the run's dtype)")
   parser.add_argument("--prompt", required=True, help="user message")
   parser.add_argument("--system", default=None,
                       help="system prompt (default: the model's own, if any)")
@@ -38,27 +41,38 @@ def _check_args(args) -> str | None:
   return None
 
 
+def load_model(spec: str, param_dtype):
+  """``(model, tokenizer)`` of ``--model``: a training run directory's latest snapshot, or
+  whatever :func:`epi_jax.model.load_pretrained` takes."""
+  from epi_jax.training import workdir  # pylint: disable=g-import-not-at-top
+  if workdir.is_run_dir(spec):
+    from epi_jax.training import load_run  # pylint: disable=g-import-not-at-top
+    model, tokenizer, _ = load_run(spec)
+    return model, tokenizer
+  from epi_jax.model.loading import load_pretrained  # pylint: disable=g-import-not-at-top
+  model, tokenizer, _ = load_pretrained(spec, param_dtype=param_dtype)
+  return model, tokenizer
+
+
 def generate_main(argv=None) -> int:
   """Parses ``argv``, loads the model and prints the reply.
 
   Returns 0, or 2 for bad flags or a request past the model's context.
   """
+  prog = "epi-jax generate"
   args = build_parser().parse_args(argv)
   bad = _check_args(args)
   if bad:
-    print(f"epi-jax generate: {bad}", file=sys.stderr)
-    return 2
+    return fail(prog, bad)
   import jax
   import jax.numpy as jnp
   from epi_jax.model.generate import generate_text
-  from epi_jax.model.loading import load_pretrained
 
   start = time.perf_counter()
   try:
-    model, tokenizer, _ = load_pretrained(args.model, param_dtype=getattr(jnp, args.dtype))
+    model, tokenizer = load_model(args.model, getattr(jnp, args.dtype))
   except (FileNotFoundError, ValueError) as e:
-    print(f"epi-jax generate: {e}", file=sys.stderr)
-    return 2
+    return fail(prog, e)
   print(f"[epi_jax] model loaded in {time.perf_counter() - start:.1f}s",
         file=sys.stderr)
   messages = [{"role": "user", "content": args.prompt}]
@@ -66,11 +80,14 @@ def generate_main(argv=None) -> int:
     messages.insert(0, {"role": "system", "content": args.system})
   prompt_len = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True)[0])
   context = model.config.max_position_embeddings
+  if prompt_len >= context:
+    return fail(prog, f"--prompt takes {prompt_len} tokens (with the chat template"
+                f"{' and --system' if args.system is not None else ''}), not less than the "
+                f"model's context of {context} tokens: shorten it")
   if prompt_len + args.max_new_tokens > context:
-    print(f"epi-jax generate: the prompt takes {prompt_len} tokens and --max_new_tokens="
-          f"{args.max_new_tokens} more, past the model's context of {context} tokens; "
-          f"ask for at most {max(context - prompt_len, 0)} new tokens", file=sys.stderr)
-    return 2
+    return fail(prog, f"the prompt takes {prompt_len} tokens and --max_new_tokens="
+                f"{args.max_new_tokens} more, past the model's context of {context} tokens; "
+                f"ask for at most {context - prompt_len} new tokens")
   start = time.perf_counter()
   reply = generate_text(model, tokenizer, messages,
                         max_new_tokens=args.max_new_tokens,

@@ -296,6 +296,18 @@ def hf_config(cfg: dict[str, Any], **overrides) -> ModelConfig:
   return ModelConfig(**fields)
 
 
+def _checkpoint_config_json(directory: pathlib.Path) -> dict[str, Any]:
+  """A checkpoint directory's ``config.json``; a ValueError saying what to do when the
+  directory is a training run's (its config.json is the trainer's, without ``model_type``)."""
+  cfg = json.loads((directory / "config.json").read_text())
+  if "model_type" not in cfg and ("model" in cfg or (directory / "snapshots").is_dir()):
+    raise ValueError(
+        f"{directory} is a training run directory, not a model checkpoint: export one with "
+        f"`epi-jax export --workdir {directory} --out DIR` (`epi-jax generate --model` and "
+        "`epi-jax evaluate --workdir` take the run directory itself)")
+  return cfg
+
+
 def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
                        shardings=None, scan_layers: bool = False
                        ) -> tuple[Llama, ChatTokenizer | None, ModelConfig]:
@@ -309,8 +321,8 @@ def load_hf_checkpoint(directory, *, param_dtype=jnp.float32, dtype=None,
   cfg_path = directory / "config.json"
   if not cfg_path.is_file():
     raise FileNotFoundError(f"No config.json in checkpoint directory {directory}")
-  cfg = json.loads(cfg_path.read_text())
-  config = hf_config(cfg, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers)
+  config = hf_config(_checkpoint_config_json(directory), param_dtype=param_dtype, dtype=dtype,
+                     scan_layers=scan_layers)
   index = directory / "model.safetensors.index.json"
   if index.is_file():
     weight_map = json.loads(index.read_text())["weight_map"]
@@ -425,7 +437,7 @@ def pretrained_config(name_or_path: str, *, param_dtype=jnp.float32, dtype=None,
     for f in (cfg_path, tok_path):
       if not f.is_file():
         raise FileNotFoundError(f"No {f.name} in checkpoint directory {path}")
-    config = hf_config(json.loads(cfg_path.read_text()), param_dtype=param_dtype,
+    config = hf_config(_checkpoint_config_json(path), param_dtype=param_dtype,
                        dtype=dtype, scan_layers=scan_layers)
     return config, ChatTokenizer.from_file(tok_path, config_dir=path)
   if path.suffix == ".gguf":

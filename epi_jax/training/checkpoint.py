@@ -188,8 +188,15 @@ class Checkpointer:
   def _manager(self):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self._keep, create=True, enable_async_checkpointing=self._async)
+    # Each item's handler given up front (not only learnt from the first save's or
+    # restore's args): a manager that has not saved yet (every resume) can then read
+    # item_metadata, which the layout check needs, instead of logging one "Item ... was
+    # found in the checkpoint, but could not be restored" warning per item and returning
+    # None for it.
     return ocp.CheckpointManager(self.directory.absolute(), options=options,
-                                 item_names=("state", "data", "integrity"))
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "data": ocp.JsonCheckpointHandler(),
+                                                "integrity": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())

@@ -27,6 +27,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from epi_jax.training import distributed
+from epi_jax.utils.usage import fail, wants_help
+
+USAGE = ("usage: epi-jax train --config configs/NAME.py --workdir DIR [--model M] "
+         "[--stop_after N] [--allow_config_change] [--config.FIELD=VALUE ...]")
 
 
 def _flag_values() -> flags.FlagValues:
@@ -108,26 +112,24 @@ def parse_config_flags(fv: flags.FlagValues, argv, prog: str) -> str | None:
 
 def train_main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  prog = "epi-jax train"
+  if wants_help(argv):
+    print(f"{USAGE}\n{__doc__.split(chr(10), 1)[1]}\nflags:\n{_flag_values().get_help()}")
+    return 0
   bad = unknown_overrides(argv)
   if bad:
-    print(f"epi-jax train: {bad}", file=sys.stderr)
-    return 2
+    return fail(prog, bad)
   fv = _flag_values()
-  bad = parse_config_flags(fv, argv, "epi-jax train")
+  bad = parse_config_flags(fv, argv, prog)
   if bad:
-    print(f"epi-jax train: {bad}", file=sys.stderr)
-    return 2
+    return fail(prog, bad)
   if fv.config is None or not fv.workdir:
-    print("epi-jax train: --config and --workdir are required\n"
-          "usage: epi-jax train --config configs/NAME.py --workdir DIR "
-          "[--config.FIELD=VALUE ...]", file=sys.stderr)
-    return 2
+    return fail(prog, "--config and --workdir are required (see epi-jax train --help)")
   import jax  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize_from_flags(fv)
   except ValueError as e:
-    print(f"epi-jax train: {e}", file=sys.stderr)
-    return 2
+    return fail(prog, e)
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
   from epi_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from epi_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
@@ -136,17 +138,15 @@ def train_main(argv=None) -> int:
   try:
     config = cfg_lib.validate(fv.config)
   except ValueError as e:
-    print(f"epi-jax train: {e}", file=sys.stderr)
-    return 2
+    return fail(prog, e)
   with distributed.fail_fast():
     try:
       result = trainer.train(config, fv.workdir, stop_after=fv.stop_after,
                              allow_config_change=fv.allow_config_change)
     except workdir_lib.RunRefused as e:
-      print(f"epi-jax train: {e}", file=sys.stderr)
-      return 2
+      return fail(prog, e)
     except trainer.NonFiniteError as e:
-      print(f"epi-jax train: {e}", file=sys.stderr)
+      print(f"{prog}: {e}", file=sys.stderr)
       return 4
   if jax.process_index() == 0:
     state = "stopped early (run again to resume)" if result.interrupted else "finished"

@@ -15,6 +15,8 @@ import argparse
 import pathlib
 import sys
 
+from epi_jax.utils.usage import ArgumentParser, fail
+
 FORMATS = ("hf", "gguf")
 
 
@@ -42,7 +44,7 @@ def export_run(workdir, out, *, fmt: str = "hf", snapshot: int | None = None,
 def export_main(argv=None) -> int:
   """Parses ``argv`` and exports; 0 on success, 2 on bad input."""
   from epi_jax.model.export import GGUF_DTYPES, HF_DTYPES  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog="epi-jax export", description=__doc__,
+  parser = ArgumentParser(prog="epi-jax export", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="a training run directory")
   parser.add_argument("--snapshot", type=int, default=None,
@@ -54,15 +56,13 @@ def export_main(argv=None) -> int:
                       help="weight dtype (default: hf the params' dtype, gguf float16)")
   args = parser.parse_args(argv)
   if args.format == "gguf" and args.dtype not in (None, *GGUF_DTYPES):
-    print(f"epi-jax export: --dtype {args.dtype} is not available for gguf "
-          f"(choose from {', '.join(GGUF_DTYPES)})", file=sys.stderr)
-    return 2
+    return fail("epi-jax export", f"--dtype {args.dtype} is not available for gguf "
+                f"(choose from {', '.join(GGUF_DTYPES)})")
   try:
     notes = export_run(args.workdir, args.out, fmt=args.format, snapshot=args.snapshot,
                        dtype=args.dtype)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"epi-jax export: {e}", file=sys.stderr)
-    return 2
+    return fail("epi-jax export", e)
   for note in notes:
     print(f"[epi_jax] note: {note}", file=sys.stderr)
   print(f"[epi_jax] exported {args.workdir} ({args.format}) to {args.out}", file=sys.stderr)

@@ -190,8 +190,9 @@ def train(config, workdir, *, stop_after: int | None = None,
 
   Raises:
     ValueError: a bad config. ``workdir.RunRefused`` (a ValueError): the mesh
-      does not fit the devices, another run holds the workdir, or it holds a
-      run with a different config; nothing in the workdir was changed.
+      does not fit the devices, the workdir is a file or cannot be created or
+      written, another run holds it, or it holds a run with a different
+      config; nothing in the workdir was changed.
     NonFiniteError: the loss or params became non-finite (the checkpoints
       written before stay, all finite).
   """
@@ -208,7 +209,7 @@ def train(config, workdir, *, stop_after: int | None = None,
         f"config.data.batch_size={config.data.batch_size} must be divisible by "
         f"grad_accum_steps x data x fsdp = {config.optimizer.grad_accum_steps} x {bs_shards}")
   changes = _check_workdir(config, workdir, allow_config_change)
-  workdir.mkdir(parents=True, exist_ok=True)  # every host (its disk may not be shared)
+  workdir_lib.make_workdir(workdir)  # every host (its disk may not be shared)
   lock = _take_lock(workdir)
   try:
     return _train(config, workdir, mesh, changes, stop_after, t_start)
@@ -406,7 +407,7 @@ def _take_lock(workdir: pathlib.Path):
   if jax.process_index() == 0:
     try:
       lock.acquire()
-    except workdir_lib.WorkdirLocked as e:
+    except workdir_lib.RunRefused as e:  # locked, or the workdir is not writable
       problem = e
   _refuse_unless_all_ok(problem, "workdir locked")
   return lock
@@ -437,7 +438,8 @@ def load_run(workdir, snapshot: int | None = None):
   config = load_config(workdir)
   snaps = list_snapshots(workdir)
   if not snaps:
-    raise FileNotFoundError(f"No snapshots in {workdir}/snapshots")
+    raise FileNotFoundError(f"No snapshots in {workdir}/snapshots yet (a run writes one at "
+                            "each of config.snapshot_steps and when it finishes)")
   if snapshot is None:
     snapshot = snaps[-1]
   if snapshot not in snaps:

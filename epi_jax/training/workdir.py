@@ -59,6 +59,37 @@ class ConfigChanged(RunRefused):
 # ----------------------------------------------------------------------------- lock
 
 
+def is_run_dir(path) -> bool:
+  """Whether ``path`` is a training run directory: its ``config.json`` is the trainer's
+  (a ``model`` group; a Hugging Face checkpoint's has ``model_type`` instead)."""
+  try:
+    cfg = json.loads((pathlib.Path(path) / "config.json").read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(cfg, dict) and "model" in cfg and "model_type" not in cfg
+
+
+def make_workdir(workdir) -> pathlib.Path:
+  """Creates ``workdir`` (and its parents) unless it is a directory already.
+
+  Raises:
+    RunRefused: naming the path, when it is a file or cannot be created (a
+      missing or read-only parent, no permission): a bad ``--workdir``, not a
+      crash.
+  """
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise RunRefused(f"--workdir {str(workdir)!r} is not a directory (a file of that name "
+                     "exists): choose another --workdir")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise RunRefused(f"--workdir {str(workdir)!r} cannot be created "
+                     f"({e.strerror or type(e).__name__}: {e.filename or workdir})") from None
+  return workdir
+
+
+
 def _proc_start(pid: int) -> str | None:
   """The process's start time in clock ticks since boot (Linux), to detect pid reuse."""
   try:
@@ -116,6 +147,7 @@ class WorkdirLock:
 
     Raises:
       WorkdirLocked: when a live run (or one on another host) holds it.
+      RunRefused: when the lock file cannot be written (a read-only workdir).
     """
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
           "proc_start": _proc_start(os.getpid()), "command": " ".join(sys.argv)}
@@ -123,6 +155,11 @@ class WorkdirLock:
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
+        fd = None
+      except OSError as e:  # a read-only or otherwise unwritable workdir
+        raise RunRefused(f"--workdir {str(self.path.parent)!r} is not writable "
+                         f"({e.strerror or type(e).__name__})") from None
+      if fd is None:
         holder = self.holder()
         if holder is None:
           continue  # released meanwhile
