@@ -7,9 +7,13 @@ The method lives in ``epi_jax.method`` and is re-exported here::
   tx = epi_jax.epi_adamw(1e-4, isolation_ratio=0.01, update_interval=100)
 """
 
+from epi_jax.utils import platforms as _platforms
+
+_platforms.skip_absent_tpu()  # before any backend starts: see utils/platforms.py
+
 from epi_jax.method import (EPIOptions, EPIState, IsolateState, RefreshStats, epi_adamw,
                             epi_metrics, epi_state, epi_transform, is_refresh_step, isolate,
-                            per_layer_isolated, select_mask, unpacked_mask)
+                            per_layer_isolated, select_mask, unpacked_mask)  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["EPIOptions", "EPIState", "IsolateState", "RefreshStats", "epi_adamw",

@@ -8,6 +8,7 @@
   epi-jax compare --protocol sequential --tasks A,B --config configs/NAME.py --workdir DIR
   epi-jax verdicts DIR [DIR ...]
   epi-jax export --workdir RUN [--snapshot N] --format hf|gguf --out PATH
+  epi-jax plan --config configs/NAME.py --topology v5p-8 [--methods full,epi] [--json PATH]
 
 Subcommands import their module lazily so that ``epi-jax --help`` is fast.
 """
@@ -29,6 +30,8 @@ _COMMANDS = {
     "verdicts": ("epi_jax.evaluation.cli", "verdicts_main", "print a comparison's verdicts"),
     "export": ("epi_jax.training.export", "export_main",
                "export a run as a Hugging Face checkpoint or a GGUF"),
+    "plan": ("epi_jax.training.plan", "plan_main",
+             "compile the train step for a TPU topology: HBM, cost, collectives"),
 }
 
 

@@ -13,13 +13,20 @@ segment id (0 = padding), for ``q [B, Lq, H, D]`` and ``k, v [B, Lk, K, D]``
   pipeline makes them). It cannot express several segments per row, so
   packed rows (``packed=True``) fall back to ``"xla"`` with a one-line notice.
 * ``"splash"``: the Pallas TPU splash attention kernel with segment ids
-  (``jax.experimental.pallas.ops.tpu.splash_attention``); runs in Pallas
-  interpret mode off TPU (slow: tests only). Not yet wrapped in a
-  ``shard_map``: XLA cannot partition a Pallas call, so on a multi-device
-  TPU mesh it still needs one over the batch and head axes (untested here:
-  no TPU).
-* ``"auto"``: by backend: ``splash`` on TPU, ``cudnn`` on GPU,
+  (``jax.experimental.pallas.ops.tpu.splash_attention``): the Mosaic kernel
+  (a ``tpu_custom_call`` in the compiled program) when the target devices
+  are TPUs, Pallas interpret mode otherwise (slow: tests only). XLA cannot
+  partition a Pallas call, so on a multi-device mesh the kernel runs under a
+  ``shard_map`` over the batch axes (``data``, ``fsdp``) and the heads
+  (``tensor``, where the query and kv heads divide it), one kernel per shard.
+* ``"auto"``: by platform: ``splash`` on TPU, ``cudnn`` on GPU,
   :data:`CPU_DEFAULT` on CPU.
+
+The platform is that of the *target* devices: the mesh that the train step
+is compiled for (:func:`on_mesh`, set by ``training.step`` while it traces),
+not ``jax.default_backend()``: a step compiled on a CPU host for a TPU
+topology (``epi-jax plan``) must hold the TPU kernels. Without a mesh in
+context the default backend decides.
 
 Rows that are all padding: ``einsum``/``xla`` give a uniform average of the
 values, ``splash`` attends padding to earlier padding; either way the loss
@@ -29,9 +36,11 @@ always takes the ``xla`` path (the fused kernels are for full sequences).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +56,44 @@ CPU_DEFAULT = "xla"
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+_TARGET = threading.local()
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+  """Within: attention is traced for ``mesh`` (its devices' platform, its axes)."""
+  previous = getattr(_TARGET, "mesh", None)
+  _TARGET.mesh = mesh
+  try:
+    yield mesh
+  finally:
+    _TARGET.mesh = previous
+
+
+def target_mesh():
+  """The mesh set by :func:`on_mesh`, or None."""
+  return getattr(_TARGET, "mesh", None)
+
+
+def platform(mesh=None) -> str:
+  """``'tpu'``, ``'gpu'`` or ``'cpu'``: of ``mesh``'s (or :func:`on_mesh`'s) devices,
+  else ``jax.default_backend()``."""
+  mesh = mesh if mesh is not None else target_mesh()
+  devices = getattr(mesh, "devices", None)
+  if devices is not None and devices.size:
+    return devices.flat[0].platform
+  return jax.default_backend()
+
+
 def resolve(implementation: str, backend: str | None = None) -> str:
-  """The concrete implementation of ``implementation`` on ``backend``."""
+  """The concrete implementation of ``implementation`` on ``backend`` (default:
+  :func:`platform`)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of "
                      f"{IMPLEMENTATIONS}")
   if implementation != "auto":
     return implementation
-  backend = backend or jax.default_backend()
+  backend = backend or platform()
   return {"tpu": "splash", "gpu": "cudnn"}.get(backend, CPU_DEFAULT)
 
 
@@ -97,7 +136,7 @@ def _cudnn(q, k, v, segment_ids):
       key_value_seq_lengths=lengths, implementation="cudnn")
 
 
-def _splash(q, k, v, segment_ids, *, interpret: bool):
+def _splash_local(q, k, v, segment_ids, *, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as sk, splash_attention_mask as sm)
   b, l, h, d = q.shape
@@ -114,6 +153,28 @@ def _splash(q, k, v, segment_ids, *, interpret: bool):
   seg = sk.SegmentIds(q=segment_ids, kv=segment_ids)
   out = jax.vmap(kernel)(qh, kh, vh, seg)
   return to_heads(out)
+
+
+def _splash(q, k, v, segment_ids, *, interpret: bool, mesh=None):
+  """Splash attention; on a multi-device ``mesh`` one kernel per shard (shard_map)
+  over the batch axes and, where the heads divide it, the ``tensor`` axis."""
+  local = functools.partial(_splash_local, interpret=interpret)
+  if mesh is None or mesh.size == 1:
+    return local(q, k, v, segment_ids)
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  context = jax.sharding.get_abstract_mesh()  # inside auto_axes: its Auto view
+  on = mesh if context.empty else context
+  names = dict(zip(on.axis_names, on.axis_sizes))
+  batch = tuple(a for a in ("data", "fsdp") if names.get(a, 1) > 1)
+  if not batch or q.shape[0] % math.prod(names[a] for a in batch):
+    batch = None
+  t = names.get("tensor", 1)
+  heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+  if batch is None and heads is None:
+    return local(q, k, v, segment_ids)
+  qkv = P(batch, None, heads, None)
+  return jax.shard_map(local, mesh=on, in_specs=(qkv, qkv, qkv, P(batch, None)),
+                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids=None, q_offset=0,
@@ -141,11 +202,12 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids=None, q_offset=0,
   if impl == "cudnn" and packed:
     _notice("attention='cudnn' cannot mask packed segments; using 'xla' for packed rows")
     impl = "xla"
+  target = platform()
   if impl == "cudnn":
-    if jax.default_backend() != "gpu":
+    if target != "gpu":
       raise ValueError("attention='cudnn' needs a GPU backend; use 'auto' or 'xla'")
     return _cudnn(q, k, v, q_segment_ids)
   if impl == "splash":
-    return _splash(q, k, v, q_segment_ids, interpret=jax.default_backend() != "tpu")
+    return _splash(q, k, v, q_segment_ids, interpret=target != "tpu", mesh=target_mesh())
   mask = _mask(q_segment_ids, kv_segment_ids, q_offset)
   return (_xla if impl == "xla" else _einsum)(q, k, v, mask)

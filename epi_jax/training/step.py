@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from epi_jax.data import ALL_CONFIGS  # live: follows the task registry
 from epi_jax.method import epi_metrics, unpacked_mask
 from epi_jax.method import per_layer_isolated as _per_layer
+from epi_jax.model import attention as attention_lib
 from epi_jax.training import model_setup, optim, sharding
 
 
@@ -107,6 +108,12 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
     return jax.grad(f, has_aux=True)(params, batch)
 
   def train_step(state, batch):
+    # Traced for the mesh's devices: their platform picks the kernels (the
+    # splash Mosaic kernel for TPUs, also when compiled on a CPU host).
+    with attention_lib.on_mesh(mesh):
+      return _train_step(state, batch)
+
+  def _train_step(state, batch):
     params = state["params"]
     denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     if accum == 1:

@@ -1,0 +1,530 @@
+"""``epi-jax plan``: compile the real train step for a TPU topology on any machine.
+
+  epi-jax plan --config configs/tpu_llama3_8b.py --topology v5p-8 \\
+      [--methods full,epi,epi_compact] [--json PATH] [--config.FIELD=VALUE ...]
+
+Nothing is allocated and no weights are read: the train state and the batch
+are abstract (``jax.ShapeDtypeStruct`` with the trainer's shardings,
+``trainer.setup``), the mesh (``config.mesh``; ``-1`` fills) is laid over the
+compile-only devices of the topology
+(``jax.experimental.topologies.get_topology_desc``), and the step that
+``epi-jax train`` runs (``step.make_train_step``) is lowered and compiled by
+the TPU compiler (libtpu: ``pip install 'epi_jax[tpu]'``). Per method it prints
+a table row and, with ``--json``, one record (per chip):
+
+* ``hbm_gib``: ``params``, ``optimizer`` (its state, plus the step counter and
+  RNG), ``epi`` (EPI's importance and masks), ``batch``, ``temp`` (the compiled
+  step's temporaries, ``memory_analysis()``); ``total`` is their sum, and
+  ``capacity`` the chip's HBM; ``fits``: ``total <= capacity``.
+* ``flops_per_step``: the model's FLOPs of the step per chip, from
+  ``train_flops_per_token`` (6N plus attention per token; the usual MFU
+  accounting, no remat recompute), NOT the compiler's count: XLA's
+  ``cost_analysis()`` counts a scanned loop's body once (``compiler_flops``
+  gives it as reported). So a scanned and an unscanned build agree.
+* ``bytes_per_step``: HBM bytes the step reads and writes per chip:
+  ``cost_analysis()``'s ``bytes accessed`` plus, for each ``while`` loop with a
+  known trip count (the scanned layers, gradient accumulation), ``trip - 1``
+  more times its body's bytes, estimated from the compiled HLO (every
+  top-level op of the body reads its operands and writes its result; a
+  dynamic-slice reads only its slice, a dynamic-update-slice writes only its
+  update). Both branches of a ``lax.cond`` (EPI's refresh) count, as in
+  ``cost_analysis()``.
+* ``est_step_s``, ``est_mfu``: a roofline ESTIMATE, ``max(flops / peak bf16
+  FLOP/s, bytes / HBM bandwidth)`` from the chip's published figures
+  (:data:`CHIPS`); collectives and overlap are not modelled.
+* ``collectives``: each collective's count in the compiled step (async
+  ``-start``/``-done`` pairs counted once); ``epi_update``: the optimizer
+  update alone (``tx.update`` + ``optax.apply_updates``, jitted with the step's
+  shardings, params and optimizer state donated): its ``temp_gib`` and
+  ``collectives`` (the refresh branch included); ``epi_update_all_gathers``.
+* ``attention_kernel``: what the compiled program runs for attention;
+  ``compile_s``: the step's compile time on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from epi_jax.utils import platforms
+from epi_jax.utils.usage import ArgumentParser, fail
+
+PROG = "epi-jax plan"
+INSTALL = "pip install 'epi_jax[tpu]'"
+METHODS = {
+    "full": {"method": "full"},
+    "epi": {"method": "epi"},
+    "epi_compact": {"method": "epi", "epi.importance_dtype": "bfloat16",
+                    "epi.packed_mask": True},
+}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute")
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU chip's published figures (Cloud TPU system architecture pages)."""
+  name: str
+  hbm_gib: float
+  peak_bf16_flops: float    # FLOP/s
+  hbm_bytes_per_s: float
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32, 275e12, 1228e9),
+    "v5e": Chip("TPU v5e", 16, 197e12, 819e9),
+    "v5p": Chip("TPU v5p", 95, 459e12, 2765e9),
+    "v6e": Chip("TPU v6e", 32, 918e12, 1640e9),
+}
+# chips -> the slice's shape in chips; v4/v5p names count TensorCores (2 per chip).
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice as libtpu names it, and how to ask for it."""
+  name: str           # as the user gave it
+  libtpu_name: str    # e.g. v5e:2x2
+  generation: str     # a CHIPS key
+  chips: int
+  options: tuple = ()  # get_topology_desc keyword arguments
+
+  @property
+  def chip(self) -> Chip:
+    return CHIPS[self.generation]
+
+
+def topology(name: str) -> Topology:
+  """``v5e-4``, ``v5e-256``, ``v5p-8`` (4 chips), ``v5p-64``, ``v4-8``, ``v6e-8``, ...,
+  or libtpu's own ``GEN:AxB[xC]`` (e.g. ``v5e:2x2``).
+
+  Hosts as on the real slices: v5e/v6e slices of up to 8 chips are one host
+  (of 1, 4 or 8 chips), larger ones 4 chips per host; v4/v5p 4 chips per host
+  (megacore: one device per chip).
+
+  Raises:
+    ValueError: a name this table does not know.
+  """
+  m = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name.strip().lower())
+  if m:
+    gen, n = m.group(1), int(m.group(2))
+    if gen in ("v5e", "v6e"):
+      if n not in _SHAPES_2D:
+        raise ValueError(f"--topology {name}: {gen} slices have {sorted(_SHAPES_2D)} chips")
+      host = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}.get(n, (2, 2, 1))
+      wrap = {128: (False, True, False), 256: (True, True, False)}.get(n, (False,) * 3)
+      return Topology(name, f"{gen}:{_SHAPES_2D[n]}", gen, n, (
+          ("chip_config_name", "default"), ("chips_per_host_bounds", host),
+          ("num_slices", 1), ("wrap", wrap)))
+    chips = n // 2
+    if n % 2 or chips not in _SHAPES_3D:
+      raise ValueError(f"--topology {name}: {gen}-N counts TensorCores (2 per chip); "
+                       f"N in {sorted(2 * c for c in _SHAPES_3D)}")
+    wrap = (True,) * 3 if chips >= 64 else (False,) * 3
+    return Topology(name, f"{gen}:{_SHAPES_3D[chips]}", gen, chips, (
+        ("chip_config_name", "megacore"), ("chips_per_host_bounds", (2, 2, 1)),
+        ("num_slices", 1), ("wrap", wrap)))
+  m = re.fullmatch(r"(v4|v5e|v5p|v5|v6e):(\d+(?:x\d+)+)", name.strip().lower())
+  if m:
+    gen = {"v5": "v5p"}.get(m.group(1), m.group(1))
+    chips = math.prod(int(x) for x in m.group(2).split("x"))
+    options = (("chip_config_name", "megacore"),) if gen in ("v4", "v5p") else ()
+    return Topology(name, f"{gen}:{m.group(2)}", gen, chips, options)
+  raise ValueError(f"--topology {name!r}: not a TPU slice name this plan knows (e.g. v5e-4, "
+                   "v5e-256, v5p-8, v5p-64, v4-8, v6e-8, or libtpu's v5e:2x2)")
+
+
+def _quiet_libtpu_env(topo: Topology) -> None:
+  """Off a TPU VM libtpu asks the VM metadata for the worker hostnames and the
+  accelerator type and prints errors when it cannot: say them ourselves.
+  Several compile-only processes may load libtpu at once (no chip to share)."""
+  if platforms.tpu_chips():
+    return
+  cloud = {"v5e": f"v5litepod-{topo.chips}", "v6e": f"v6e-{topo.chips}"}.get(
+      topo.generation, f"{topo.generation}-{2 * topo.chips}")
+  for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_ACCELERATOR_TYPE", cloud)):
+    os.environ.setdefault(key, value)
+
+
+def topology_devices(topo: Topology):
+  """The compile-only devices of ``topo`` (loads libtpu)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  _quiet_libtpu_env(topo)
+  desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.libtpu_name,
+                                      **dict(topo.options))
+  return list(desc.devices)
+
+
+# ----------------------------------------------------------------------------- the compiled step
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """``{kind: count}`` of the collectives in an HLO module's text (every kind of
+  :data:`COLLECTIVES` present; an async ``-start``/``-done`` pair counts once)."""
+  counts = collections.Counter(
+      m.group(1) for m in re.finditer(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(",
+                                      hlo_text))
+  return {k: int(counts.get(k, 0)) for k in COLLECTIVES}
+
+
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
+         "partition-id", "replica-id", "iota", "copy-start", "copy-done"}
+
+
+def _shape_bytes(text: str) -> list[int]:
+  out = []
+  for dtype, dims in _SHAPE.findall(text):
+    size = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+    out.append(size * math.prod(int(d) for d in dims.split(",") if d))
+  return out
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  comps, name = {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      name = head.group(1)
+      comps[name] = []
+      if line.startswith("ENTRY"):
+        comps["__entry__"] = comps[name]
+    elif name is not None and line.strip() == "}":
+      name = None
+    elif name is not None:
+      comps[name].append(line)
+  return comps
+
+
+def _op_bytes(line: str) -> tuple[str, int]:
+  """(opcode, HBM bytes) of one instruction: result + operands, slices by their size."""
+  m = _INSTR.match(line)
+  if not m:
+    return "", 0
+  result, opcode, rest = m.groups()
+  operands = re.split(r"\),\s*[a-z_]+=", rest, maxsplit=1)[0]
+  out, ins = sum(_shape_bytes(result)), _shape_bytes(operands)
+  if opcode in _FREE:
+    return opcode, 0
+  if opcode == "dynamic-slice":
+    return opcode, 2 * out
+  if opcode == "dynamic-update-slice":
+    return opcode, 2 * (ins[1] if len(ins) > 1 else out)
+  return opcode, out + sum(ins)
+
+
+def loop_extra_bytes(hlo_text: str) -> tuple[float, list[int]]:
+  """Bytes that ``cost_analysis()`` leaves out by counting each ``while`` body
+  once: ``sum((trips - 1) x body bytes)`` over the loops with a known trip count
+  (nested loops multiply), and the trip counts found."""
+  comps = _computations(hlo_text)
+  if "__entry__" not in comps:
+    return 0.0, []
+  trips_seen: list[int] = []
+
+  def walk(lines, mult: int, depth: int) -> float:
+    """``mult`` x the bytes of ``lines`` beyond their first count, plus nested loops'."""
+    extra, own = 0.0, 0
+    for line in lines:
+      opcode, b = _op_bytes(line)
+      if opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", line)
+        trip = re.search(r"known_trip_count[^\d]*(\d+)", line)
+        if body and body.group(1) in comps and depth < 8:
+          n = int(trip.group(1)) if trip else 1
+          if trip:
+            trips_seen.append(n)
+          extra += walk(comps[body.group(1)], mult * n, depth + 1)
+        continue
+      if opcode in ("conditional", "call"):
+        for callee in re.findall(r"%([\w.\-]+)", line.split("(", 1)[1].split("),", 1)[-1]):
+          if callee in comps and callee != line:
+            extra += walk(comps[callee], mult, depth + 1)
+        continue
+      own += b
+    return extra + (mult - 1) * own if depth else extra
+
+  return walk(comps["__entry__"], 1, 0), trips_seen
+
+
+def _cost(compiled) -> dict:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def attention_kernel(hlo_text: str, implementation: str) -> str:
+  """What the compiled program runs for attention (``implementation`` resolved)."""
+  if implementation == "splash":
+    if "tpu_custom_call" in hlo_text:
+      return "splash (Mosaic kernel)"
+    return "splash (Pallas interpret mode: XLA ops)"
+  return {"xla": "xla (XLA fusions)", "einsum": "einsum (XLA fusions)",
+          "cudnn": "cudnn"}.get(implementation, implementation)
+
+
+def _bytes_of(pairs) -> int:
+  return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in pairs)
+
+
+def abstract_batch(config, mesh):
+  """The step's batch as ``ShapeDtypeStruct`` s on ``mesh`` (nothing allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  b, l = config.data.batch_size, config.data.seq_len
+  bsh = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct((b, l), dt, sharding=bsh) for k, dt in (
+      ("inputs", "int32"), ("targets", "int32"), ("loss_mask", "float32"),
+      ("segment_ids", "int32"), ("positions", "int32"), ("task_ids", "int32"))}
+
+
+def _update_alone(config, ts, mesh):
+  """The optimizer update compiled alone: (temp bytes, collectives)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from epi_jax.method import unpacked_mask  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import optim  # pylint: disable=g-import-not-at-top
+
+  clip_trainable = optim.clips_trainable(config)
+
+  def update(params, opt_state, grads):
+    extra = {}
+    if clip_trainable:
+      extra["trainable"] = jax.tree.map(lambda m: ~m, unpacked_mask(opt_state))
+    updates, opt_state = ts.tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), opt_state
+
+  sh = ts.shardings
+  fn = jax.jit(update, in_shardings=(sh["params"], sh["opt_state"], sh["params"]),
+               out_shardings=(sh["params"], sh["opt_state"]), donate_argnums=(0, 1))
+  target = ts.target
+  compiled = fn.lower(target["params"], target["opt_state"], target["params"]).compile()
+  return (int(compiled.memory_analysis().temp_size_in_bytes),
+          count_collectives(compiled.as_text()))
+
+
+def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = True) -> dict:
+  """Compiles ``config``'s train step for a mesh over ``devices`` and measures it.
+
+  Args:
+    config: a trainer config (validated here).
+    devices: the devices (real or compile-only) that ``config.mesh`` is laid over.
+    chip: their published figures (capacity, roofline); None: no estimates.
+    update: also compile the optimizer update alone (``epi_update``).
+
+  Returns:
+    the record described in the module docstring, plus ``bytes`` (the same
+    parts in bytes, and the compiled step's argument/output/alias sizes) and
+    the model, mesh and batch it was compiled for.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from epi_jax.method.isolation import epi_state  # pylint: disable=g-import-not-at-top
+  from epi_jax.model import attention as attention_lib  # pylint: disable=g-import-not-at-top
+  from epi_jax.model.config import train_flops_per_token  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  config = cfg_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  ts = trainer.setup(config, mesh)
+  abstract, shardings = ts.abstract, ts.shardings
+  pairs = lambda tree, shard: list(zip(jax.tree.leaves(tree), jax.tree.leaves(shard)))
+  params_b = _bytes_of(pairs(abstract["params"], shardings["params"]))
+  opt_b = _bytes_of(pairs(abstract["opt_state"], shardings["opt_state"]))
+  epi_b = (_bytes_of(pairs(epi_state(abstract["opt_state"]), epi_state(shardings["opt_state"])))
+           if optim.is_epi(config) else 0)
+  other_b = _bytes_of(pairs({k: abstract[k] for k in ("step", "rng")},
+                            {k: shardings[k] for k in ("step", "rng")}))
+  batch = abstract_batch(config, mesh)
+  batch_b = _bytes_of([(a, a.sharding) for a in batch.values()])
+
+  step = step_lib.make_train_step(config, ts.spec, ts.tx, mesh, shardings)
+  t0 = time.perf_counter()
+  compiled = step.lower(ts.target, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  cost = _cost(compiled)
+  temp_b = int(mem.temp_size_in_bytes)
+  parts = {"params": params_b, "optimizer": opt_b - epi_b + other_b, "epi": epi_b,
+           "batch": batch_b, "temp": temp_b}
+  total = sum(parts.values())
+
+  chips = int(mesh.size)
+  tokens = config.data.batch_size * config.data.seq_len
+  flops = train_flops_per_token(ts.spec.config, config.data.seq_len) * tokens / chips
+  extra_b, trips = loop_extra_bytes(hlo)
+  bytes_step = float(cost.get("bytes accessed", 0.0)) + extra_b
+  impl = attention_lib.resolve(config.model.attention, attention_lib.platform(mesh))
+  record = {
+      "chips": chips, "method": config.method,
+      "hbm_gib": {**{k: v / GIB for k, v in parts.items()}, "total": total / GIB,
+                  "capacity": chip.hbm_gib if chip else None},
+      "fits": (total <= chip.hbm_gib * GIB) if chip else None,
+      "flops_per_step": flops,
+      "compiler_flops": float(cost.get("flops", 0.0)),
+      "bytes_per_step": bytes_step,
+      "loop_trip_counts": trips,
+      "est_step_s": None, "est_mfu": None,
+      "collectives": count_collectives(hlo),
+      "attention_kernel": attention_kernel(hlo, impl),
+      "compile_s": round(compile_s, 1),
+  }
+  if chip:
+    step_s = max(flops / chip.peak_bf16_flops, bytes_step / chip.hbm_bytes_per_s)
+    record["est_step_s"] = step_s
+    record["est_mfu"] = flops / (step_s * chip.peak_bf16_flops) if step_s else None
+  if update:
+    temp_u, coll_u = _update_alone(config, ts, mesh)
+    record["epi_update"] = {"temp_gib": temp_u / GIB, "collectives": coll_u}
+    record["epi_update_all_gathers"] = coll_u["all-gather"]
+  record.update(
+      model=config.model.name, scan_layers=bool(config.model.scan_layers),
+      remat=config.model.remat,
+      mesh=dict(zip(sharding.MESH_AXES, (int(mesh.shape[a]) for a in sharding.MESH_AXES))),
+      batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+      grad_accum_steps=config.optimizer.grad_accum_steps,
+      num_params=sum(math.prod(p.shape) for p in jax.tree.leaves(abstract["params"])),
+      bytes={**parts, "step_rng": other_b, "total": total,
+             "compiled_arguments": int(mem.argument_size_in_bytes),
+             "compiled_outputs": int(mem.output_size_in_bytes),
+             "compiled_alias": int(mem.alias_size_in_bytes)})
+  return record
+
+
+# ----------------------------------------------------------------------------- configs, CLI
+
+
+def parse_value(value: str):
+  """A ``--FIELD=VALUE`` value: a Python literal where it parses, else the string."""
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
+def set_field(config, dotted: str, value) -> None:
+  """``config.<dotted> = value``; KeyError/AttributeError for an unknown field."""
+  *groups, field = dotted.split(".")
+  node = config
+  for g in groups:
+    node = node[g]
+  if field not in node:
+    raise KeyError(dotted)
+  node[field] = value
+
+
+def load_config_file(path: str):
+  """``get_config()`` of a config file (``configs/NAME.py``)."""
+  spec = importlib.util.spec_from_file_location("epi_jax_plan_config", path)
+  if spec is None or spec.loader is None:
+    raise ValueError(f"--config {path}: not a Python config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def split_overrides(rest, parser) -> list[tuple[str, object]]:
+  """``--FIELD=VALUE`` / ``--config.FIELD=VALUE`` arguments as ``(field, value)``."""
+  out = []
+  for arg in rest:
+    if not arg.startswith("--") or "=" not in arg:
+      parser.error(f"unrecognized argument {arg!r} (overrides are --config.FIELD=VALUE)")
+    key, value = arg[2:].split("=", 1)
+    out.append((key.removeprefix("config."), parse_value(value)))
+  return out
+
+
+def _row(r) -> str:
+  g = r["hbm_gib"]
+  c = r["collectives"]
+  coll = ", ".join(f"{k} {v}" for k, v in c.items() if v) or "none"
+  upd = r.get("epi_update") or {}
+  return (f"| {r['method_name']} | {g['params']:.2f} | {g['optimizer']:.2f} | {g['epi']:.2f} | "
+          f"{g['batch']:.3f} | {g['temp']:.2f} | {g['total']:.2f} / {g['capacity']:g} | "
+          f"{'yes' if r['fits'] else 'NO'} | {r['flops_per_step']:.3g} | "
+          f"{r['bytes_per_step']:.3g} | {r['est_step_s']:.3g} | {r['est_mfu']:.0%} | {coll} | "
+          f"{upd.get('temp_gib', 0):.2f} | {r['attention_kernel']} | {r['compile_s']} |")
+
+
+def plan_main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  p = ArgumentParser(prog=PROG, description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="a trainer config file (configs/*.py)")
+  p.add_argument("--topology", required=True,
+                 help="a TPU slice: v5e-4, v5e-256, v5p-8, v5p-64, v4-8, v6e-8, or v5e:2x2")
+  p.add_argument("--methods", default=",".join(METHODS),
+                 help=f"comma-separated subset of {list(METHODS)}")
+  p.add_argument("--json", default=None, help="also write the records to this file")
+  args, rest = p.parse_known_args(argv)
+  overrides = split_overrides(rest, p)
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  bad = [m for m in methods if m not in METHODS]
+  if bad or not methods:
+    return fail(PROG, f"--methods {args.methods!r}: choose from {list(METHODS)}")
+  try:
+    topo = topology(args.topology)
+  except ValueError as e:
+    return fail(PROG, e)
+  if not platforms.libtpu_available():
+    return fail(PROG, f"compiling for TPU needs the TPU compiler (libtpu): {INSTALL}")
+  if not os.path.isfile(args.config):
+    return fail(PROG, f"--config {args.config}: no such file")
+  try:
+    devices = topology_devices(topo)
+  except Exception as e:  # pylint: disable=broad-except
+    return fail(PROG, f"libtpu cannot make topology {topo.libtpu_name} ({e})")
+
+  records = []
+  print(f"{PROG}: {topo.name} = {topo.libtpu_name}, {len(devices)} {topo.chip.name} chips, "
+        f"{topo.chip.hbm_gib:g} GiB HBM each; per chip; est_* are a roofline estimate "
+        "(peak bf16 FLOP/s, HBM bandwidth), not a measurement", file=sys.stderr)
+  print("| method | params GiB | optimizer GiB | EPI GiB | batch GiB | temp GiB | "
+        "total / HBM GiB | fits | FLOPs/step | bytes/step | est. step s | est. MFU | "
+        "collectives | update-alone temp GiB | attention | compile s |")
+  print("|---" * 16 + "|")
+  for name in methods:
+    try:
+      config = load_config_file(args.config)
+      for key, value in [*overrides, *METHODS[name].items()]:
+        try:
+          set_field(config, key, value)
+        except (KeyError, AttributeError, TypeError):
+          return fail(PROG, f"unknown config field {key!r}")
+      record = compile_plan(config, devices, chip=topo.chip)
+    except ValueError as e:
+      return fail(PROG, e)
+    record = {"topology": topo.name, "libtpu_topology": topo.libtpu_name,
+              "method_name": name, **record}
+    records.append(record)
+    print(_row(record), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(records, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(plan_main())
