@@ -13,8 +13,10 @@ the TPU compiler (libtpu: ``pip install 'epi_jax[tpu]'``). Per method it prints
 a table row and, with ``--json``, one record (per chip):
 
 * ``hbm_gib``: ``params``, ``optimizer`` (its state, plus the step counter and
-  RNG), ``epi`` (EPI's importance and masks), ``batch``, ``temp`` (the compiled
-  step's temporaries, ``memory_analysis()``); ``total`` is their sum, and
+  RNG), ``epi`` (EPI's importance and masks), ``batch``, ``padding`` (what the
+  device's tiled layouts add to those: the compiled step's argument size less
+  their logical bytes), ``temp`` (the compiled step's temporaries,
+  ``memory_analysis()``); ``total`` is their sum, and
   ``capacity`` the chip's HBM; ``fits``: ``total <= capacity``.
 * ``flops_per_step``: the model's FLOPs of the step per chip, from
   ``train_flops_per_token`` (6N plus attention per token; the usual MFU
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -183,27 +186,30 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
-         "partition-id", "replica-id", "iota", "copy-start", "copy-done"}
+         "partition-id", "replica-id", "iota", "copy-start", "copy-done", "while",
+         "conditional", "call", "opt-barrier"}
 
 
-def _shape_bytes(text: str) -> list[int]:
+def _shapes(text: str) -> list[tuple[int, int]]:
+  """``[(bytes, leading dim), ...]`` of the array shapes written in ``text``."""
   out = []
   for dtype, dims in _SHAPE.findall(text):
     size = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
-    out.append(size * math.prod(int(d) for d in dims.split(",") if d))
+    d = [int(x) for x in dims.split(",") if x]
+    out.append((size * math.prod(d), d[0] if d else 0))
   return out
 
 
 def _computations(hlo_text: str) -> dict[str, list[str]]:
   comps, name = {}, None
   for line in hlo_text.splitlines():
-    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
     if head and not line.startswith(" "):
-      name = head.group(1)
+      name = head.group(2)
       comps[name] = []
-      if line.startswith("ENTRY"):
+      if head.group(1):
         comps["__entry__"] = comps[name]
     elif name is not None and line.strip() == "}":
       name = None
@@ -212,55 +218,83 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
   return comps
 
 
-def _op_bytes(line: str) -> tuple[str, int]:
-  """(opcode, HBM bytes) of one instruction: result + operands, slices by their size."""
-  m = _INSTR.match(line)
-  if not m:
-    return "", 0
-  result, opcode, rest = m.groups()
-  operands = re.split(r"\),\s*[a-z_]+=", rest, maxsplit=1)[0]
-  out, ins = sum(_shape_bytes(result)), _shape_bytes(operands)
-  if opcode in _FREE:
-    return opcode, 0
-  if opcode == "dynamic-slice":
-    return opcode, 2 * out
-  if opcode == "dynamic-update-slice":
-    return opcode, 2 * (ins[1] if len(ins) > 1 else out)
-  return opcode, out + sum(ins)
+def _trip_count(line: str, comps) -> int | None:
+  """A ``while``'s trip count: XLA's ``known_trip_count``, or its condition's
+  ``i < N`` (a counter from 0, as ``lax.scan``/``fori_loop`` lower)."""
+  known = re.search(r"known_trip_count\D*(\d+)", line)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r"condition=%?([\w.\-]+)", line)
+  lines = comps.get(cond.group(1), []) if cond else []
+  root = next((ln for ln in lines if ln.lstrip().startswith("ROOT")), "")
+  if " compare(" not in root or "direction=LT" not in root:
+    return None
+  consts = dict(re.findall(r"%([\w.\-]+)\s*=\s*s\d+\[\]\S*\s+constant\((\d+)\)",
+                           "\n".join(lines)))
+  args = re.findall(r"%([\w.\-]+)", root.split("compare(", 1)[1].split(")", 1)[0])
+  return int(consts[args[1]]) if len(args) == 2 and args[1] in consts else None
+
+
+def _body_bytes(lines, trips: int) -> float:
+  """One iteration's HBM bytes of a loop body: every op reads its operands and
+  writes its result (operand shapes by name); an array stacked over the loop
+  (leading dim == ``trips``: scanned layers' params, saved activations) is
+  read or written one slice per iteration."""
+  sizes = {}
+  for line in lines:
+    m = _INSTR.match(line)
+    if m:
+      sizes[m.group(1)] = _shapes(m.group(2))
+  per_slice = lambda shapes: sum(b / trips if trips > 1 and lead == trips else b
+                                 for b, lead in shapes)
+  total = 0.0
+  for line in lines:
+    m = _INSTR.match(line)
+    if not m or m.group(3) in _FREE:
+      continue
+    operands = re.split(r"\),\s*[a-z_]+=", m.group(4), maxsplit=1)[0]
+    names = re.findall(r"%([\w.\-]+)", operands)
+    out = per_slice(sizes[m.group(1)])
+    ins = [per_slice(sizes.get(n, [])) for n in names]
+    if m.group(3) == "dynamic-slice":
+      total += 2 * out
+    elif m.group(3) == "dynamic-update-slice":
+      total += 2 * (ins[1] if len(ins) > 1 else out)
+    else:
+      total += out + sum(ins)
+  return total
 
 
 def loop_extra_bytes(hlo_text: str) -> tuple[float, list[int]]:
   """Bytes that ``cost_analysis()`` leaves out by counting each ``while`` body
-  once: ``sum((trips - 1) x body bytes)`` over the loops with a known trip count
-  (nested loops multiply), and the trip counts found."""
+  once: ``sum((trips - 1) x one iteration's bytes)`` over the loops whose trip
+  count is known (nested loops multiply), and those trip counts."""
   comps = _computations(hlo_text)
-  if "__entry__" not in comps:
-    return 0.0, []
-  trips_seen: list[int] = []
+  found: list[int] = []
 
   def walk(lines, mult: int, depth: int) -> float:
-    """``mult`` x the bytes of ``lines`` beyond their first count, plus nested loops'."""
-    extra, own = 0.0, 0
+    extra = 0.0
     for line in lines:
-      opcode, b = _op_bytes(line)
-      if opcode == "while":
+      m = _INSTR.match(line)
+      if not m or depth > 8:
+        continue
+      if m.group(3) == "while":
         body = re.search(r"body=%?([\w.\-]+)", line)
-        trip = re.search(r"known_trip_count[^\d]*(\d+)", line)
-        if body and body.group(1) in comps and depth < 8:
-          n = int(trip.group(1)) if trip else 1
-          if trip:
-            trips_seen.append(n)
-          extra += walk(comps[body.group(1)], mult * n, depth + 1)
-        continue
-      if opcode in ("conditional", "call"):
-        for callee in re.findall(r"%([\w.\-]+)", line.split("(", 1)[1].split("),", 1)[-1]):
-          if callee in comps and callee != line:
-            extra += walk(comps[callee], mult, depth + 1)
-        continue
-      own += b
-    return extra + (mult - 1) * own if depth else extra
+        n = _trip_count(line, comps)
+        if body and body.group(1) in comps and n:
+          found.append(n)
+          lines_b = comps[body.group(1)]
+          extra += (mult * n - mult) * _body_bytes(lines_b, n)
+          extra += walk(lines_b, mult * n, depth + 1)
+      elif m.group(3) in ("conditional", "call"):
+        for callee in re.findall(r"(?:branch_computations=\{|true_computation=|"
+                                 r"false_computation=|to_apply=)([^}]*)", line):
+          for name in re.findall(r"%?([\w.\-]+)", callee):
+            if name in comps:
+              extra += walk(comps[name], mult, depth + 1)
+    return extra
 
-  return walk(comps["__entry__"], 1, 0), trips_seen
+  return (walk(comps["__entry__"], 1, 0) if "__entry__" in comps else 0.0), found
 
 
 def _cost(compiled) -> dict:
@@ -281,6 +315,22 @@ def attention_kernel(hlo_text: str, implementation: str) -> str:
     return "splash (Pallas interpret mode: XLA ops)"
   return {"xla": "xla (XLA fusions)", "einsum": "einsum (XLA fusions)",
           "cudnn": "cudnn"}.get(implementation, implementation)
+
+
+@contextlib.contextmanager
+def _no_persistent_cache():
+  """Compiles within neither read nor write JAX's persistent compilation cache:
+  compile-only devices have no client to load a cached program with, and a
+  plan's programs are for another machine. (JAX decides whether the cache is
+  used once per process: reset before and after.)"""
+  from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  cc.reset_cache()
+  try:
+    with jax_config.enable_compilation_cache(False):
+      yield
+  finally:
+    cc.reset_cache()
 
 
 def _bytes_of(pairs) -> int:
@@ -318,7 +368,8 @@ def _update_alone(config, ts, mesh):
   fn = jax.jit(update, in_shardings=(sh["params"], sh["opt_state"], sh["params"]),
                out_shardings=(sh["params"], sh["opt_state"]), donate_argnums=(0, 1))
   target = ts.target
-  compiled = fn.lower(target["params"], target["opt_state"], target["params"]).compile()
+  with _no_persistent_cache():
+    compiled = fn.lower(target["params"], target["opt_state"], target["params"]).compile()
   return (int(compiled.memory_analysis().temp_size_in_bytes),
           count_collectives(compiled.as_text()))
 
@@ -361,14 +412,18 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
 
   step = step_lib.make_train_step(config, ts.spec, ts.tx, mesh, shardings)
   t0 = time.perf_counter()
-  compiled = step.lower(ts.target, batch).compile()
+  with _no_persistent_cache():
+    compiled = step.lower(ts.target, batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
   cost = _cost(compiled)
   temp_b = int(mem.temp_size_in_bytes)
   parts = {"params": params_b, "optimizer": opt_b - epi_b + other_b, "epi": epi_b,
-           "batch": batch_b, "temp": temp_b}
+           "batch": batch_b}
+  # The device's layouts pad small dimensions to its tiles (TPU: 8 x 128).
+  parts["padding"] = max(0, int(mem.argument_size_in_bytes) - sum(parts.values()))
+  parts["temp"] = temp_b
   total = sum(parts.values())
 
   chips = int(mesh.size)
@@ -462,7 +517,7 @@ def _row(r) -> str:
   coll = ", ".join(f"{k} {v}" for k, v in c.items() if v) or "none"
   upd = r.get("epi_update") or {}
   return (f"| {r['method_name']} | {g['params']:.2f} | {g['optimizer']:.2f} | {g['epi']:.2f} | "
-          f"{g['batch']:.3f} | {g['temp']:.2f} | {g['total']:.2f} / {g['capacity']:g} | "
+          f"{g['batch']:.3f} | {g['padding']:.2f} | {g['temp']:.2f} | {g['total']:.2f} / {g['capacity']:g} | "
           f"{'yes' if r['fits'] else 'NO'} | {r['flops_per_step']:.3g} | "
           f"{r['bytes_per_step']:.3g} | {r['est_step_s']:.3g} | {r['est_mfu']:.0%} | {coll} | "
           f"{upd.get('temp_gib', 0):.2f} | {r['attention_kernel']} | {r['compile_s']} |")
@@ -501,10 +556,10 @@ def plan_main(argv=None) -> int:
   print(f"{PROG}: {topo.name} = {topo.libtpu_name}, {len(devices)} {topo.chip.name} chips, "
         f"{topo.chip.hbm_gib:g} GiB HBM each; per chip; est_* are a roofline estimate "
         "(peak bf16 FLOP/s, HBM bandwidth), not a measurement", file=sys.stderr)
-  print("| method | params GiB | optimizer GiB | EPI GiB | batch GiB | temp GiB | "
+  print("| method | params GiB | optimizer GiB | EPI GiB | batch GiB | padding GiB | temp GiB | "
         "total / HBM GiB | fits | FLOPs/step | bytes/step | est. step s | est. MFU | "
         "collectives | update-alone temp GiB | attention | compile s |")
-  print("|---" * 16 + "|")
+  print("|---" * 17 + "|")
   for name in methods:
     try:
       config = load_config_file(args.config)

@@ -1,0 +1,147 @@
+"""``epi-jax plan``: the train step compiled by the TPU compiler (libtpu) on this CPU host.
+
+Compile-only (no TPU): configs/tiny.py at seq 128 on ``v5e-4``. libtpu comes
+with the ``tpu`` extra that ``dev`` includes (``make test``); without it these
+tests fail and say how to install it.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from epi_jax.model import attention as attn_lib
+from epi_jax.training import plan, sharding
+from epi_jax.training import config as cfg_lib
+from epi_jax.training import step as step_lib
+from epi_jax.training import trainer
+from epi_jax.utils import platforms
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+SMALL = ["--config.data.seq_len=128", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+
+
+@pytest.fixture(scope="module")
+def v5e4():
+  if not platforms.libtpu_available():
+    pytest.fail("libtpu is not installed: pip install 'epi_jax[tpu]' (make test installs "
+                "it through the dev extra)")
+  topo = plan.topology("v5e-4")
+  return topo, plan.topology_devices(topo)
+
+
+def _tiny(**fields):
+  config = plan.load_config_file(TINY)
+  for key, value in {"data.seq_len": 128, "mesh.data": 1, "mesh.fsdp": -1, **fields}.items():
+    plan.set_field(config, key, value)
+  return config
+
+
+def test_topology_names():
+  assert plan.topology("v5e-4").libtpu_name == "v5e:2x2"
+  assert plan.topology("v5p-8").libtpu_name == "v5p:2x2x1" and plan.topology("v5p-8").chips == 4
+  assert plan.topology("v5e-256").chips == 256 and plan.topology("v5p-64").chips == 32
+  assert plan.topology("v5e:2x2").chips == 4
+  with pytest.raises(ValueError, match="v5e-4"):
+    plan.topology("v9-3")
+
+
+def test_plan_full_and_epi_on_v5e_4(v5e4, tmp_path, capsys):
+  out = tmp_path / "plan.json"
+  assert plan.plan_main(["--config", TINY, "--topology", "v5e-4", "--methods", "full,epi",
+                         "--json", str(out), *SMALL]) == 0
+  table = capsys.readouterr().out
+  assert "| full |" in table and "| epi |" in table
+  records = {r["method_name"]: r for r in json.loads(out.read_text())}
+  assert set(records) == {"full", "epi"}
+  for name, r in records.items():
+    for key in ("topology", "chips", "method", "hbm_gib", "fits", "flops_per_step",
+                "bytes_per_step", "est_step_s", "est_mfu", "collectives", "epi_update",
+                "epi_update_all_gathers", "attention_kernel", "compile_s"):
+      assert key in r, (name, key)
+    g = r["hbm_gib"]
+    assert r["topology"] == "v5e-4" and r["chips"] == 4 and g["capacity"] == 16
+    parts = g["params"] + g["optimizer"] + g["epi"] + g["batch"] + g["padding"] + g["temp"]
+    assert abs(parts - g["total"]) < 1e-9 * max(1.0, g["total"]), name
+    assert r["fits"] == (g["total"] <= g["capacity"])
+    # The compiled step's arguments are the state and the batch in the TPU's tiled layouts.
+    b = r["bytes"]
+    assert b["compiled_arguments"] == (b["params"] + b["optimizer"] + b["epi"] + b["batch"]
+                                       + b["padding"])
+    assert b["total"] == b["compiled_arguments"] + b["temp"] and b["temp"] > 0
+    assert set(r["collectives"]) == set(plan.COLLECTIVES)
+    assert r["epi_update_all_gathers"] == r["epi_update"]["collectives"]["all-gather"]
+    assert r["flops_per_step"] > 0 and r["bytes_per_step"] > 0
+    assert 0 < r["est_mfu"] <= 1 and r["est_step_s"] > 0
+    # tiny's attention is "auto": splash for a TPU mesh, as the Mosaic kernel.
+    assert r["attention_kernel"] == "splash (Mosaic kernel)"
+  assert records["full"]["hbm_gib"]["epi"] == 0 and records["epi"]["hbm_gib"]["epi"] > 0
+
+
+def test_flops_scanned_and_unscanned_agree(v5e4):
+  topo, devices = v5e4
+  flops = [plan.compile_plan(_tiny(**{"model.scan_layers": scan, "method": "full"}), devices,
+                             chip=topo.chip, update=False)["flops_per_step"]
+           for scan in (False, True)]
+  assert abs(flops[0] - flops[1]) <= 0.02 * flops[0]
+
+
+def _compiled_text(config, devices):
+  config = cfg_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  ts = trainer.setup(config, mesh)
+  step = step_lib.make_train_step(config, ts.spec, ts.tx, mesh, ts.shardings)
+  return step.lower(ts.target, plan.abstract_batch(config, mesh)).compile().as_text()
+
+
+def test_splash_is_the_mosaic_kernel_for_tpu_and_interpreted_on_cpu(v5e4):
+  _, devices = v5e4
+  # fsdp 2 x tensor 2: the kernel under a shard_map over the batch and the heads.
+  fields = {"model.attention": "splash", "method": "full", "mesh.fsdp": 2, "mesh.tensor": 2}
+  assert "tpu_custom_call" in _compiled_text(_tiny(**fields), devices)
+  assert "tpu_custom_call" not in _compiled_text(_tiny(**fields), jax.devices("cpu"))
+
+
+def test_splash_under_a_cpu_mesh_equals_xla():
+  """Interpret mode, one kernel per (batch, heads) shard: the same as unsharded xla."""
+  mesh = jax.make_mesh((1, 2, 2), sharding.MESH_AXES, devices=jax.devices("cpu")[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  r = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(r[0], (4, 128, 4, 16))
+  k, v = (jax.random.normal(x, (4, 128, 2, 16)) for x in r[1:])
+  seg = jnp.asarray(np.repeat([[1] * 100 + [0] * 28], 4, axis=0), jnp.int32)
+
+  def f(q, k, v, seg):
+    with attn_lib.on_mesh(mesh):
+      return attn_lib.attention(q, k, v, q_segment_ids=seg, implementation="splash")
+
+  want = attn_lib.attention(q, k, v, q_segment_ids=seg, implementation="xla")
+  got = jax.jit(f)(q, k, v, seg)
+  np.testing.assert_allclose(np.asarray(got)[:, :100], np.asarray(want)[:, :100], atol=2e-3)
+
+
+def test_plan_without_libtpu_says_how_to_install(monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu fails
+  monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+  assert not platforms.libtpu_available()
+  assert plan.plan_main(["--config", TINY, "--topology", "v5e-4"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "pip install 'epi_jax[tpu]'" in err
+
+
+def test_import_epi_jax_with_libtpu_installed_is_silent():
+  """No TPU here: with JAX_PLATFORMS unset, JAX starts without libtpu's errors."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(
+      [sys.executable, "-c", "import epi_jax, jax; jax.devices(); print(jax.default_backend())"],
+      env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr == "", proc.stderr
+  assert proc.stdout.strip() in ("cpu", "gpu")
