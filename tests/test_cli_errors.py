@@ -66,7 +66,8 @@ def _run_all(cases: dict) -> dict:
 
 HELP = {"": [], "generate": ["generate"], "data": ["data"], "data prepare": ["data", "prepare"],
         "data stats": ["data", "stats"], "train": ["train"], "compare": ["compare"],
-        "evaluate": ["evaluate"], "verdicts": ["verdicts"], "export": ["export"]}
+        "evaluate": ["evaluate"], "verdicts": ["verdicts"], "export": ["export"],
+        "plan": ["plan"]}
 
 
 def test_help_for_every_subcommand():
@@ -131,6 +132,9 @@ def test_bad_input_is_one_line_naming_it_exit_2(bad_inputs, case):
     (["generate", "--prompt", "hi", "--max_new_tokens", "abc"], ["--max_new_tokens", "abc"]),
     (["export", "--workdir", "some_run"], ["--out"]),
     (["verdicts"], ["verdicts"]),
+    (["plan", "--config", TINY, "--topology", "v9-3"], ["--topology", "v9-3"]),
+    (["plan", "--config", TINY, "--topology", "v5e-4", "--methods", "nope"], ["--methods"]),
+    (["plan", "--config", TINY], ["--topology"]),
 ])
 def test_more_bad_input_in_process(capsys, argv, words):
   """More bad flags (in process): argparse's errors and the missing ones, one line too."""

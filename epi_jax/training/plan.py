@@ -517,7 +517,8 @@ def _row(r) -> str:
   coll = ", ".join(f"{k} {v}" for k, v in c.items() if v) or "none"
   upd = r.get("epi_update") or {}
   return (f"| {r['method_name']} | {g['params']:.3g} | {g['optimizer']:.3g} | {g['epi']:.3g} | "
-          f"{g['batch']:.3g} | {g['padding']:.3g} | {g['temp']:.3g} | {g['total']:.3g} / {g['capacity']:g} | "
+          f"{g['batch']:.3g} | {g['padding']:.3g} | {g['temp']:.3g} | "
+          f"{g['total']:.3g} / {g['capacity']:g} | "
           f"{'yes' if r['fits'] else 'NO'} | {r['flops_per_step']:.3g} | "
           f"{r['bytes_per_step']:.3g} | {r['est_step_s']:.3g} | {r['est_mfu']:.0%} | {coll} | "
           f"{upd.get('temp_gib', 0):.3g} | {r['attention_kernel']} | {r['compile_s']} |")
