@@ -31,9 +31,12 @@ a table row and, with ``--json``, one record (per chip):
   dynamic-slice reads only its slice, a dynamic-update-slice writes only its
   update). Both branches of a ``lax.cond`` (EPI's refresh) count, as in
   ``cost_analysis()``.
-* ``est_step_s``, ``est_mfu``: a roofline ESTIMATE, ``max(flops / peak bf16
-  FLOP/s, bytes / HBM bandwidth)`` from the chip's published figures
-  (:data:`CHIPS`); collectives and overlap are not modelled.
+* ``est_step_s``, ``est_mfu``: a roofline ESTIMATE, ``max(executed FLOPs /
+  peak bf16 FLOP/s, bytes / HBM bandwidth)`` from the chip's published figures
+  (:data:`CHIPS`), the executed FLOPs being ``flops_per_step`` plus a third
+  with ``model.remat`` (the recomputed forward), and ``est_mfu =
+  flops_per_step / (est_step_s x peak)``: a bound, not a prediction
+  (collectives, overlap and kernel efficiency are not modelled).
 * ``collectives``: each collective's count in the compiled step (async
   ``-start``/``-done`` pairs counted once); ``epi_update``: the optimizer
   update alone (``tx.update`` + ``optax.apply_updates``, jitted with the step's
@@ -447,7 +450,9 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
       "compile_s": round(compile_s, 1),
   }
   if chip:
-    step_s = max(flops / chip.peak_bf16_flops, bytes_step / chip.hbm_bytes_per_s)
+    # Executed FLOPs: with remat the backward recomputes the forward (+1/3).
+    executed = flops * (4 / 3 if config.model.remat else 1.0)
+    step_s = max(executed / chip.peak_bf16_flops, bytes_step / chip.hbm_bytes_per_s)
     record["est_step_s"] = step_s
     record["est_mfu"] = flops / (step_s * chip.peak_bf16_flops) if step_s else None
   if update:
