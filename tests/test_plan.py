@@ -53,6 +53,14 @@ def test_topology_names():
     plan.topology("v9-3")
 
 
+def test_hosts_as_on_real_slices(v5e4):
+  """One host up to 8 v5e chips; 4 chips per host beyond, and on v5p (megacore)."""
+  hosts = lambda name: {d.process_index for d in plan.topology_devices(plan.topology(name))}
+  assert len(hosts("v5e-8")) == 1 and len(hosts("v5e-16")) == 4
+  devices = plan.topology_devices(plan.topology("v5p-64"))
+  assert len(devices) == 32 and len({d.process_index for d in devices}) == 8
+
+
 def test_plan_full_and_epi_on_v5e_4(v5e4, tmp_path, capsys):
   out = tmp_path / "plan.json"
   assert plan.plan_main(["--config", TINY, "--topology", "v5e-4", "--methods", "full,epi",
