@@ -95,10 +95,17 @@ def test_plan_full_and_epi_on_v5e_4(v5e4, tmp_path, capsys):
 
 def test_flops_scanned_and_unscanned_agree(v5e4):
   topo, devices = v5e4
-  flops = [plan.compile_plan(_tiny(**{"model.scan_layers": scan, "method": "full"}), devices,
-                             chip=topo.chip, update=False)["flops_per_step"]
-           for scan in (False, True)]
-  assert abs(flops[0] - flops[1]) <= 0.02 * flops[0]
+  unscanned, scanned = [
+      plan.compile_plan(_tiny(**{"model.scan_layers": scan, "method": "full",
+                                 "data.batch_size": 24}), devices, chip=topo.chip, update=False)
+      for scan in (False, True)]
+  assert scanned["loop_trip_counts"] == [2, 2]  # forward and backward scans over 2 layers
+  assert abs(unscanned["flops_per_step"] - scanned["flops_per_step"]) <= (
+      0.02 * unscanned["flops_per_step"])
+  # Bytes: the loops' bodies counted once by XLA, the other iteration estimated from the
+  # HLO (0.72 of the unscanned build measured here; XLA's count alone gave 0.49).
+  ratio = scanned["bytes_per_step"] / unscanned["bytes_per_step"]
+  assert 0.6 < ratio < 1.4, ratio
 
 
 def _compiled_text(config, devices):

@@ -26,10 +26,11 @@ a table row and, with ``--json``, one record (per chip):
 * ``bytes_per_step``: HBM bytes the step reads and writes per chip:
   ``cost_analysis()``'s ``bytes accessed`` plus, for each ``while`` loop with a
   known trip count (the scanned layers, gradient accumulation), ``trip - 1``
-  more times its body's bytes, estimated from the compiled HLO (every
-  top-level op of the body reads its operands and writes its result; a
-  dynamic-slice reads only its slice, a dynamic-update-slice writes only its
-  update). Both branches of a ``lax.cond`` (EPI's refresh) count, as in
+  more times its body's bytes, estimated from the compiled HLO as XLA counts
+  them (every op of the body reads its operands and writes its result; a
+  fusion reads only the slices of an operand it only slices, e.g. one layer
+  of the stacked params; a dynamic-update-slice writes only its update).
+  Both branches of a ``lax.cond`` (EPI's refresh) count, as in
   ``cost_analysis()``.
 * ``est_step_s``, ``est_mfu``: a roofline ESTIMATE, ``max(executed FLOPs /
   peak bf16 FLOP/s, bytes / HBM bandwidth)`` from the chip's published figures
@@ -187,7 +188,8 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return {k: int(counts.get(k, 0)) for k in COLLECTIVES}
 
 
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]"
+                    r"(?:\{([\d,]*)(?::([^}]*))?\})?")
 _BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
@@ -196,12 +198,23 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "afte
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:
-  """``[(bytes, leading dim), ...]`` of the array shapes written in ``text``."""
+  """``[(bytes, leading dim), ...]`` of the array shapes written in ``text``, in
+  their layouts' tiles where given (TPU: ``{1,0:T(8,128)}`` pads the two most
+  minor dimensions to 8 x 128, as the device stores them)."""
   out = []
-  for dtype, dims in _SHAPE.findall(text):
+  for dtype, dims, minor_to_major, attrs in _SHAPE.findall(text):
     size = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
     d = [int(x) for x in dims.split(",") if x]
-    out.append((size * math.prod(d), d[0] if d else 0))
+    padded = list(d)
+    tile = re.match(r"T\(([\d,]+)\)", attrs or "")
+    order = [int(x) for x in minor_to_major.split(",") if x]
+    if tile and order and len(order) == len(d):
+      t = [int(x) for x in tile.group(1).split(",")]
+      for k, tk in enumerate(reversed(t)):  # the tile's last dim is the most minor
+        if k < len(order):
+          dim = order[k]
+          padded[dim] = -(-padded[dim] // tk) * tk
+    out.append((size * math.prod(padded), d[0] if d else 0))
   return out
 
 
@@ -238,31 +251,70 @@ def _trip_count(line: str, comps) -> int | None:
   return int(consts[args[1]]) if len(args) == 2 and args[1] in consts else None
 
 
-def _body_bytes(lines, trips: int) -> float:
-  """One iteration's HBM bytes of a loop body: every op reads its operands and
-  writes its result (operand shapes by name); an array stacked over the loop
-  (leading dim == ``trips``: scanned layers' params, saved activations) is
-  read or written one slice per iteration."""
+def _fusion_reads(lines) -> tuple[dict[int, float], float | None]:
+  """What a fused computation reads of each parameter and writes, as XLA's cost
+  analysis counts it: a parameter used only through (dynamic-)slices reads the
+  slices; a dynamic-update-slice root writes its update (in place), its target
+  operand is not read. ``({param index: bytes or -1 (whole)}, written or None)``."""
+  params, sizes, users, root = {}, {}, collections.defaultdict(list), None
+  for line in lines:
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, result, opcode, rest = m.groups()
+    sizes[name] = sum(b for b, _ in _shapes(result))
+    if opcode == "parameter":
+      params[name] = int(re.match(r"\s*(\d+)", rest).group(1))
+      continue
+    operands = re.findall(r"%([\w.\-]+)", re.split(r"\),\s*[a-z_]+=", rest, maxsplit=1)[0])
+    for i, op in enumerate(operands):
+      users[op].append((opcode, i, name, operands))
+    if line.lstrip().startswith("ROOT"):
+      root = (opcode, operands)
+  reads = {}
+  for name, index in params.items():
+    uses = users.get(name, [])
+    if uses and all(op in ("dynamic-slice", "slice") and i == 0 for op, i, _, _ in uses):
+      reads[index] = float(sum(sizes[u] for _, _, u, _ in uses))
+    elif (uses and root and root[0] == "dynamic-update-slice" and root[1]
+          and root[1][0] == name and len(uses) == 1):
+      reads[index] = 0.0
+    else:
+      reads[index] = -1.0
+  written = None
+  if root and root[0] == "dynamic-update-slice" and len(root[1]) > 1:
+    written = float(sizes.get(root[1][1], 0))
+  return reads, written
+
+
+def _body_bytes(lines, comps) -> float:
+  """One iteration's HBM bytes of a loop body, counted as XLA's cost analysis
+  counts a computation: each op reads its operands and writes its result; a
+  fusion reads only the slices of an operand that it only slices, and a
+  dynamic-update-slice (fused or not) writes only its update."""
   sizes = {}
   for line in lines:
     m = _INSTR.match(line)
     if m:
-      sizes[m.group(1)] = _shapes(m.group(2))
-  per_slice = lambda shapes: sum(b / trips if trips > 1 and lead == trips else b
-                                 for b, lead in shapes)
+      sizes[m.group(1)] = sum(b for b, _ in _shapes(m.group(2)))
   total = 0.0
   for line in lines:
     m = _INSTR.match(line)
     if not m or m.group(3) in _FREE:
       continue
-    operands = re.split(r"\),\s*[a-z_]+=", m.group(4), maxsplit=1)[0]
-    names = re.findall(r"%([\w.\-]+)", operands)
-    out = per_slice(sizes[m.group(1)])
-    ins = [per_slice(sizes.get(n, [])) for n in names]
-    if m.group(3) == "dynamic-slice":
+    name, _, opcode, rest = m.groups()
+    operands = re.findall(r"%([\w.\-]+)", re.split(r"\),\s*[a-z_]+=", rest, maxsplit=1)[0])
+    ins = [sizes.get(n, 0) for n in operands]
+    out = sizes[name]
+    if opcode == "dynamic-slice":
       total += 2 * out
-    elif m.group(3) == "dynamic-update-slice":
+    elif opcode == "dynamic-update-slice":
       total += 2 * (ins[1] if len(ins) > 1 else out)
+    elif opcode == "fusion":
+      callee = re.search(r"calls=%?([\w.\-]+)", line)
+      reads, written = _fusion_reads(comps.get(callee.group(1), [])) if callee else ({}, None)
+      total += sum(b if reads.get(i, -1.0) < 0 else reads[i] for i, b in enumerate(ins))
+      total += out if written is None else written
     else:
       total += out + sum(ins)
   return total
@@ -287,7 +339,7 @@ def loop_extra_bytes(hlo_text: str) -> tuple[float, list[int]]:
         if body and body.group(1) in comps and n:
           found.append(n)
           lines_b = comps[body.group(1)]
-          extra += (mult * n - mult) * _body_bytes(lines_b, n)
+          extra += (mult * n - mult) * _body_bytes(lines_b, comps)
           extra += walk(lines_b, mult * n, depth + 1)
       elif m.group(3) in ("conditional", "call"):
         for callee in re.findall(r"(?:branch_computations=\{|true_computation=|"
