@@ -146,6 +146,8 @@ def test_plan_without_libtpu_says_how_to_install(monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu fails
   monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
   assert not platforms.libtpu_available()
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  assert platforms.skip_absent_tpu() is None  # import epi_jax changes nothing without it
   assert plan.plan_main(["--config", TINY, "--topology", "v5e-4"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "pip install 'epi_jax[tpu]'" in err
