@@ -77,11 +77,10 @@ def _patched(obj, name, value):
     setattr(obj, name, old)
 
 
-def _no_search(options, layout, groups, scores):
+def _no_search(options, layout, ranked):
   """``_cuts`` without normalization and search: constant scales and thresholds."""
-  del options, scores
-  return (isolation._no_cuts(layout),  # pylint: disable=protected-access
-          [jnp.zeros(g.leaf.shape, jnp.bool_) for g in groups], jnp.float32(0.0))
+  del ranked
+  return isolation._no_cuts(options, layout), jnp.float32(0.0)  # pylint: disable=protected-access
 
 
 def _no_stats(options, layout, mask, old_mask, first_mask, old, threshold):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from epi_jax.method import compact, grouping, selection
+from epi_jax.method import compact, selection
 from epi_jax.method.layout import Leaf, can_isolate, eligible_mask, leaf_layout, path_str
 from epi_jax.method.options import EPIOptions, Eligible, LayerAxes, is_refresh_step
 
@@ -113,19 +113,16 @@ def _scores_finite(importance: str, g_leaves, p_leaves) -> jax.Array:
   norm, ``optax.tree.norm``'s own sum, which a step that also clips or logs
   the norm has already (XLA computes it once for both). A finite sum means
   finite scores (they are >= 0); only a sum that is not has the scores
-  themselves checked, recomputed in a ``lax.cond`` (so no score array is
-  materialized on the common path): ``sum(s - s)`` is NaN exactly when some
-  score is inf or NaN (XLA does not fold ``x - x`` for floats), taken over
-  the scores stacked by shape (``grouping.stack_alike``).
+  themselves checked, recomputed in a ``lax.cond``: ``sum(s - s)`` is NaN
+  exactly when some score is inf or NaN (XLA does not fold ``x - x`` for
+  floats), one fused reduction per leaf (no score array is materialized).
   """
   def scores(g_leaves, p_leaves):
     return [_score(importance, g, p) for g, p in zip(g_leaves, p_leaves)]
 
   def entries_finite(g_leaves, p_leaves):
-    total = jnp.float32(0.0)
-    # Leaves of one shape stacked: a sum per shape, not per leaf, to compile.
-    for x in grouping.stack_alike(scores(g_leaves, p_leaves))[0]:
-      total = total + jnp.sum(x - x, dtype=jnp.float32)
+    total = sum((jnp.sum(s - s, dtype=jnp.float32) for s in scores(g_leaves, p_leaves)),
+                jnp.float32(0.0))
     return jnp.isfinite(total)
 
   if importance == "grad_sq":
@@ -177,16 +174,12 @@ def _ranked(options: EPIOptions, importance, params):
                       if can_isolate(t0.dtype) else t0, importance, params)
 
 
-def _scores(layout: list[Leaf], ranked) -> list[jax.Array]:
-  """float32 scores of the ranked values, elementwise (fused where used)."""
-  out = []
-  for leaf, r in zip(layout, jax.tree.leaves(ranked)):
-    if r.dtype == jnp.bfloat16:
-      # Ties inside one bf16 value broken by a fixed hash of the in-layer index.
-      out.append(compact.dequantize_with_tiebreak(r, skip_axis=leaf.axis))
-    else:
-      out.append(r.astype(jnp.float32))
-  return out
+def _score_of(leaf: Leaf, ranked) -> jax.Array:
+  """float32 scores of a leaf's ranked values, elementwise (fused where used)."""
+  if ranked.dtype == jnp.bfloat16:
+    # Ties inside one bf16 value broken by a fixed hash of the in-layer index.
+    return compact.dequantize_with_tiebreak(ranked, skip_axis=leaf.axis)
+  return ranked.astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -209,9 +202,9 @@ def _scale(normalization: str, leaf: Leaf, score) -> jax.Array:
   return 1.0 / (reduce(score, axis=leaf.reduce_axes, keepdims=leaf.axis is not None) + tiny)
 
 
-def _bits(leaf: Leaf, score, scale) -> jax.Array:
+def _bits(leaf: Leaf, ranked, scale) -> jax.Array:
   """Normalized score bits; -1 (never selected) at ineligible slices."""
-  bits = selection.score_bits(score * scale)
+  bits = selection.score_bits(_score_of(leaf, ranked) * scale)
   elig = eligible_mask(leaf)
   return bits if elig is True else jnp.where(elig, bits, -1)
 
@@ -222,93 +215,84 @@ class Cuts(NamedTuple):
   stacked leaf, shaped to broadcast against the leaf.
 
   Only these small arrays leave the refresh: the masks are rebuilt from them
-  elementwise, leaf by leaf (``_top_masks``). Per leaf, not per group: a
-  group's vector sliced at each member's offset inside the per-leaf fusions
-  would make every leaf's fusion a kernel of its own (the offset is a
-  constant of the kernel), where leaves of one shape share one kernel.
+  elementwise, leaf by leaf (``_top_masks``).
   """
   scales: list[Optional[jax.Array]]  # float32 [] or [slices] broadcast
-  thrs: list[Optional[jax.Array]]    # int32, shaped like the scales
+  thrs: list[Optional[jax.Array]]    # int32: a scalar (global selection), else like the scales
 
 
-def _groups(layout: list[Leaf], scores: list[jax.Array]) -> list[grouping.Group]:
-  """The leaves with an eligible slice, grouped by slice shape (``grouping``)."""
-  return grouping.make_groups(layout, {i: scores[i] for i, leaf in enumerate(layout)
-                                       if leaf.any_eligible})
-
-
-def _stacks(groups, layout: list[Leaf], leaves: list[jax.Array], unpack=None
-            ) -> list[jax.Array]:
-  """Per group, its members of ``leaves`` stacked along the group's layer axis;
-  ``unpack`` (a bool per group): stored masks read as bools in those groups."""
-  unpack = unpack or [False] * len(groups)
-  return [grouping.stack(g, layout, {i: _as_bool(leaves[i], layout[i].shape) if u
-                                     else leaves[i] for i in g.members})
-          for g, u in zip(groups, unpack)]
-
-
-def _no_cuts(layout: list[Leaf]) -> Cuts:
-  """The cuts of no refresh: scale 1, threshold NEVER, for every slice."""
+def _no_cuts(options: EPIOptions, layout: list[Leaf]) -> Cuts:
+  """The cuts of no refresh: scale 1, threshold NEVER, for every slice (one
+  scalar threshold under global selection, as the refresh's)."""
   ones = [_scale("none", leaf, None) if leaf.any_eligible else None for leaf in layout]
-  return Cuts(ones, [None if d is None else jnp.full(d.shape, selection.NEVER, jnp.int32)
+  never = lambda shape: jnp.full(shape, selection.NEVER, jnp.int32)  # pylint: disable=unnecessary-lambda-assignment
+  return Cuts(ones, [None if d is None else never(() if options.selection == "global" else d.shape)
                      for d in ones])
 
 
-def _cuts(options: EPIOptions, layout: list[Leaf], groups, scores: list[jax.Array]):
-  """A refresh's cuts, the top-k masks stacked per group, and the global threshold.
+def _cuts(options: EPIOptions, layout: list[Leaf], ranked: list[jax.Array]):
+  """A refresh's cuts and the global threshold (0 under ``selection="layer"``).
 
-  Each leaf (or slice) is normalized by its own reduction, as if alone, so
-  the masks do not depend on how leaves are grouped; from the normalized bits
-  on, everything runs on one array per group (a few for a whole model), not
-  per leaf: XLA's compile time grows with the number of ops in the graph.
-  The search counts exactly.
+  Each leaf (or slice) is normalized by its own reduction. The search then
+  counts, in each of its passes, the normalized score bits of every eligible
+  leaf, computed in that pass from the importance and the leaf's small scale
+  vector (``selection._in_loop``): one fused read of the importance per pass,
+  per leaf, and nothing parameter-sized materialized, copied or resharded
+  (each leaf is counted where it lives; only counts are reduced across
+  devices). The search counts exactly.
   """
-  scales = [_scale(options.normalization, leaf, s) for leaf, s in zip(layout, scores)]
-  bits = _stacks(groups, layout, [_bits(leaf, s, d) if leaf.any_eligible else None
-                                  for leaf, s, d in zip(layout, scores, scales)])
+  elig = [i for i, leaf in enumerate(layout) if leaf.any_eligible]
+  scales = [None] * len(layout)
+  for i in elig:
+    scales[i] = _scale(options.normalization, layout[i], _score_of(layout[i], ranked[i]))
+  operands = ([ranked[i] for i in elig], [scales[i] for i in elig])
+
+  def bits_fn(ops):
+    return [_bits(layout[i], r, d) for i, r, d in zip(elig, *ops)]
+
+  axes = [layout[i].axis for i in elig]
   never = jnp.int32(selection.NEVER)  # above every score's bits
-  slices = [(g.leaf.shape[g.leaf.axis],) for g in groups]
+  thrs = [None] * len(layout)
   if options.selection == "global":
     n = sum(leaf.num_eligible for leaf in layout)
     k = selection.topk_count(options.isolation_ratio, n)
-    thr = selection.kth_largest_bits(bits, k, 1)
-    thrs = [jnp.full(shape, thr, jnp.int32) for shape in slices]
-    leaf_thrs = [leaf.broadcast(jnp.full((leaf.shape[leaf.axis],) if leaf.axis is not None
-                                         else (), thr, jnp.int32))
-                 if leaf.any_eligible else None for leaf in layout]
+    thr = selection.kth_largest_bits(operands, k, 1, bits_fn=bits_fn, axes=axes)
+    # One scalar for every leaf: a per-slice copy of it, broadcast against a
+    # sharded leaf, is laid out by the partitioner on its own (TPU: a
+    # parameter-sized broadcast and an all-to-all per leaf).
+    for i in elig:
+      thrs[i] = thr
+    threshold = jax.lax.bitcast_convert_type(jnp.maximum(thr, 0), jnp.float32)
   else:  # per-layer top-p: one search per slice, all in one loop
     ks = []
-    for g, shape in zip(groups, slices):
-      k = selection.topk_count(options.isolation_ratio, g.leaf.slice_size)
+    for i in elig:
+      leaf = layout[i]
+      k = selection.topk_count(options.isolation_ratio, leaf.slice_size)
+      shape = (leaf.shape[leaf.axis],) if leaf.axis is not None else ()
       ks.append(selection._Count(jnp.broadcast_to(k.hi, shape), jnp.broadcast_to(k.lo, shape)))
-    found = selection.kth_largest_bits_per_slice(bits, [g.leaf.axis for g in groups], ks)
-    thrs = [t if all(g.leaf.eligible) else jnp.where(jnp.asarray(g.leaf.eligible), t, never)
-            for g, t in zip(groups, found)]
-    thr = jnp.int32(0)
-    leaf_thrs = [None] * len(layout)
-    for g, t in zip(groups, thrs):  # tiny slices, once per refresh
-      for i, ti in zip(g.members, grouping.split(g, layout, t)):
-        leaf_thrs[i] = layout[i].broadcast(ti)
-  top = [b >= g.leaf.broadcast(t) for g, b, t in zip(groups, bits, thrs)]
-  threshold = jax.lax.bitcast_convert_type(jnp.maximum(thr, 0), jnp.float32)
-  scales = [d if leaf.any_eligible else None for leaf, d in zip(layout, scales)]
-  return Cuts(scales, leaf_thrs), top, threshold
+    found = selection.kth_largest_bits_per_slice(operands, axes, ks, bits_fn=bits_fn)
+    for i, t in zip(elig, found):
+      leaf = layout[i]
+      if not all(leaf.eligible):
+        t = jnp.where(jnp.asarray(leaf.eligible), t, never)
+      thrs[i] = leaf.broadcast(t)
+    threshold = jnp.float32(0.0)
+  return Cuts(scales, thrs), threshold
 
 
-def _top_masks(layout: list[Leaf], scores, scales, thrs) -> list[jax.Array]:
+def _top_masks(layout: list[Leaf], ranked, scales, thrs) -> list[jax.Array]:
   """Bool top-k masks, elementwise from a refresh's per-leaf ``Cuts``."""
-  return [_bits(leaf, s, d) >= t if leaf.any_eligible else jnp.zeros(leaf.shape, jnp.bool_)
-          for leaf, s, d, t in zip(layout, scores, scales, thrs)]
+  return [_bits(leaf, r, d) >= t if leaf.any_eligible else jnp.zeros(leaf.shape, jnp.bool_)
+          for leaf, r, d, t in zip(layout, ranked, scales, thrs)]
 
 
 def select_mask(importance, options: EPIOptions, params=None) -> tuple[Any, jax.Array]:
   """The bool mask a refresh would choose from ``importance`` (and the global
   threshold): the top-k of the normalized scores. For benchmarks and analysis."""
   layout = leaf_layout(options, importance)
-  scores = _scores(layout, _ranked(options, importance, params))
-  groups = _groups(layout, scores)
-  cuts, _, threshold = _cuts(options, layout, groups, scores)
-  masks = _top_masks(layout, scores, *cuts)
+  ranked = jax.tree.leaves(_ranked(options, importance, params))
+  cuts, threshold = _cuts(options, layout, ranked)
+  masks = _top_masks(layout, ranked, *cuts)
   return jax.tree.unflatten(jax.tree.structure(importance), masks), threshold
 
 
@@ -346,37 +330,36 @@ def _with_hysteresis(release_after: int, top: list, old_mask: list, old_streak):
   return masks, streaks
 
 
-def _mask_count(masks) -> selection._Count:
-  """Set entries of a list of bool or packed (uint8) masks."""
+def _mask_count(layout: list[Leaf], masks) -> selection._Count:
+  """Set entries of per-leaf bool masks (fused reductions, a stacked leaf
+  counted per slice)."""
   total = selection.count_from_int(0)
-  for m in masks:
-    n = compact.popcount(m) if m.dtype == jnp.uint8 else selection.count_true(m)
-    total = selection._add(total, selection._split(n))
+  for leaf, m in zip(layout, masks):
+    total = selection._add(total, selection.leaf_count(m, leaf.axis))
   return total
 
 
-# Bitwise ops act on bool and packed masks alike.
-def _jaccard(a: list, b: list) -> jax.Array:
-  inter = selection.count_to_float(_mask_count(map(jnp.bitwise_and, a, b)))
-  union = selection.count_to_float(_mask_count(map(jnp.bitwise_or, a, b)))
+def _jaccard(layout, a: list, b: list) -> jax.Array:
+  inter = selection.count_to_float(_mask_count(layout, map(jnp.logical_and, a, b)))
+  union = selection.count_to_float(_mask_count(layout, map(jnp.logical_or, a, b)))
   return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
 
 
 def _refresh_stats(options: EPIOptions, layout, mask, old_mask, first_mask, old: RefreshStats,
                    threshold) -> RefreshStats:
-  """The statistics of a refresh, from its bool masks stacked per group (the
-  new, the previous and, when tracked, the first one)."""
+  """The statistics of a refresh, from per-leaf bool masks (the new, the
+  previous and, when tracked, the first one), each count one fused read."""
   n_elig = selection.count_to_float(selection.count_from_int(
       sum(leaf.num_eligible for leaf in layout)))
   first = old.num_refreshes == 0
   return RefreshStats(
       num_refreshes=old.num_refreshes + 1,
-      isolated_fraction=(selection.count_to_float(_mask_count(mask))
+      isolated_fraction=(selection.count_to_float(_mask_count(layout, mask))
                          / jnp.maximum(n_elig, 1.0)).astype(jnp.float32),
       num_flipped=selection.count_to_float(
-          _mask_count(map(jnp.bitwise_xor, mask, old_mask))).astype(jnp.float32),
-      jaccard_prev=jnp.where(first, 1.0, _jaccard(mask, old_mask)).astype(jnp.float32),
-      jaccard_first=(_jaccard(mask, first_mask) if options.track_first_mask
+          _mask_count(layout, map(jnp.logical_xor, mask, old_mask))).astype(jnp.float32),
+      jaccard_prev=jnp.where(first, 1.0, _jaccard(layout, mask, old_mask)).astype(jnp.float32),
+      jaccard_first=(_jaccard(layout, mask, first_mask) if options.track_first_mask
                      else old.jaccard_first).astype(jnp.float32),
       threshold=threshold.astype(jnp.float32))
 
@@ -458,45 +441,41 @@ def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params) -> EPI
   # recomputed the EMA could round differently (FMA) and pick a different mask
   # than the one the refresh counted. (The float32 scores of bf16 values are
   # exact elementwise functions of it, recomputed where they are used.)
-  ranked = jax.lax.optimization_barrier(_ranked(options, importance, params))
+  ranked = treedef.flatten_up_to(
+      jax.lax.optimization_barrier(_ranked(options, importance, params)))
   old_mask = treedef.flatten_up_to(state.mask)
   old_first = treedef.flatten_up_to(state.first_mask) if options.track_first_mask else None
   old_streak = treedef.flatten_up_to(state.out_streak) if options.release_after > 1 else ()
   old_stats = RefreshStats(state.num_refreshes, state.isolated_fraction, state.num_flipped,
                            state.jaccard_prev, state.jaccard_first, state.threshold)
+  shapes = [leaf.shape for leaf in layout]
 
-  # Only small arrays cross the cond: the refresh branch finds the cuts (and
-  # the statistics of the new mask) on the leaves stacked per group, so its
-  # graph holds a few ops per group, not per leaf; the mask itself is then
-  # rebuilt elementwise outside, leaf by leaf, fused with the update that it
-  # masks. Big arrays returned through a cond's branches cost copies on every
-  # step.
-  scores = _scores(layout, ranked)
-  groups = _groups(layout, scores)
-
-  def refresh(ranked):
-    cuts, top, threshold = _cuts(options, layout, groups, _scores(layout, ranked))
-    # The statistics count stored masks stacked per group: packed masks stay
-    # packed (a group's stack packs along its members' last axis, unless that
-    # is the axis they are stacked on).
-    packs = [options.packed_mask and g.leaf.axis != len(g.leaf.shape) - 1 for g in groups]
-    unpack = [not p for p in packs]  # bool masks stay bool; unpacked where they can't stack packed
-    old = _stacks(groups, layout, old_mask, unpack)
-    mask, _ = _with_hysteresis(options.release_after, top, old,
-                               _stacks(groups, layout, old_streak) if old_streak else ())
-    mask = [compact.pack(m) if p else m for m, p in zip(mask, packs)]
+  # Only small arrays cross the cond: the refresh branch finds the cuts and
+  # the statistics of the new mask, every count a fused read of the leaves it
+  # counts (no mask or score is materialized in the branch); the mask itself
+  # is then rebuilt elementwise outside, leaf by leaf, fused with the update
+  # that it masks. Big arrays returned through a cond's branches cost copies
+  # on every step.
+  def refresh(operands):
+    ranked, old_mask, old_first, old_streak = operands
+    cuts, threshold = _cuts(options, layout, ranked)
+    old = [_as_bool(m, s) for m, s in zip(old_mask, shapes)]
+    mask, _ = _with_hysteresis(options.release_after, _top_masks(layout, ranked, *cuts), old,
+                               old_streak)
     first = None
     if options.track_first_mask:
-      first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, _stacks(groups, layout, old_first, unpack))]
+      first = [jnp.where(state.num_refreshes == 0, m, _as_bool(o, s))
+               for m, o, s in zip(mask, old_first, shapes)]
     return cuts, _refresh_stats(options, layout, mask, old, first, old_stats, threshold)
 
-  def keep(ranked):
-    del ranked
-    return _no_cuts(layout), old_stats
+  def keep(operands):
+    del operands
+    return _no_cuts(options, layout), old_stats
 
-  cuts, stats = jax.lax.cond(do_refresh, refresh, keep, ranked)
+  cuts, stats = jax.lax.cond(do_refresh, refresh, keep,
+                             (ranked, old_mask, old_first, old_streak))
   new, streak = _with_hysteresis(
-      options.release_after, _top_masks(layout, scores, *cuts),
+      options.release_after, _top_masks(layout, ranked, *cuts),
       old_mask, old_streak)
   new = [_store(options, m) for m in new]
   pick = lambda n, o: jnp.where(do_refresh, n, o)  # pylint: disable=unnecessary-lambda-assignment

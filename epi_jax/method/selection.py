@@ -127,21 +127,49 @@ def count_true(mask: jax.Array, keep_axis: int | None = None) -> jax.Array:
   return jnp.sum(values, axis=axes, dtype=jnp.int32)
 
 
-def count_at_least(bits_leaves: list[jax.Array], thresholds: jax.Array) -> _Count:
-  """For each threshold t (shape [m]), the number of bits >= t over all leaves."""
-  total = _Count(jnp.zeros_like(thresholds), jnp.zeros_like(thresholds))
-  for bits in bits_leaves:
-    # One pass per leaf and threshold, counted per leaf (no flattening: that
-    # would re-shard, i.e. all-gather, a sharded leaf).
-    per_leaf = jnp.stack([count_true(bits >= thresholds[j])
-                          for j in range(thresholds.shape[0])])
-    total = _add(total, _split(per_leaf))
-  return total
+def leaf_count(mask: jax.Array, axis: int | None = None) -> _Count:
+  """Set entries of one bool leaf as a ``_Count``: a stacked leaf (``axis``)
+  counted per slice first, so a leaf may hold 2**31 entries or more."""
+  if axis is None:
+    return _split(count_true(mask))
+  per_slice = _split(count_true(mask, keep_axis=axis))
+  return _Count(jnp.sum(per_slice.hi), jnp.sum(per_slice.lo))
 
 
-def kth_largest_bits(bits_leaves: list[jax.Array], k: _Count,
-                     bits_per_pass: int = 4) -> jax.Array:
+def _in_loop(operands, carry):
+  """``operands`` as seen inside a search pass: tied to the loop's carry by an
+  optimization barrier, so the elementwise scores computed from them are not
+  loop invariants. XLA would otherwise hoist them out of the loop and
+  materialize every score (a parameter-sized temporary per leaf); tied, each
+  pass is one fused read of its operands."""
+  return jax.lax.optimization_barrier((operands, carry))[0]
+
+
+def count_at_least(bits_leaves: list[jax.Array], thresholds: jax.Array,
+                   axes: list[int | None] | None = None) -> _Count:
+  """For each threshold t (shape [m]), the number of bits >= t over all leaves.
+
+  Counted per leaf (no flattening: that would re-shard, i.e. all-gather, a
+  sharded leaf), a stacked leaf (``axes``) per slice."""
+  axes = axes or [None] * len(bits_leaves)
+  his, los = [], []
+  for j in range(thresholds.shape[0]):
+    total = count_from_int(0)
+    for bits, axis in zip(bits_leaves, axes):
+      total = _add(total, leaf_count(bits >= thresholds[j], axis))
+    his.append(total.hi)
+    los.append(total.lo)
+  return _Count(jnp.stack(his), jnp.stack(los))
+
+
+def kth_largest_bits(operands, k: _Count, bits_per_pass: int = 4, bits_fn=None,
+                     axes: list[int | None] | None = None) -> jax.Array:
   """The smallest bit threshold b with ``#{bits >= b} <= k`` (an int32 scalar).
+
+  ``operands``: the leaves' score bits (int32 arrays), or with ``bits_fn`` what
+  ``bits_fn(operands)`` computes them from in each pass (fused there, never
+  materialized: see ``_in_loop``). ``axes``: each leaf's layer axis (counted
+  per slice), or None.
 
   Selecting ``bits >= b`` then takes exactly k entries when the scores are
   distinct. With ties at the boundary it takes fewer: a group of equal scores
@@ -157,12 +185,14 @@ def kth_largest_bits(bits_leaves: list[jax.Array], k: _Count,
 
   def body(carry):
     lo, hi = carry
+    ops = _in_loop(operands, carry)
+    bits_leaves = bits_fn(ops) if bits_fn is not None else ops
     # Unknown points are lo..hi-1 (count(hi) <= k is known). Split them into
     # m+1 groups and test the last point of each of the first m groups.
     step = (hi - lo + m) // (m + 1)
     j = jnp.arange(1, m + 1, dtype=jnp.int32)
     cand = jnp.minimum(lo + j * step - 1, hi)
-    ok = _leq(count_at_least(bits_leaves, cand), k)
+    ok = _leq(count_at_least(bits_leaves, cand, axes), k)
     # First candidate with count <= k; counts only fall as the threshold rises.
     first = jnp.argmax(ok)
     any_ok = jnp.any(ok)
@@ -175,22 +205,23 @@ def kth_largest_bits(bits_leaves: list[jax.Array], k: _Count,
   return lo
 
 
-def kth_largest_bits_per_slice(bits_leaves: list[jax.Array], axes: list[int | None],
-                               ks: list[_Count]) -> list[jax.Array]:
+def kth_largest_bits_per_slice(operands, axes: list[int | None], ks: list[_Count],
+                               bits_fn=None) -> list[jax.Array]:
   """``kth_largest_bits`` for many independent groups at once, by bisection.
 
   Leaf ``i`` with ``axes[i] = None`` is one group (its threshold is a scalar);
   with an axis, every slice along it is its own group (a threshold per slice,
-  shape ``[L]``). ``ks[i]`` is the ``k`` of each group (shaped alike). One
-  ``while_loop`` runs all the searches (a group that has converged stays put),
-  so the result is exactly that of one ``kth_largest_bits`` call per group,
-  with one loop in the graph instead of one per leaf. Per-slice counts are
-  reduced along the other axes only: a sharded layer axis stays sharded.
+  shape ``[L]``). ``ks[i]`` is the ``k`` of each group (shaped alike).
+  ``operands`` and ``bits_fn`` as in ``kth_largest_bits``. One ``while_loop``
+  runs all the searches (a group that has converged stays put), so the result
+  is exactly that of one ``kth_largest_bits`` call per group, with one loop in
+  the graph instead of one per leaf. Per-slice counts are reduced along the
+  other axes only: a sharded layer axis stays sharded.
   """
 
   def counts(bits, axis, thr):
     if axis is None:
-      return _split(count_true(bits >= thr))
+      return _split(jnp.sum(bits >= thr, dtype=jnp.int32))
     thr = jnp.expand_dims(thr, [a for a in range(bits.ndim) if a != axis])
     return _split(count_true(bits >= thr, keep_axis=axis))
 
@@ -198,6 +229,8 @@ def kth_largest_bits_per_slice(bits_leaves: list[jax.Array], axes: list[int | No
     return jnp.any(jnp.stack([jnp.any(lo < hi) for lo, hi in carry]))
 
   def body(carry):
+    ops = _in_loop(operands, carry)
+    bits_leaves = bits_fn(ops) if bits_fn is not None else ops
     out = []
     for bits, axis, k, (lo, hi) in zip(bits_leaves, axes, ks, carry):
       cand = jnp.minimum(lo + (hi - lo + 1) // 2 - 1, hi)
