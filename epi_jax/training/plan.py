@@ -373,7 +373,7 @@ def attention_kernel(hlo_text: str, implementation: str) -> str:
 
 
 @contextlib.contextmanager
-def _no_persistent_cache():
+def no_persistent_cache():
   """Compiles within neither read nor write JAX's persistent compilation cache:
   compile-only devices have no client to load a cached program with, and a
   plan's programs are for another machine. (JAX decides whether the cache is
@@ -423,7 +423,7 @@ def _update_alone(config, ts, mesh):
   fn = jax.jit(update, in_shardings=(sh["params"], sh["opt_state"], sh["params"]),
                out_shardings=(sh["params"], sh["opt_state"]), donate_argnums=(0, 1))
   target = ts.target
-  with _no_persistent_cache():
+  with no_persistent_cache():
     compiled = fn.lower(target["params"], target["opt_state"], target["params"]).compile()
   return (int(compiled.memory_analysis().temp_size_in_bytes),
           count_collectives(compiled.as_text()))
@@ -467,7 +467,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
 
   step = step_lib.make_train_step(config, ts.spec, ts.tx, mesh, shardings)
   t0 = time.perf_counter()
-  with _no_persistent_cache():
+  with no_persistent_cache():
     compiled = step.lower(ts.target, batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
