@@ -76,9 +76,9 @@ def main(argv=None):
   flag = f"--xla_force_host_platform_device_count={args.devices}"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from epi_jax.training.plan import (load_config_file, parse_value,  # pylint: disable=g-import-not-at-top
-                                     set_field)
-  overrides = [(key.removeprefix("config."), parse_value(value)) for key, value in raw]
+  from epi_jax.training.config import literal, load_config_file  # pylint: disable=g-import-not-at-top
+  from epi_jax.training.plan import set_field  # pylint: disable=g-import-not-at-top
+  overrides = [(key.removeprefix("config."), literal(value)) for key, value in raw]
 
   results = []
   u = args.unit

@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from epi_jax.evaluation import cli
+from epi_jax.training import config as cfg_lib
 from epi_jax.evaluation import compare as cmp
 from epi_jax.evaluation import plots
 from epi_jax.evaluation import report
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     rest, eval_overrides = cli.split_eval_args(argv)
     rest, config_overrides = _split_config_args(rest)
     args = parser.parse_args(rest)
-    config = apply_config_overrides(cmp.load_config_file(args.config), config_overrides)
+    config = apply_config_overrides(cfg_lib.load_config_file(args.config), config_overrides)
     with config.unlocked():
       if args.steps is not None:
         if args.steps < 1:

@@ -168,7 +168,7 @@ def test_standin_eval_examples():
 @pytest.mark.parametrize("name", ["demo.py", "demo_gpu.py"])
 def test_demo_configs_validate(name):
   from epi_jax.training import config as cfg_lib
-  config = cmp.load_config_file(str(REPO / "configs" / name))
+  config = cfg_lib.load_config_file(str(REPO / "configs" / name))
   train_cfg, settings = cmp.split_eval_config(config)
   train_cfg = cfg_lib.validate(train_cfg)
   assert train_cfg.epi.track_importance and train_cfg.total_steps % 2 == 0

@@ -8,6 +8,7 @@ import pytest
 
 from epi_jax.evaluation import cli
 from epi_jax.evaluation import compare as cmp
+from epi_jax.training import config as cfg_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_sequential_cli_errors(capsys):
                            "--protocol", "sequential"]) == 2
   assert "--tasks A,B" in capsys.readouterr().err
   with pytest.raises(ValueError, match="two different tasks"):
-    cmp.compare_sequential(cmp.load_config_file(str(REPO / "configs" / "tiny.py")), "x",
+    cmp.compare_sequential(cfg_lib.load_config_file(str(REPO / "configs" / "tiny.py")), "x",
                            tasks=["chat", "chat"])
 
 

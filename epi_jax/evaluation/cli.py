@@ -26,7 +26,6 @@ Both print the verdicts on the paper's claims first.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import pathlib
 import sys
@@ -39,16 +38,10 @@ from epi_jax.evaluation import compare as cmp
 from epi_jax.evaluation import report
 from epi_jax.evaluation.evaluate import EVAL_TASKS
 from epi_jax.model import load_pretrained
+from epi_jax.training import config as cfg_lib
 from epi_jax.training import distributed
 from epi_jax.training.cli import parse_config_flags, unknown_overrides
 from epi_jax.utils.usage import ArgumentParser, fail, wants_help
-
-
-def _literal(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
 
 
 def split_prefixed_args(argv, prefix: str) -> tuple[list[str], dict]:
@@ -69,7 +62,7 @@ def split_prefixed_args(argv, prefix: str) -> tuple[list[str], dict]:
       key, value = body, next(it, None)
       if value is None:
         raise ValueError(f"{arg}: missing value")
-    overrides[key] = _literal(value)
+    overrides[key] = cfg_lib.literal(value)
   return rest, overrides
 
 

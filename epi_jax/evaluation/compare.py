@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib.util
 import json
 import pathlib
 import sys
@@ -516,17 +515,3 @@ def compare_sequential(config, workdir, *, tasks: Sequence[str],
              "wall_time_s": round(time.time() - t0, 1)}
   report.write_sequential_results(workdir, results, log)
   return results
-
-
-def load_config_file(path: str):
-  """``get_config()`` of a config file."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"--config: no such file {path}")
-  spec = importlib.util.spec_from_file_location(f"_epi_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"--config: {path} defines no get_config()")
-  return module.get_config()

@@ -36,14 +36,15 @@ def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(shape[:-1]) + (-(-shape[-1] // BITS),)
 
 
-def _explicit_mesh():
+def explicit_mesh():
   """The context's abstract mesh when it has Explicit axes, else None."""
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty or not mesh.explicit_axes else mesh
 
 
-def _fit(spec, shape, mesh) -> P:
-  """``spec`` on the dimensions of ``shape`` that its mesh axes still divide."""
+def fit_spec(spec, shape, mesh) -> P:
+  """``spec`` on the dimensions of ``shape`` that its mesh axes still divide
+  (a packed mask keeps its parameter's spec where the bytes still split)."""
   dims = list(spec) + [None] * (len(shape) - len(spec))
   size = lambda a: math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
   return P(*[a if a is not None and d % size(a) == 0 else None for a, d in zip(dims, shape)])
@@ -55,11 +56,11 @@ def _on_auto_axes(fn, x, out_shape, out_spec=None):
   ``out_shape``). Packing reshapes the last axis, which Explicit sharding
   types reject for a sharded axis; the bytes of a shard are its own either way.
   """
-  mesh = _explicit_mesh()
+  mesh = explicit_mesh()
   if mesh is None:
     return fn(x)
   if out_spec is None:
-    out_spec = _fit(jax.typeof(x).sharding.spec, out_shape, mesh)
+    out_spec = fit_spec(jax.typeof(x).sharding.spec, out_shape, mesh)
   return jax.sharding.auto_axes(fn, out_sharding=out_spec)(x)
 
 

@@ -414,8 +414,7 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
   fresh constants; with the axes Auto, the partitioner places them as on an
   Auto mesh (same masks, no gather of per-parameter arrays: tested).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not mesh.explicit_axes:
+  if compact.explicit_mesh() is None:
     return _update_epi_auto(options, grads, state, params)
   out_sharding = jax.tree.map(lambda x: jax.typeof(x).sharding, state)
   return jax.sharding.auto_axes(

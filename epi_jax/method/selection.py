@@ -221,7 +221,7 @@ def kth_largest_bits_per_slice(operands, axes: list[int | None], ks: list[_Count
 
   def counts(bits, axis, thr):
     if axis is None:
-      return _split(jnp.sum(bits >= thr, dtype=jnp.int32))
+      return _split(count_true(bits >= thr))
     thr = jnp.expand_dims(thr, [a for a in range(bits.ndim) if a != axis])
     return _split(count_true(bits >= thr, keep_axis=axis))
 

@@ -9,9 +9,13 @@ The README's trainer sections say what each field means.
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.util
 import json
 import math
+import pathlib
+import sys
 from typing import Any
 
 import ml_collections
@@ -314,3 +318,29 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(raw)
   _fill_defaults(c, default_config())
   return c
+
+
+def load_config_file(path: str):
+  """``get_config()`` of a config file (``configs/NAME.py``).
+
+  Raises:
+    FileNotFoundError: no such file. ValueError: it defines no ``get_config()``.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"--config: no such file {path}")
+  spec = importlib.util.spec_from_file_location(f"_epi_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"--config: {path} defines no get_config()")
+  return module.get_config()
+
+
+def literal(text: str):
+  """A ``--FIELD=VALUE`` value: a Python literal where it parses, else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text

@@ -50,11 +50,9 @@ a table row and, with ``--json``, one record (per chip):
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -528,14 +526,6 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
 # ----------------------------------------------------------------------------- configs, CLI
 
 
-def parse_value(value: str):
-  """A ``--FIELD=VALUE`` value: a Python literal where it parses, else the string."""
-  try:
-    return ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return value
-
-
 def set_field(config, dotted: str, value) -> None:
   """``config.<dotted> = value``; KeyError/AttributeError for an unknown field."""
   *groups, field = dotted.split(".")
@@ -547,24 +537,15 @@ def set_field(config, dotted: str, value) -> None:
   node[field] = value
 
 
-def load_config_file(path: str):
-  """``get_config()`` of a config file (``configs/NAME.py``)."""
-  spec = importlib.util.spec_from_file_location("epi_jax_plan_config", path)
-  if spec is None or spec.loader is None:
-    raise ValueError(f"--config {path}: not a Python config file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def split_overrides(rest, parser) -> list[tuple[str, object]]:
   """``--FIELD=VALUE`` / ``--config.FIELD=VALUE`` arguments as ``(field, value)``."""
+  from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
   out = []
   for arg in rest:
     if not arg.startswith("--") or "=" not in arg:
       parser.error(f"unrecognized argument {arg!r} (overrides are --config.FIELD=VALUE)")
     key, value = arg[2:].split("=", 1)
-    out.append((key.removeprefix("config."), parse_value(value)))
+    out.append((key.removeprefix("config."), cfg_lib.literal(value)))
   return out
 
 
@@ -620,14 +601,14 @@ def plan_main(argv=None) -> int:
   print("|---" * 17 + "|")
   for name in methods:
     try:
-      config = load_config_file(args.config)
+      config = cfg_lib.load_config_file(args.config)
       for key, value in [*overrides, *METHODS[name].items()]:
         try:
           set_field(config, key, value)
         except (KeyError, AttributeError, TypeError):
           return fail(PROG, f"unknown config field {key!r}")
       record = compile_plan(config, devices, chip=topo.chip)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
       return fail(PROG, e)
     record = {"topology": topo.name, "libtpu_topology": topo.libtpu_name,
               "method_name": name, **record}

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from epi_jax.method import compact
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # Logical axis name of the model -> mesh axis (None: not sharded).
@@ -131,12 +133,6 @@ def state_shardings(abstract_state, param_shapes: Mapping[str, Any],
   """
   rep = NamedSharding(mesh, P())
 
-  def fit(spec, shape):
-    dims = list(spec) + [None] * (len(shape) - len(spec))
-    size = lambda a: math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
-    return P(*[a if a is not None and d % size(a) == 0 else None
-               for a, d in zip(dims, shape)])
-
   def pick(path, leaf):
     for key in reversed(path):
       name = getattr(key, "key", None)
@@ -145,7 +141,8 @@ def state_shardings(abstract_state, param_shapes: Mapping[str, Any],
         if tuple(leaf.shape) == shape:
           return params_sharding[name]
         if len(leaf.shape) == len(shape):
-          return NamedSharding(mesh, fit(params_sharding[name].spec, leaf.shape))
+          return NamedSharding(mesh, compact.fit_spec(params_sharding[name].spec,
+                                                      leaf.shape, mesh))
         return rep
     return rep
 
