@@ -591,6 +591,7 @@ def plan_main(argv=None) -> int:
   except Exception as e:  # pylint: disable=broad-except
     return fail(PROG, f"libtpu cannot make topology {topo.libtpu_name} ({e})")
 
+  from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
   records = []
   print(f"{PROG}: {topo.name} = {topo.libtpu_name}, {len(devices)} {topo.chip.name} chips, "
         f"{topo.chip.hbm_gib:g} GiB HBM each; per chip; est_* are a roofline estimate "
