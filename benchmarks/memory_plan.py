@@ -77,7 +77,7 @@ def main(argv=None):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
   from epi_jax.training.config import literal, load_config_file  # pylint: disable=g-import-not-at-top
-  from epi_jax.training.plan import set_field  # pylint: disable=g-import-not-at-top
+  from epi_jax.training.config import set_field  # pylint: disable=g-import-not-at-top
   overrides = [(key.removeprefix("config."), literal(value)) for key, value in raw]
 
   results = []

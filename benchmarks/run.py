@@ -51,6 +51,10 @@ def bench_opt(sizes, reps):
       "isolate(adamw)": lambda T: epi_jax.isolate(optax.adamw(1e-3), 0.01, T),
       "isolate(adamw) compact": lambda T: epi_jax.isolate(optax.adamw(1e-3), 0.01, T,
                                                           **compact),
+      "isolate(adamw) inner_nu": lambda T: epi_jax.isolate(optax.adamw(1e-3), 0.01, T,
+                                                           importance="inner_nu"),
+      "isolate(adamw) inner_nu packed": lambda T: epi_jax.isolate(
+          optax.adamw(1e-3), 0.01, T, importance="inner_nu", packed_mask=True),
       "chain(epi, adamw)": lambda T: optax.chain(epi_jax.epi_transform(0.01, T),
                                                  optax.adamw(1e-3)),
       "chain(epi, adamw) compact": lambda T: optax.chain(
@@ -156,13 +160,19 @@ def bench_bytes():
   params = _params(1 << 20, jnp)
   n = sum(x.size for x in params.values())
   out = []
-  for dtype in (None, jnp.bfloat16):
+  for dtype in (None, jnp.bfloat16, "inner_nu"):
     for packed in (False, True):
       for track in (False, True):
-        s = epi_jax.epi_transform(0.01, INTERVAL, importance_dtype=dtype, packed_mask=packed,
-                                  track_first_mask=track).init(params)
+        if dtype == "inner_nu":  # EPI's own state inside isolate(adamw): its masks
+          s = epi_jax.epi_state(epi_jax.epi_adamw(
+              1e-3, isolation_ratio=0.01, update_interval=INTERVAL, importance="inner_nu",
+              packed_mask=packed, track_first_mask=track).init(params))
+        else:
+          s = epi_jax.epi_transform(0.01, INTERVAL, importance_dtype=dtype, packed_mask=packed,
+                                    track_first_mask=track).init(params)
         b = compact.num_bytes(s) / n
-        out.append(dict(importance_dtype=str(jnp.dtype(dtype or jnp.float32)),
+        out.append(dict(importance_dtype=dtype if dtype == "inner_nu" else
+                        str(jnp.dtype(dtype or jnp.float32)),
                         packed_mask=packed, track_first_mask=track, bytes_per_param=b))
         print(f"bytes/param {out[-1]}")
   return out

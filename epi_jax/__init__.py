@@ -11,11 +11,12 @@ from epi_jax.utils import platforms as _platforms
 
 _platforms.skip_absent_tpu()  # before any backend starts: see utils/platforms.py
 
-from epi_jax.method import (EPIOptions, EPIState, IsolateState, RefreshStats, epi_adamw,
-                            epi_metrics, epi_state, epi_transform, is_refresh_step, isolate,
-                            per_layer_isolated, select_mask, unpacked_mask)  # noqa: E402
+from epi_jax.method import (EPIOptions, EPIState, IsolateState, RefreshStats,  # noqa: E402
+                            epi_adamw, epi_importance, epi_metrics, epi_state, epi_transform,
+                            is_refresh_step, isolate, per_layer_isolated, select_mask,
+                            unpacked_mask)
 
 __version__ = "0.1.0"
 __all__ = ["EPIOptions", "EPIState", "IsolateState", "RefreshStats", "epi_adamw",
-           "epi_metrics", "epi_state", "epi_transform", "is_refresh_step", "isolate",
+           "epi_importance", "epi_metrics", "epi_state", "epi_transform", "is_refresh_step", "isolate",
            "per_layer_isolated", "select_mask", "unpacked_mask"]

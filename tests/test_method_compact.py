@@ -182,7 +182,8 @@ def test_multisteps_and_inject_hyperparams():
   assert sum(int(m.sum()) for m in masks[-1]) > 0
 
   inj = optax.inject_hyperparams(epi_jax.epi_transform, static_args=("update_interval",))(
-      isolation_ratio=0.05, update_interval=2, importance_dtype="bfloat16", packed_mask=True)
+      isolation_ratio=0.05, update_interval=2, ema_decay=0.99, importance_dtype="bfloat16",
+      packed_mask=True)
   plain = epi_jax.epi_transform(0.05, 2, importance_dtype=jnp.bfloat16, packed_mask=True)
   s_inj, _, m_inj = _run(inj, grads, params)
   _, _, m_plain = _run(plain, grads, params)

@@ -40,7 +40,7 @@ def v5e4():
 def _tiny(**fields):
   config = cfg_lib.load_config_file(TINY)
   for key, value in {"data.seq_len": 128, "mesh.data": 1, "mesh.fsdp": -1, **fields}.items():
-    plan.set_field(config, key, value)
+    cfg_lib.set_field(config, key, value)
   return config
 
 

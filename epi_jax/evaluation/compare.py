@@ -69,12 +69,18 @@ from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENER
 from epi_jax.model import loading
 from epi_jax.training import inputs
 from epi_jax.training import model_setup
+from epi_jax.training import config as cfg_lib
 from epi_jax.training.config import METHODS
 from epi_jax.utils import files
 
-# Variants that can be compared beside the methods: clipping by the norm of
-# the trainable gradients only (optimizer.clip_scope='trainable').
-VARIANTS = {"static_clip_trainable": "static", "epi_clip_trainable": "epi"}
+# Variants that can be compared beside the methods: {name: (method, config
+# overrides)}. Clipping by the norm of the trainable gradients only; EPI
+# ranking AdamW's second moment instead of its own EMA (its decay is b2).
+VARIANTS = {
+    "static_clip_trainable": ("static", {"optimizer.clip_scope": "trainable"}),
+    "epi_clip_trainable": ("epi", {"optimizer.clip_scope": "trainable"}),
+    "epi_nu": ("epi", {"epi.importance": "inner_nu", "epi.ema_decay": None}),
+}
 # The runs whose importance drift is read (with epi.track_importance), in the
 # first seed only: full SFT's (unconstrained drift) and EPI's (its masks).
 DRIFT_METHODS = ("full", "epi")
@@ -90,12 +96,13 @@ def method_config(train_cfg, name: str, seed: int, *, track_importance: bool = T
   """
   cfg = copy.deepcopy(train_cfg)
   with cfg.unlocked():
-    cfg.method = VARIANTS.get(name, name)
+    method, overrides = VARIANTS.get(name, (name, {}))
+    cfg.method = method
     cfg.seed = int(seed)
     if not track_importance:
       cfg.epi.track_importance = False
-    if name in VARIANTS:
-      cfg.optimizer.clip_scope = "trainable"
+    for key, value in overrides.items():
+      cfg_lib.set_field(cfg, key, value)
   return cfg
 
 
@@ -356,7 +363,7 @@ def train_and_evaluate(cfg, run_dir, label: str, settings, data_kwargs,
 
 
 def _check_methods(methods, seeds, known=METHODS):
-  known = tuple(known) + tuple(v for v, m in VARIANTS.items() if m in known)
+  known = tuple(known) + tuple(v for v, (m, _) in VARIANTS.items() if m in known)
   unknown = [m for m in methods if m not in known]
   if unknown or not methods:
     raise ValueError(f"--methods: unknown or empty {list(methods)}; known: {list(known)}")

@@ -31,7 +31,8 @@ from flax import nnx
 
 from epi_jax.method import compact, selection
 from epi_jax.method.layout import Leaf, can_isolate, eligible_mask, leaf_layout, path_str
-from epi_jax.method.options import EPIOptions, Eligible, LayerAxes, is_refresh_step
+from epi_jax.method.options import (INNER_NU, EPIOptions, Eligible, LayerAxes, OptionError,
+                                    numeric_option, is_refresh_step)
 
 
 class EPIState(NamedTuple):
@@ -40,7 +41,9 @@ class EPIState(NamedTuple):
   Attributes:
     count: number of updates applied so far (int32).
     importance: EMA of the importance score s(g), per parameter (with
-      ``importance="displacement"``: the initial params theta_0).
+      ``importance="displacement"``: the initial params theta_0; with
+      ``importance="inner_nu"``: an empty tuple, the importance being the
+      inner optimizer's ``nu``, see ``epi_importance``).
     mask: True where the parameter is isolated (frozen), per parameter: a
       bool array shaped like the parameter, or with ``packed_mask=True`` its
       bits packed into uint8 along the last axis (see ``compact``); use
@@ -155,7 +158,9 @@ def _ema(options: EPIOptions, layout: list[Leaf], state: EPIState, grads, params
   out = list(imp_leaves)
   for i in scored:
     leaf, imp, g, p = layout[i], imp_leaves[i], g_leaves[i], p_leaves[i]
-    new = decay * imp.astype(jnp.float32) + (1.0 - decay) * _score(options.importance, g, p)
+    # Written as optax.scale_by_adam writes nu, so that XLA contracts it the same
+    # way: with beta = b2 the two are equal bit for bit (importance="inner_nu").
+    new = (1.0 - decay) * _score(options.importance, g, p) + decay * imp.astype(jnp.float32)
     if imp.dtype == jnp.bfloat16:
       new = compact.stochastic_round_bf16(new, state.count, skip_axis=leaf.axis)
     out[i] = jnp.where(finite, new.astype(imp.dtype), imp)
@@ -382,7 +387,9 @@ def _init_epi(options: EPIOptions, params) -> EPIState:
   # tree.map over params: every per-parameter field inherits their sharding.
   # Leaves that can't be isolated (int, bool) keep their own dtype here, which
   # is what marks them ineligible in the layout of the importance.
-  if options.importance == "displacement":  # the initial params theta_0, a copy
+  if options.importance == INNER_NU:  # read from the inner optimizer's state
+    importance = ()
+  elif options.importance == "displacement":  # the initial params theta_0, a copy
     importance = jax.tree.map(lambda p: jnp.array(
         p, jnp.complex64 if jnp.iscomplexobj(p) else
         jnp.float32 if can_isolate(p.dtype) else p.dtype, copy=True), params)
@@ -403,8 +410,10 @@ def _init_epi(options: EPIOptions, params) -> EPIState:
                   if options.release_after > 1 else ()))
 
 
-def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState:
-  """Importance EMA, then (on schedule) a refresh of the mask.
+def _update_epi(options: EPIOptions, grads, state: EPIState, params, nu=None) -> EPIState:
+  """Importance EMA, then (on schedule) a refresh of the mask. With
+  ``importance="inner_nu"`` no EMA: the refresh ranks ``nu``, the inner
+  optimizer's second moment after this step's update.
 
   Under a mesh with Explicit axes (``jax.sharding.AxisType.Explicit``, what
   ``jax.make_mesh`` builds by default) the update runs with those axes Auto,
@@ -415,18 +424,23 @@ def _update_epi(options: EPIOptions, grads, state: EPIState, params) -> EPIState
   Auto mesh (same masks, no gather of per-parameter arrays: tested).
   """
   if compact.explicit_mesh() is None:
-    return _update_epi_auto(options, grads, state, params)
+    return _update_epi_auto(options, grads, state, params, nu)
   out_sharding = jax.tree.map(lambda x: jax.typeof(x).sharding, state)
   return jax.sharding.auto_axes(
-      lambda g, s, p: _update_epi_auto(options, g, s, p), out_sharding=out_sharding,
-  )(grads, state, params)
+      lambda g, s, p, n: _update_epi_auto(options, g, s, p, n), out_sharding=out_sharding,
+  )(grads, state, params, nu)
 
 
-def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params) -> EPIState:
+def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params, nu) -> EPIState:
   """``_update_epi`` on Auto (or no) mesh axes."""
-  layout = leaf_layout(options, state.importance)
-  importance = _ema(options, layout, state, grads, params)
-  new_state = state._replace(count=optax.safe_increment(state.count), importance=importance)
+  new_state = state._replace(count=optax.safe_increment(state.count))
+  if options.importance == INNER_NU:
+    importance = nu
+    layout = leaf_layout(options, nu)
+  else:
+    layout = leaf_layout(options, state.importance)
+    importance = _ema(options, layout, state, grads, params)
+    new_state = new_state._replace(importance=importance)
   if options.mode == "none":
     return new_state
 
@@ -435,7 +449,7 @@ def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params) -> EPI
   if options.mode == "static":  # also once only if the count wrapped around
     do_refresh = do_refresh & (state.num_refreshes == 0)
 
-  treedef = jax.tree.structure(state.importance)
+  treedef = jax.tree.structure(importance)
   # One materialized tree feeds both the refresh and the masks: a fusion that
   # recomputed the EMA could round differently (FMA) and pick a different mask
   # than the one the refresh counted. (The float32 scores of bf16 values are
@@ -506,7 +520,8 @@ _OPTIONS_DOC = """
     update_interval: refresh period T in steps (>= 1). Each refresh costs
       about 31 reads of the importance (a bisection). May be injected.
     ema_decay: importance EMA decay beta in [0, 1): ``I <- beta I + (1-beta) s(g)``.
-      May be injected.
+      None (the default) is 0.99. May be injected. With ``importance="inner_nu"``
+      leave it unset: beta is then the inner optimizer's b2.
     warmup_steps: W, the first refresh happens at step W (1-based); refreshes
       at steps ``W, W+T, W+2T, ...`` (``is_refresh_step``). Defaults to T.
       Nothing is isolated before.
@@ -515,7 +530,10 @@ _OPTIONS_DOC = """
       or ``"displacement"`` (|theta - theta_0|, CPI-FT's update magnitude: no
       EMA, the state keeps theta_0 instead of an importance; needs params; with
       ``mode="static"`` and ``warmup_steps=W`` it is CPI-FT's mask after a
-      W-step probe). Complex entries score by their modulus.
+      W-step probe), or ``"inner_nu"`` (``isolate`` only: no EMA of EPI's own, a
+      refresh ranks the inner optimizer's second moment, Adam's
+      ``nu = b2 nu + (1 - b2) g^2``, i.e. ``grad_sq`` with beta = b2; EPI's state is
+      then its mask, see docs/METHOD.md). Complex entries score by their modulus.
     normalization: per-layer normalization before selection: ``"layer_mean"``
       (divide by the layer's mean score, default), ``"layer_max"`` or
       ``"none"``. A layer is a leaf, or a slice of a stacked leaf (see
@@ -562,7 +580,7 @@ _OPTIONS_DOC = """
 
 
 def epi_transform(isolation_ratio: float, update_interval: int,
-                  ema_decay: float = 0.99, *, warmup_steps: Optional[int] = None,
+                  ema_decay: Optional[float] = None, *, warmup_steps: Optional[int] = None,
                   importance: str = "grad_sq", normalization: str = "layer_mean",
                   selection: str = "global", mode: str = "evolving",
                   eligible: Eligible = None, layer_axes: LayerAxes = None,
@@ -587,6 +605,10 @@ def epi_transform(isolation_ratio: float, update_interval: int,
       selection=selection, mode=mode, eligible=eligible, layer_axes=layer_axes,
       track_first_mask=track_first_mask, importance_dtype=importance_dtype,
       packed_mask=packed_mask, release_after=release_after)
+  if options.importance == INNER_NU:
+    raise OptionError("importance", "importance='inner_nu' reads the second moment of the "
+                      "optimizer that EPI wraps: use the wrapper form, isolate(inner, ...) "
+                      "or epi_adamw, not epi_transform.")
 
   def init_fn(params):
     return _init_epi(options, params)
@@ -600,7 +622,7 @@ def epi_transform(isolation_ratio: float, update_interval: int,
 
 
 def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
-            update_interval: int, ema_decay: float = 0.99, *,
+            update_interval: int, ema_decay: Optional[float] = None, *,
             warmup_steps: Optional[int] = None, importance: str = "grad_sq",
             normalization: str = "layer_mean", selection: str = "global",
             mode: str = "evolving", eligible: Eligible = None,
@@ -633,13 +655,25 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
   if not isinstance(reset_on_release, bool):
     raise ValueError(f"reset_on_release must be a bool, got {reset_on_release!r}.")
   inner = optax.with_extra_args_support(inner)
+  reads_nu = options.importance == INNER_NU
 
   def init_fn(params):
-    return IsolateState(epi=_init_epi(options, params), inner=inner.init(params))
+    inner_state = inner.init(params)
+    if reads_nu:
+      nu = _inner_nu(inner_state)
+      if len(jax.tree.leaves(nu)) != len(jax.tree.leaves(params)):
+        raise ValueError("importance='inner_nu': the inner optimizer's `nu` is not shaped "
+                         f"like the params ({jax.tree.structure(nu)} vs "
+                         f"{jax.tree.structure(params)}).")
+    return IsolateState(epi=_init_epi(options, params), inner=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
-    epi = _update_epi(options, updates, state.epi, params)
-    inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    if reads_nu:  # the refresh ranks the second moment that includes this step
+      inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+      epi = _update_epi(options, updates, state.epi, params, _inner_nu(inner_state))
+    else:
+      epi = _update_epi(options, updates, state.epi, params)
+      inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
     if reset_on_release:
       released = jax.tree.map(
           lambda old, new, u: _as_bool(old, u.shape, u) & ~_as_bool(new, u.shape, u),
@@ -659,7 +693,7 @@ isolate.__doc__ += _OPTIONS_DOC
 def epi_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
               b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-4,
               mask=None, *, isolation_ratio: float = 0.01,
-              update_interval: int = 100, ema_decay: float = 0.99,
+              update_interval: int = 100, ema_decay: Optional[float] = None,
               warmup_steps: Optional[int] = None, importance: str = "grad_sq",
               normalization: str = "layer_mean", selection: str = "global",
               mode: str = "evolving", eligible: Eligible = None,
@@ -671,8 +705,18 @@ def epi_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
 
   ``learning_rate`` ... ``mask`` are ``optax.adamw``'s; the EPI options are
   those of ``isolate`` (every one spelled out, so that
-  ``optax.inject_hyperparams(epi_adamw)`` sees them).
+  ``optax.inject_hyperparams(epi_adamw)`` sees them). With
+  ``importance="inner_nu"``, ``ema_decay`` may be left unset or given equal
+  to ``b2``.
   """
+  if importance == INNER_NU and ema_decay is not None:
+    decay, beta2 = (numeric_option("ema_decay", ema_decay, integer=False),
+                    numeric_option("b2", b2, integer=False))
+    if decay is not None and beta2 is not None and decay != beta2:
+      raise OptionError("ema_decay", f"importance='inner_nu' ranks AdamW's second moment, "
+                        f"whose decay is b2={beta2!r}: ema_decay={decay!r} differs (leave "
+                        "it unset).")
+    ema_decay = None
   return isolate(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
       isolation_ratio, update_interval, ema_decay, warmup_steps=warmup_steps,
@@ -686,17 +730,14 @@ def epi_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
 # Reading the state.
 # ---------------------------------------------------------------------------
 
-def epi_state(opt_state) -> EPIState:
-  """The ``EPIState`` found anywhere inside a (nested) optimizer state.
-
-  Works through chains, ``isolate``, ``MultiSteps``, ``inject_hyperparams``
-  and the state of a ``flax.nnx.Optimizer`` (pass ``optimizer.opt_state``).
-  Raises ``ValueError`` when there is none or more than one.
-  """
+def _find(opt_state, match) -> list:
+  """The nodes of a (nested) optimizer state for which ``match`` is true,
+  not looking inside them: through chains, wrappers (``isolate``,
+  ``MultiSteps``, ``inject_hyperparams``) and ``flax.nnx.Optimizer`` states."""
   found = []
 
   def visit(x):
-    if isinstance(x, EPIState):
+    if match(x):
       found.append(x)
       return
     if isinstance(x, nnx.Variable):
@@ -709,6 +750,42 @@ def epi_state(opt_state) -> EPIState:
         visit(v)
 
   visit(opt_state)
+  return found
+
+
+def _inner_nu(inner_state):
+  """The second moment ``nu`` of ``isolate``'s inner optimizer (a NamedTuple
+  field named ``nu``, as ``optax.scale_by_adam``'s and its wrappers' keep)."""
+  found = _find(inner_state, lambda x: isinstance(x, tuple) and "nu" in getattr(x, "_fields", ()))
+  if len(found) != 1:
+    raise ValueError(
+        "importance='inner_nu' ranks the second moment `nu` of the optimizer that isolate "
+        f"wraps (optax.adam, adamw, ...), and its state has {len(found) or 'no'} "
+        f"{'such field' if len(found) < 2 else 'of them: wrap the one to read'}.")
+  return found[0].nu
+
+
+def epi_importance(opt_state) -> Any:
+  """The importance a refresh ranks, shaped like the params: ``EPIState.importance``
+  or, with ``importance="inner_nu"``, the inner optimizer's ``nu``
+  (``opt_state`` must then be the whole state, not an ``EPIState``)."""
+  s = opt_state if isinstance(opt_state, EPIState) else epi_state(opt_state)
+  if jax.tree.leaves(s.importance) or not jax.tree.leaves(s.mask):
+    return s.importance
+  if isinstance(opt_state, EPIState):
+    raise ValueError("This EPIState reads its importance from the inner optimizer's nu "
+                     "(importance='inner_nu'): pass the whole optimizer state.")
+  return _inner_nu(opt_state)
+
+
+def epi_state(opt_state) -> EPIState:
+  """The ``EPIState`` found anywhere inside a (nested) optimizer state.
+
+  Works through chains, ``isolate``, ``MultiSteps``, ``inject_hyperparams``
+  and the state of a ``flax.nnx.Optimizer`` (pass ``optimizer.opt_state``).
+  Raises ``ValueError`` when there is none or more than one.
+  """
+  found = _find(opt_state, lambda x: isinstance(x, EPIState))
   if not found:
     raise ValueError("No EPIState in this optimizer state: was it built with "
                      "epi_transform / isolate / epi_adamw?")
@@ -734,10 +811,13 @@ def unpacked_mask(state) -> Any:
 
   ``state`` is an ``EPIState`` or any optimizer state that ``epi_state``
   accepts. Works with ``packed_mask`` on or off (the shapes come from the
-  importance, which always has the params' shapes).
+  importance, which always has the params' shapes; with ``inner_nu`` and
+  packed masks, pass the whole optimizer state).
   """
   s = state if isinstance(state, EPIState) else epi_state(state)
-  return jax.tree.map(lambda m, imp: _as_bool(m, imp.shape, imp), s.mask, s.importance)
+  if not any(m.dtype == jnp.uint8 for m in jax.tree.leaves(s.mask)):
+    return jax.tree.map(jnp.asarray, s.mask)
+  return jax.tree.map(lambda m, imp: _as_bool(m, imp.shape, imp), s.mask, epi_importance(state))
 
 
 def per_layer_isolated(state, layer_axes: LayerAxes = None) -> dict[str, jax.Array]:

@@ -14,7 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPORTANCES = ("grad_sq", "grad_abs", "taylor", "displacement")
+IMPORTANCES = ("grad_sq", "grad_abs", "taylor", "displacement", "inner_nu")
+# The importance that is no EMA of EPI's own: ``isolate``'s inner optimizer's
+# second moment (Adam's ``nu``), read where it lives.
+INNER_NU = "inner_nu"
+DEFAULT_EMA_DECAY = 0.99
 NORMALIZATIONS = ("layer_mean", "layer_max", "none")
 SELECTIONS = ("global", "layer")
 MODES = ("evolving", "static", "none")
@@ -27,7 +31,7 @@ Eligible = Union[None, Any, Callable[..., bool]]
 LayerAxes = Union[None, Any, Callable[[str, tuple], Optional[int]]]
 
 
-def _scalar(field: str, x, *, integer: bool) -> Optional[float]:
+def numeric_option(field: str, x, *, integer: bool) -> Optional[float]:
   """The value of a numeric option: a Python number for a concrete one, None
   for a traced scalar (``optax.inject_hyperparams`` under jit), taken as given.
 
@@ -97,11 +101,13 @@ class EPIOptions:
 
   ``isolation_ratio``, ``ema_decay`` and ``update_interval`` may be arrays
   (traced under ``optax.inject_hyperparams``); concrete values are checked,
-  traced ones are taken as given.
+  traced ones are taken as given. ``ema_decay=None`` is 0.99, except with
+  ``importance="inner_nu"``, where it stays None: the decay is the inner
+  optimizer's (Adam's ``b2``), and any other value is refused.
   """
   isolation_ratio: Any
   update_interval: Any
-  ema_decay: Any = 0.99
+  ema_decay: Any = None
   warmup_steps: Optional[int] = None
   importance: str = "grad_sq"
   normalization: str = "layer_mean"
@@ -118,17 +124,25 @@ class EPIOptions:
     def bad(field, what):
       raise OptionError(field, f"{field} {what}, got {getattr(self, field)!r}.")
 
-    ratio = _scalar("isolation_ratio", self.isolation_ratio, integer=False)
+    ratio = numeric_option("isolation_ratio", self.isolation_ratio, integer=False)
     if ratio is not None and not 0.0 <= ratio <= 1.0:
       bad("isolation_ratio", "must be in [0, 1]")
-    interval = _scalar("update_interval", self.update_interval, integer=True)
+    interval = numeric_option("update_interval", self.update_interval, integer=True)
     if interval is not None and interval < 1:
       bad("update_interval", "must be an integer >= 1")
-    decay = _scalar("ema_decay", self.ema_decay, integer=False)
-    if decay is not None and not 0.0 <= decay < 1.0:
-      bad("ema_decay", "must be in [0, 1)")
+    if self.importance == INNER_NU:
+      if self.ema_decay is not None:
+        raise OptionError("ema_decay", "importance='inner_nu' reads the inner optimizer's "
+                          "second moment, whose decay is its b2: leave ema_decay unset "
+                          f"(got {self.ema_decay!r}; epi_adamw checks it against b2).")
+    elif self.ema_decay is None:
+      object.__setattr__(self, "ema_decay", DEFAULT_EMA_DECAY)
+    else:
+      decay = numeric_option("ema_decay", self.ema_decay, integer=False)
+      if decay is not None and not 0.0 <= decay < 1.0:
+        bad("ema_decay", "must be in [0, 1)")
     if self.warmup_steps is not None:
-      warmup = _scalar("warmup_steps", self.warmup_steps, integer=True)
+      warmup = numeric_option("warmup_steps", self.warmup_steps, integer=True)
       if warmup is not None and warmup < 0:
         bad("warmup_steps", "must be an integer >= 0")
     for name, allowed in (("importance", IMPORTANCES), ("normalization", NORMALIZATIONS),
@@ -150,6 +164,10 @@ class EPIOptions:
     if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 255:
       bad("release_after", "must be an int in [1, 255]")
     object.__setattr__(self, "release_after", r)
+    if self.importance == INNER_NU and self.importance_dtype != jnp.float32:
+      raise OptionError("importance_dtype", "importance='inner_nu' keeps no importance of "
+                        "its own (it reads the inner optimizer's nu, in nu's dtype): "
+                        "importance_dtype does not apply.")
     if self.importance == "displacement" and self.importance_dtype != jnp.float32:
       raise OptionError("importance_dtype", "importance='displacement' keeps the initial "
                         "params; it does not take importance_dtype=bfloat16.")

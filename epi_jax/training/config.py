@@ -96,9 +96,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.epi = ml_collections.ConfigDict()
   c.epi.isolation_ratio = 0.01
   c.epi.update_interval = 100
+  # The importance EMA's decay. With importance="inner_nu" (AdamW's second moment,
+  # no EMA of EPI's own) it is optimizer.b2: set None (or equal to optimizer.b2).
   c.epi.ema_decay = 0.99
   c.epi.warmup_steps = config_dict.placeholder(int)
-  c.epi.importance = "grad_sq"
+  c.epi.importance = "grad_sq"   # or grad_abs, taylor, displacement, inner_nu
   c.epi.normalization = "layer_mean"
   c.epi.selection = "global"
   c.epi.exclude = ("norm",)        # substrings of param paths never isolated
@@ -187,6 +189,17 @@ def _check_mixture(mix, field):
           f"unknown task; known: {list(tasks_lib.names())}")
     _need(_is_num(w) and w >= 0, f"{field}.{task}", w, "weight must be a finite number >= 0")
   _need(sum(mix.values()) > 0, field, dict(mix), "needs a positive weight")
+
+
+def set_field(config, dotted: str, value) -> None:
+  """``config.<dotted> = value``; KeyError/AttributeError for an unknown field."""
+  *groups, field = dotted.split(".")
+  node = config
+  for g in groups:
+    node = node[g]
+  if field not in node:
+    raise KeyError(dotted)
+  node[field] = value
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

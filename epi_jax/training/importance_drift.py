@@ -59,7 +59,7 @@ def top_set_fn(config, layer_axes=None) -> Callable[[Any], Any]:
   chosen by EPI's own rule (``epi_jax.select_mask``: the same normalization,
   selection and eligible leaves as a refresh)."""
   options = _options(config, layer_axes)
-  return lambda opt_state: epi_jax.select_mask(epi_jax.epi_state(opt_state).importance,
+  return lambda opt_state: epi_jax.select_mask(epi_jax.epi_importance(opt_state),
                                                options)[0]
 
 

@@ -13,7 +13,10 @@ Clipping sits *inside* the EPI wrapper, so the importance EMA is computed
 from the raw (unclipped) gradients: the importance measures the loss's
 sensitivity, and a clipping factor that changes from step to step would only
 rescale it by step. AdamW sees the clipped gradients, exactly as in ``full``,
-so the only difference between the methods is the isolation.
+so the only difference between the methods is the isolation. With
+``epi.importance="inner_nu"`` the importance *is* AdamW's second moment, so
+it is that of the clipped gradients (each step's g^2 scaled by its clip
+factor squared).
 Weight decay applies to matrices (ndim >= 2) only, not to norm scales or
 biases.
 
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 import epi_jax
+from epi_jax.method.options import INNER_NU, OptionError
 
 
 def schedule(config) -> optax.Schedule:
@@ -124,9 +128,16 @@ def epi_options(config, layer_axes=None) -> epi_jax.EPIOptions:
   if config.method == "static" and e.static_importance:
     importance = e.static_importance  # e.g. CPI-FT's "displacement"
   mode = {"static": "static", "epi": "evolving"}.get(config.method, "none")
+  ema_decay = e.ema_decay
+  if importance == INNER_NU:  # AdamW's nu: its decay is optimizer.b2
+    if ema_decay is not None and ema_decay != config.optimizer.b2:
+      raise OptionError("ema_decay", f"importance='inner_nu' ranks AdamW's second moment, "
+                        f"whose decay is optimizer.b2={config.optimizer.b2!r}: "
+                        f"ema_decay={ema_decay!r} differs (set it to None).")
+    ema_decay = None
   return epi_jax.EPIOptions(
       isolation_ratio=e.isolation_ratio, update_interval=e.update_interval,
-      ema_decay=e.ema_decay, warmup_steps=e.warmup_steps, importance=importance,
+      ema_decay=ema_decay, warmup_steps=e.warmup_steps, importance=importance,
       normalization=e.normalization, selection=e.selection, mode=mode,
       eligible=eligible_fn(config), layer_axes=layer_axes,
       track_first_mask=config.method == "epi", importance_dtype=e.importance_dtype,

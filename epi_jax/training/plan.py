@@ -70,6 +70,10 @@ METHODS = {
     "epi": {"method": "epi"},
     "epi_compact": {"method": "epi", "epi.importance_dtype": "bfloat16",
                     "epi.packed_mask": True},
+    # The importance read from AdamW's nu: EPI's state is its masks.
+    "epi_nu": {"method": "epi", "epi.importance": "inner_nu", "epi.ema_decay": None},
+    "epi_nu_packed": {"method": "epi", "epi.importance": "inner_nu", "epi.ema_decay": None,
+                      "epi.packed_mask": True},
 }
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
                "collective-permute")
@@ -526,17 +530,6 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
 # ----------------------------------------------------------------------------- configs, CLI
 
 
-def set_field(config, dotted: str, value) -> None:
-  """``config.<dotted> = value``; KeyError/AttributeError for an unknown field."""
-  *groups, field = dotted.split(".")
-  node = config
-  for g in groups:
-    node = node[g]
-  if field not in node:
-    raise KeyError(dotted)
-  node[field] = value
-
-
 def split_overrides(rest, parser) -> list[tuple[str, object]]:
   """``--FIELD=VALUE`` / ``--config.FIELD=VALUE`` arguments as ``(field, value)``."""
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
@@ -605,7 +598,7 @@ def plan_main(argv=None) -> int:
       config = cfg_lib.load_config_file(args.config)
       for key, value in [*overrides, *METHODS[name].items()]:
         try:
-          set_field(config, key, value)
+          cfg_lib.set_field(config, key, value)
         except (KeyError, AttributeError, TypeError):
           return fail(PROG, f"unknown config field {key!r}")
       record = compile_plan(config, devices, chip=topo.chip)
