@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from epi_jax.method import isolation
+from epi_jax.method import refresh, transforms
 from epi_jax.model import get_config
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import model_setup
@@ -78,9 +78,9 @@ def _patched(obj, name, value):
 
 
 def _no_search(options, layout, ranked):
-  """``_cuts`` without normalization and search: constant scales and thresholds."""
+  """``refresh.find_cuts`` without normalization and search: constant scales and thresholds."""
   del ranked
-  return isolation._no_cuts(options, layout), jnp.float32(0.0)  # pylint: disable=protected-access
+  return refresh.no_cuts(options, layout), jnp.float32(0.0)
 
 
 def _no_stats(options, layout, mask, old_mask, first_mask, old, threshold):
@@ -88,7 +88,7 @@ def _no_stats(options, layout, mask, old_mask, first_mask, old, threshold):
   return old._replace(threshold=threshold.astype(jnp.float32))
 
 
-_SCALE = isolation._scale  # pylint: disable=protected-access
+_SCALE = refresh.layer_scale
 
 
 def _scale_one(normalization, leaf, score):
@@ -103,11 +103,11 @@ def _keep_only(pred, true_fn, false_fn, *operands):
 
 # Diagnostic cuts (results change: for finding where compile time goes only).
 CUTS = {
-    "no_scale": lambda: _patched(isolation, "_scale", _scale_one),
-    "no_refresh": lambda: _patched(isolation.jax.lax, "cond", _keep_only),
-    "no_finite": lambda: _patched(isolation, "_scores_finite", lambda *_: jnp.bool_(True)),
-    "no_search": lambda: _patched(isolation, "_cuts", _no_search),
-    "no_stats": lambda: _patched(isolation, "_refresh_stats", _no_stats),
+    "no_scale": lambda: _patched(refresh, "layer_scale", _scale_one),
+    "no_refresh": lambda: _patched(transforms.jax.lax, "cond", _keep_only),
+    "no_finite": lambda: _patched(refresh, "scores_finite", lambda *_: jnp.bool_(True)),
+    "no_search": lambda: _patched(refresh, "find_cuts", _no_search),
+    "no_stats": lambda: _patched(refresh, "refresh_stats", _no_stats),
 }
 
 

@@ -442,10 +442,10 @@ def test_threshold_search_matches_sort_and_handles_ties(bits_per_pass):
 
 def test_counts_beyond_int32():
   a = selection.count_from_int(3 * 2**31 + 5)
-  b = selection._add(a, selection._split(jnp.int32(2**31 - 1)))
+  b = selection.add_counts(a, selection.split_count(jnp.int32(2**31 - 1)))
   total = 3 * 2**31 + 5 + 2**31 - 1
   assert int(b.hi) * 2**16 + int(b.lo) == total and 0 <= int(b.lo) < 2**16
-  assert bool(selection._leq(a, b)) and not bool(selection._leq(b, a))
+  assert bool(selection.count_leq(a, b)) and not bool(selection.count_leq(b, a))
   k = selection.topk_count(jnp.float32(0.5), 2**40)
   assert float(selection.count_to_float(k)) == 2.0**39
 

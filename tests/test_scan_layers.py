@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from configs_loader import load_config
-from epi_jax.method.isolation import unpacked_mask
+from epi_jax.method.inspection import unpacked_mask
 from epi_jax.model import Llama, generate, get_config, init_cache
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib

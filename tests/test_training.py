@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from epi_jax.method.isolation import epi_state
+from epi_jax.method.inspection import epi_state
 from epi_jax.model import config as model_cfg
 from epi_jax.model.config import train_flops_per_token
 from epi_jax.training import checkpoint as ckpt_lib

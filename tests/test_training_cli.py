@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs_loader import load_config
-from epi_jax.method.isolation import epi_state
+from epi_jax.method.inspection import epi_state
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import sharding, trainer
 from epi_jax.utils.files import read_jsonl

@@ -104,6 +104,70 @@ class EPIOptions:
   traced ones are taken as given. ``ema_decay=None`` is 0.99, except with
   ``importance="inner_nu"``, where it stays None: the decay is the inner
   optimizer's (Adam's ``b2``), and any other value is refused.
+
+  Attributes:
+    isolation_ratio: fraction p of eligible entries isolated at each refresh,
+      in [0, 1]; ``k = floor(p * N_eligible)``. May be injected with
+      ``optax.inject_hyperparams`` (then k is computed from the traced value).
+    update_interval: refresh period T in steps (>= 1). Each refresh costs
+      about 31 reads of the importance (a bisection). May be injected.
+    ema_decay: importance EMA decay beta in [0, 1): ``I <- beta I + (1-beta) s(g)``.
+      None (the default) is 0.99. May be injected. With ``importance="inner_nu"``
+      leave it unset: beta is then the inner optimizer's b2.
+    warmup_steps: W, the first refresh happens at step W (1-based); refreshes
+      at steps ``W, W+T, W+2T, ...`` (``is_refresh_step``). Defaults to T.
+      Nothing is isolated before.
+    importance: score s(g): ``"grad_sq"`` (|g|^2, diagonal empirical Fisher,
+      default), ``"grad_abs"`` (|g|), ``"taylor"`` (|g * theta|; needs params)
+      or ``"displacement"`` (|theta - theta_0|, CPI-FT's update magnitude: no
+      EMA, the state keeps theta_0 instead of an importance; needs params; with
+      ``mode="static"`` and ``warmup_steps=W`` it is CPI-FT's mask after a
+      W-step probe), or ``"inner_nu"`` (``isolate`` only: no EMA of EPI's own, a
+      refresh ranks the inner optimizer's second moment, Adam's
+      ``nu = b2 nu + (1 - b2) g^2``, i.e. ``grad_sq`` with beta = b2; EPI's state is
+      then its mask, see docs/METHOD.md). Complex entries score by their modulus.
+    normalization: per-layer normalization before selection: ``"layer_mean"``
+      (divide by the layer's mean score, default), ``"layer_max"`` or
+      ``"none"``. A layer is a leaf, or a slice of a stacked leaf (see
+      ``layer_axes``). One reduction per layer per refresh.
+    selection: ``"global"`` top-k over all eligible entries (default) or
+      ``"layer"`` (top-p within each layer). Both count, never sort or gather.
+    mode: ``"evolving"`` (EPI: refresh every T steps, default), ``"static"``
+      (mask chosen at the first refresh and frozen for good: the
+      static-isolation baseline) or ``"none"`` (track importance, isolate
+      nothing).
+    eligible: which parameters may be isolated: None (all), a pytree of bools
+      shaped like the params, or a predicate on the path string,
+      ``lambda path: "norm" not in path`` or, to name layers of stacked
+      leaves, ``lambda path, layer: ...`` (``layer`` is the index along the
+      leaf's layer axis, None for an unstacked leaf). Ineligible entries are
+      never isolated and not counted in N. With ``optax.inject_hyperparams``
+      list a callable in ``static_args`` (it would be taken for a schedule).
+    layer_axes: where stacked leaves keep their layers: None (every leaf is
+      one layer), a pytree shaped like the params of ``int | None`` (the axis
+      indexing layers; None for unstacked leaves), or
+      ``(path, shape) -> int | None``. Every slice along a leaf's layer axis is
+      treated exactly as its own leaf (normalization, ``selection="layer"``,
+      ``eligible``), so a scanned and an unscanned copy of a model get the
+      same masks. Costs nothing extra. With ``optax.inject_hyperparams`` list
+      a callable in ``static_args``.
+    track_first_mask: keep the first refresh's mask to report the Jaccard
+      overlap with it (``jaccard_first``). Costs one bool per parameter.
+    importance_dtype: dtype of the importance EMA: None (float32) or
+      ``jnp.bfloat16`` / ``"bfloat16"`` (2 bytes per parameter instead of 4).
+      The bf16 EMA is computed in float32 and stochastically rounded to bf16
+      (deterministic hash of the in-layer index and the step, no RNG state),
+      so increments smaller than bf16's resolution are kept on average. With
+      ``optax.inject_hyperparams`` pass it as a string or in ``static_args``.
+    packed_mask: store the mask (and ``first_mask``) as bits, 8 per uint8
+      along each leaf's last axis (1/8 byte per parameter instead of 1);
+      unpacked inside the masked update. ``state.mask`` then holds the
+      packed bytes: read it with ``unpacked_mask(state)``.
+    release_after: release hysteresis R, an unconfirmed variant of the paper
+      (None, the default, means 1: off). An isolated entry is released only
+      once it has been out of the top-k at R consecutive refreshes, so more
+      than k entries can be isolated. R > 1 costs one uint8 per parameter
+      (``state.out_streak``).
   """
   isolation_ratio: Any
   update_interval: Any

@@ -14,7 +14,7 @@ pass that ``isolation`` uses, measured fastest on CPU), each reading every
 score once.
 
 Counts can exceed int32 on billion-parameter models. They are carried as two
-int32 digits of base 2**16 (``_Count``), exact up to ~2**46 entries.
+int32 digits of base 2**16 (``Count``), exact up to ~2**46 entries.
 """
 
 from __future__ import annotations
@@ -34,32 +34,32 @@ NEVER = _INF_BITS + 1  # a threshold above every score's bits: selects nothing
 WORD_AXIS_MULTIPLE = 32
 
 
-class _Count(NamedTuple):
+class Count(NamedTuple):
   """A non-negative integer as ``hi * 2**16 + lo`` (both int32, broadcastable)."""
   hi: jax.Array
   lo: jax.Array
 
 
-def _split(n: jax.Array) -> _Count:
+def split_count(n: jax.Array) -> Count:
   n = n.astype(jnp.int32)
-  return _Count(n >> _BASE_BITS, n & (_BASE - 1))
+  return Count(n >> _BASE_BITS, n & (_BASE - 1))
 
 
-def _add(a: _Count, b: _Count) -> _Count:
+def add_counts(a: Count, b: Count) -> Count:
   lo = a.lo + b.lo
-  return _Count(a.hi + b.hi + (lo >> _BASE_BITS), lo & (_BASE - 1))
+  return Count(a.hi + b.hi + (lo >> _BASE_BITS), lo & (_BASE - 1))
 
 
-def _leq(a: _Count, b: _Count) -> jax.Array:
+def count_leq(a: Count, b: Count) -> jax.Array:
   return (a.hi < b.hi) | ((a.hi == b.hi) & (a.lo <= b.lo))
 
 
-def count_from_int(n: int) -> _Count:
-  """A static Python integer as a ``_Count`` (exact for any size)."""
-  return _Count(jnp.int32(n >> _BASE_BITS), jnp.int32(n & (_BASE - 1)))
+def count_from_int(n: int) -> Count:
+  """A static Python integer as a ``Count`` (exact for any size)."""
+  return Count(jnp.int32(n >> _BASE_BITS), jnp.int32(n & (_BASE - 1)))
 
 
-def count_to_float(c: _Count) -> jax.Array:
+def count_to_float(c: Count) -> jax.Array:
   return c.hi.astype(jnp.float32) * _BASE + c.lo.astype(jnp.float32)
 
 
@@ -71,8 +71,8 @@ def num_selected(ratio, n: int) -> int:
   return int(min(max(np.floor(r * np.float32(n)), 0), n))
 
 
-def topk_count(ratio: Any, n: int) -> _Count:
-  """``k = floor(p * N)`` as a ``_Count``, one formula for every way p arrives.
+def topk_count(ratio: Any, n: int) -> Count:
+  """``k = floor(p * N)`` as a ``Count``, one formula for every way p arrives.
 
   p is rounded to float32 and multiplied by ``float32(N)`` in float32 (round
   to nearest), then floored; ``p >= 1`` gives N exactly. A Python float, a
@@ -89,7 +89,7 @@ def topk_count(ratio: Any, n: int) -> _Count:
   k = jnp.clip(jnp.floor(r * jnp.float32(n)), 0.0, float(n))
   hi = jnp.floor(k / _BASE)
   every = count_from_int(n)
-  return _Count(jnp.where(r >= 1, every.hi, hi.astype(jnp.int32)),
+  return Count(jnp.where(r >= 1, every.hi, hi.astype(jnp.int32)),
                 jnp.where(r >= 1, every.lo, (k - hi * _BASE).astype(jnp.int32)))
 
 
@@ -127,13 +127,13 @@ def count_true(mask: jax.Array, keep_axis: int | None = None) -> jax.Array:
   return jnp.sum(values, axis=axes, dtype=jnp.int32)
 
 
-def leaf_count(mask: jax.Array, axis: int | None = None) -> _Count:
-  """Set entries of one bool leaf as a ``_Count``: a stacked leaf (``axis``)
+def leaf_count(mask: jax.Array, axis: int | None = None) -> Count:
+  """Set entries of one bool leaf as a ``Count``: a stacked leaf (``axis``)
   counted per slice first, so a leaf may hold 2**31 entries or more."""
   if axis is None:
-    return _split(count_true(mask))
-  per_slice = _split(count_true(mask, keep_axis=axis))
-  return _Count(jnp.sum(per_slice.hi), jnp.sum(per_slice.lo))
+    return split_count(count_true(mask))
+  per_slice = split_count(count_true(mask, keep_axis=axis))
+  return Count(jnp.sum(per_slice.hi), jnp.sum(per_slice.lo))
 
 
 def _in_loop(operands, carry):
@@ -146,7 +146,7 @@ def _in_loop(operands, carry):
 
 
 def count_at_least(bits_leaves: list[jax.Array], thresholds: jax.Array,
-                   axes: list[int | None] | None = None) -> _Count:
+                   axes: list[int | None] | None = None) -> Count:
   """For each threshold t (shape [m]), the number of bits >= t over all leaves.
 
   Counted per leaf (no flattening: that would re-shard, i.e. all-gather, a
@@ -156,13 +156,13 @@ def count_at_least(bits_leaves: list[jax.Array], thresholds: jax.Array,
   for j in range(thresholds.shape[0]):
     total = count_from_int(0)
     for bits, axis in zip(bits_leaves, axes):
-      total = _add(total, leaf_count(bits >= thresholds[j], axis))
+      total = add_counts(total, leaf_count(bits >= thresholds[j], axis))
     his.append(total.hi)
     los.append(total.lo)
-  return _Count(jnp.stack(his), jnp.stack(los))
+  return Count(jnp.stack(his), jnp.stack(los))
 
 
-def kth_largest_bits(operands, k: _Count, bits_per_pass: int = 4, bits_fn=None,
+def kth_largest_bits(operands, k: Count, bits_per_pass: int = 4, bits_fn=None,
                      axes: list[int | None] | None = None) -> jax.Array:
   """The smallest bit threshold b with ``#{bits >= b} <= k`` (an int32 scalar).
 
@@ -192,7 +192,7 @@ def kth_largest_bits(operands, k: _Count, bits_per_pass: int = 4, bits_fn=None,
     step = (hi - lo + m) // (m + 1)
     j = jnp.arange(1, m + 1, dtype=jnp.int32)
     cand = jnp.minimum(lo + j * step - 1, hi)
-    ok = _leq(count_at_least(bits_leaves, cand, axes), k)
+    ok = count_leq(count_at_least(bits_leaves, cand, axes), k)
     # First candidate with count <= k; counts only fall as the threshold rises.
     first = jnp.argmax(ok)
     any_ok = jnp.any(ok)
@@ -205,7 +205,7 @@ def kth_largest_bits(operands, k: _Count, bits_per_pass: int = 4, bits_fn=None,
   return lo
 
 
-def kth_largest_bits_per_slice(operands, axes: list[int | None], ks: list[_Count],
+def kth_largest_bits_per_slice(operands, axes: list[int | None], ks: list[Count],
                                bits_fn=None) -> list[jax.Array]:
   """``kth_largest_bits`` for many independent groups at once, by bisection.
 
@@ -221,9 +221,9 @@ def kth_largest_bits_per_slice(operands, axes: list[int | None], ks: list[_Count
 
   def counts(bits, axis, thr):
     if axis is None:
-      return _split(count_true(bits >= thr))
+      return split_count(count_true(bits >= thr))
     thr = jnp.expand_dims(thr, [a for a in range(bits.ndim) if a != axis])
-    return _split(count_true(bits >= thr, keep_axis=axis))
+    return split_count(count_true(bits >= thr, keep_axis=axis))
 
   def cond(carry):
     return jnp.any(jnp.stack([jnp.any(lo < hi) for lo, hi in carry]))
@@ -234,7 +234,7 @@ def kth_largest_bits_per_slice(operands, axes: list[int | None], ks: list[_Count
     out = []
     for bits, axis, k, (lo, hi) in zip(bits_leaves, axes, ks, carry):
       cand = jnp.minimum(lo + (hi - lo + 1) // 2 - 1, hi)
-      ok = _leq(counts(bits, axis, cand), k)
+      ok = count_leq(counts(bits, axis, cand), k)
       active = lo < hi
       out.append((jnp.where(active & ~ok, cand + 1, lo), jnp.where(active & ok, cand, hi)))
     return out

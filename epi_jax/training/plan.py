@@ -446,7 +446,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
     the model, mesh and batch it was compiled for.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from epi_jax.method.isolation import epi_state  # pylint: disable=g-import-not-at-top
+  from epi_jax.method.inspection import epi_state  # pylint: disable=g-import-not-at-top
   from epi_jax.model import attention as attention_lib  # pylint: disable=g-import-not-at-top
   from epi_jax.model.config import train_flops_per_token  # pylint: disable=g-import-not-at-top
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
