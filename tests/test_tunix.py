@@ -15,16 +15,19 @@ import dataclasses
 import importlib.util
 import pathlib
 import re
+import shutil
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import qwix
 from flax import nnx
 from tunix.models.llama3 import model as llama3
+from tunix.sft import hooks as tunix_hooks
 from tunix.sft import peft_trainer
 
 import epi_jax
@@ -35,7 +38,7 @@ from epi_jax.training import model_setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB, B, L = 32, 2, 8
-STEPS, T = 6, 2
+STEPS, T, RESTART = 6, 2, 3
 
 
 def _llama3(lora: bool):
@@ -97,13 +100,15 @@ class Recorder(epi_tunix.EPIHook):
     self._record(train_ctx)
 
 
-def _trainer(lora, ckpt, max_steps, hook=None):
+def _trainer(lora, ckpt, hook=None):
   model = _llama3(lora)
   tx = epi_tunix.epi_optimizer(model, optax.linear_schedule(1e-2, 1e-3, STEPS),
                                isolation_ratio=0.25, update_interval=T,
                                max_grad_norm=None if lora else 0.5)
   config = peft_trainer.TrainingConfig(
-      eval_every_n_steps=100, max_steps=max_steps, checkpoint_root_directory=str(ckpt),
+      eval_every_n_steps=100, max_steps=STEPS, checkpoint_root_directory=str(ckpt),
+      checkpointing_options=ocp.CheckpointManagerOptions(
+          save_interval_steps=RESTART, enable_async_checkpointing=False),
       gradient_accumulation_steps=2 if lora else None)
   trainer = peft_trainer.PeftTrainer(model, tx, config)
   if hook is not None:
@@ -117,7 +122,7 @@ def test_peft_trainer_with_epi(tmp_path, lora):
   data = _batches(STEPS * micro)
   log_every = 3 if lora else 1
   hook = Recorder(T, log_every=log_every)
-  trainer = _trainer(lora, tmp_path / "a", STEPS, hook)
+  trainer = _trainer(lora, tmp_path / "a", hook)
   trainer.train(data)
 
   # Isolated entries are bit-frozen at every step; the others train.
@@ -152,11 +157,10 @@ def test_peft_trainer_with_epi(tmp_path, lora):
                              [hook.masks[n][name].mean() for n in range(T, STEPS + 1, T)])
   assert logger.metric_exists(prefix, "learning_rate", "train")  # inject_hyperparams
 
-  # Stopped after 3 steps and restarted from Tunix's checkpoint: the same params and state.
-  first = _trainer(lora, tmp_path / "b", 3)
-  first.train(data)
-  resumed = _trainer(lora, tmp_path / "b", STEPS)
-  assert resumed.train_steps == 3
+  # A run restarted from Tunix's checkpoint of step RESTART ends with the same params and state.
+  shutil.copytree(tmp_path / "a" / str(RESTART), tmp_path / "b" / str(RESTART))
+  resumed = _trainer(lora, tmp_path / "b")
+  assert resumed.train_steps == RESTART
   resumed.train(data)
   for got, want in ((nnx.state(resumed.model, _wrt(resumed.model)),
                      nnx.state(trainer.model, _wrt(trainer.model))),
@@ -165,6 +169,31 @@ def test_peft_trainer_with_epi(tmp_path, lora):
     assert got.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+class Counting(tunix_hooks.TrainingHooks):
+  """Other hooks of the trainer, which EPIHook(wrapped=...) calls."""
+
+  def __init__(self):
+    self.calls = []
+
+  def on_train_start(self, train_ctx):
+    self.calls.append("start")
+
+  def on_train_end(self, train_ctx):
+    self.calls.append("end")
+
+  def on_train_step_start(self, train_ctx):
+    self.calls.append("step_start")
+
+  def on_train_step_end(self, train_ctx, train_step, train_loss):
+    self.calls.append("step_end")
+
+  def on_eval_step_start(self, train_ctx):
+    self.calls.append("eval_start")
+
+  def on_eval_step_end(self, train_ctx, eval_loss):
+    self.calls.append("eval_end")
 
 
 def _ours_loss(model, inputs, targets):
@@ -183,7 +212,7 @@ def test_stacked_model_masks_equal_unstacked(tmp_path):
   assert epi_tunix.model_layer_axes(model) is None
 
   rng = np.random.default_rng(1)
-  tokens = rng.integers(0, config.vocab_size, (4, 4, 17)).astype(np.int32)
+  tokens = rng.integers(0, config.vocab_size, (3, 4, 17)).astype(np.int32)
   data = [dict(inputs=t[:, :-1], targets=t[:, 1:]) for t in tokens]
   masks, fractions = [], []
   for i, m in enumerate((model, scanned)):
@@ -191,8 +220,11 @@ def test_stacked_model_masks_equal_unstacked(tmp_path):
                                  max_grad_norm=1.0)
     trainer = peft_trainer.PeftTrainer(m, tx, peft_trainer.TrainingConfig(
         eval_every_n_steps=100, max_steps=len(data), checkpoint_root_directory=None))
-    trainer.with_loss_fn(_ours_loss).with_training_hooks(epi_tunix.EPIHook(1))
+    others = Counting()
+    trainer.with_loss_fn(_ours_loss).with_training_hooks(epi_tunix.EPIHook(1, wrapped=others))
     trainer.train(data)
+    assert others.calls[0] == "start" and "end" in others.calls, others.calls
+    assert others.calls.count("step_start") == others.calls.count("step_end") == len(data)
     masks.append(_flat(epi_jax.unpacked_mask(trainer.optimizer.opt_state)))
     fractions.append(trainer.metrics_logger.get_metric_history(
         "", "epi/isolated_fraction", "train"))

@@ -9,7 +9,8 @@ around it:
   trainer builds it: ``inject_hyperparams`` (Tunix logs the learning rate
   from it), ``layer_axes`` read from the model's stacked params, norms and
   embeddings not eligible, weight decay on matrices only, optional clipping
-  inside EPI (the importance sees the raw gradients).
+  inside EPI (the importance sees the raw gradients). ``wrap_optimizer(tx,
+  model, ...)`` does the same around any optimizer (MaxText's).
 * ``EPIHook``: a Tunix training hook logging ``epi_metrics`` (and per-layer
   isolated fractions at refreshes) to the trainer's metrics logger.
 
@@ -48,7 +49,7 @@ except ImportError as e:
   raise ImportError(f"epi_jax.integrations.tunix needs Tunix ({e}); install it with: "
                     f"{INSTALL}") from e
 
-__all__ = ["EPIHook", "epi_optimizer", "model_layer_axes"]
+__all__ = ["EPIHook", "epi_optimizer", "model_layer_axes", "wrap_optimizer"]
 
 
 def _key(path: str) -> str:
@@ -80,6 +81,10 @@ def model_layer_axes(model: nnx.Module, wrt=None, axis_name: str = "layers"
   return axes if any(a is not None for a in axes.values()) else None
 
 
+def _is_auto(axes) -> bool:
+  return isinstance(axes, str) and axes == "auto"
+
+
 def _axes_fn(axes):
   """``(path, shape) -> axis`` from None, a ``{path: axis}`` dict or such a callable."""
   if axes is None or callable(axes):
@@ -98,25 +103,21 @@ def _feed_trainable(tx: optax.GradientTransformationExtraArgs):
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
-def epi_optimizer(model: nnx.Module, learning_rate: optax.ScalarOrSchedule, *,
-                  isolation_ratio: float, update_interval: int, ema_decay: float = 0.99,
-                  warmup_steps: Optional[int] = None, mode: str = "evolving",
-                  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                  weight_decay: float = 1e-4, max_grad_norm: Optional[float] = None,
-                  clip_scope: str = "trainable", exclude: Sequence[str] = ("norm", "embed"),
-                  layer_axes: Any = "auto", track_first_mask: bool = True,
-                  **epi_options) -> optax.GradientTransformationExtraArgs:
-  """EPI-AdamW for ``PeftTrainer(model, epi_optimizer(model, ...), config)``.
+def wrap_optimizer(inner: optax.GradientTransformation, model: nnx.Module, *,
+                   isolation_ratio: float, update_interval: int, ema_decay: float = 0.99,
+                   warmup_steps: Optional[int] = None, mode: str = "evolving",
+                   max_grad_norm: Optional[float] = None, clip_scope: str = "trainable",
+                   exclude: Sequence[str] = ("norm", "embed"), layer_axes: Any = "auto",
+                   track_first_mask: bool = True,
+                   **epi_options) -> optax.GradientTransformationExtraArgs:
+  """Any optimizer (e.g. MaxText's ``get_optimizer``) inside EPI, for ``model``.
 
   Args:
+    inner: the optimizer; its final updates are zeroed at isolated entries.
     model: the model the trainer gets (LoRA or not: only the layout is read).
-    learning_rate: a float or an optax schedule; injected with
-      ``optax.inject_hyperparams`` so that Tunix logs it.
     isolation_ratio, update_interval, ema_decay, warmup_steps, mode: EPI's
       (``epi_jax.isolate``); further EPI options go in ``epi_options``.
-    b1, b2, eps, weight_decay: AdamW's; weight decay on matrices only
-      (ndim >= 2 per layer), as in our trainer.
-    max_grad_norm: clip the gradients AdamW sees to this norm (None: no
+    max_grad_norm: clip the gradients ``inner`` sees to this norm (None: no
       clipping). EPI's importance always sees the raw gradients.
     clip_scope: ``"trainable"`` (the norm of the entries not isolated before
       the step) or ``"global"`` (``optax.clip_by_global_norm``).
@@ -132,8 +133,32 @@ def epi_optimizer(model: nnx.Module, learning_rate: optax.ScalarOrSchedule, *,
     raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}.")
   if isinstance(exclude, str):
     raise ValueError(f"exclude must be a sequence of substrings, got the string {exclude!r}.")
-  axes = _axes_fn(model_layer_axes(model) if layer_axes == "auto" else layer_axes)
+  axes = _axes_fn(model_layer_axes(model) if _is_auto(layer_axes) else layer_axes)
   exclude = tuple(exclude)
+  trainable = max_grad_norm is not None and clip_scope == "trainable"
+  if max_grad_norm is not None:
+    clip = (clip_by_trainable_norm(max_grad_norm) if trainable
+            else optax.clip_by_global_norm(max_grad_norm))
+    inner = optax.chain(clip, inner)
+  tx = isolate(inner, isolation_ratio, update_interval, ema_decay, warmup_steps=warmup_steps,
+               mode=mode, eligible=lambda path: not any(s in path for s in exclude),
+               layer_axes=axes, track_first_mask=track_first_mask, **epi_options)
+  return _feed_trainable(tx) if trainable else tx
+
+
+def epi_optimizer(model: nnx.Module, learning_rate: optax.ScalarOrSchedule, *,
+                  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                  weight_decay: float = 1e-4, layer_axes: Any = "auto",
+                  **wrap_options) -> optax.GradientTransformationExtraArgs:
+  """EPI-AdamW for ``PeftTrainer(model, epi_optimizer(model, ...), config)``.
+
+  ``learning_rate`` (a float or an optax schedule) is injected with
+  ``optax.inject_hyperparams``, so that Tunix logs it. ``b1`` ... ``weight_decay``
+  are AdamW's, weight decay on matrices only (ndim >= 2 per layer), as in our
+  trainer. The other arguments are ``wrap_optimizer``'s (``isolation_ratio``
+  and ``update_interval`` required).
+  """
+  axes = _axes_fn(model_layer_axes(model) if _is_auto(layer_axes) else layer_axes)
 
   def decays(params):  # matrices only; a stacked leaf's layer axis does not count
     def stacked(p, x):
@@ -141,17 +166,9 @@ def epi_optimizer(model: nnx.Module, learning_rate: optax.ScalarOrSchedule, *,
     return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim - stacked(p, x) >= 2, params)
 
   def make(learning_rate):
-    inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                         mask=decays)
-    trainable = max_grad_norm is not None and clip_scope == "trainable"
-    if max_grad_norm is not None:
-      clip = (clip_by_trainable_norm(max_grad_norm) if trainable
-              else optax.clip_by_global_norm(max_grad_norm))
-      inner = optax.chain(clip, inner)
-    tx = isolate(inner, isolation_ratio, update_interval, ema_decay, warmup_steps=warmup_steps,
-                 mode=mode, eligible=lambda path: not any(s in path for s in exclude),
-                 layer_axes=axes, track_first_mask=track_first_mask, **epi_options)
-    return _feed_trainable(tx) if trainable else tx
+    return wrap_optimizer(adamw, model, layer_axes=axes, **wrap_options)
 
   make(0.0)  # validates every option now, not at the first init
   return optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(learning_rate=learning_rate)
@@ -175,11 +192,13 @@ class EPIHook(_hooks.TrainingHooks):
   ``update_interval``, ``warmup_steps`` and ``mode`` must be the optimizer's
   (they say which steps refresh, on the host). ``layer_axes``: ``"auto"``
   (read from ``trainer.model``) or what the optimizer was given.
+  ``wrapped``: the trainer's other hooks (a trainer takes one hooks object,
+  e.g. MaxText's ``SFTTrainingHooks``); each call goes to them first.
   """
 
   def __init__(self, update_interval: int, warmup_steps: Optional[int] = None,
                mode: str = "evolving", *, log_every: int = 1, layer_axes: Any = "auto",
-               prefix: str = "epi/"):
+               prefix: str = "epi/", wrapped: Optional[_hooks.TrainingHooks] = None):
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
       raise ValueError(f"log_every must be an int >= 1, got {log_every!r}.")
     self._options = EPIOptions(isolation_ratio=0.0, update_interval=update_interval,
@@ -190,6 +209,7 @@ class EPIHook(_hooks.TrainingHooks):
     self._pending = {}  # step -> (scalars, per-layer or None), on device
     self._scalars = jax.jit(lambda s: jnp.stack([jnp.asarray(x, jnp.float32) for x in s]))
     self._per_layer = None
+    self.wrapped = wrapped
 
   def is_refresh(self, step: int) -> bool:
     return step >= 1 and bool(is_refresh_step(step, self._options))
@@ -204,18 +224,21 @@ class EPIHook(_hooks.TrainingHooks):
     if self.is_refresh(step):
       if self._per_layer is None:
         axes = self._layer_axes
-        axes = _axes_fn(model_layer_axes(trainer.model) if axes == "auto" else axes)
+        axes = _axes_fn(model_layer_axes(trainer.model) if _is_auto(axes) else axes)
         self._per_layer = jax.jit(lambda s: per_layer_isolated(s, axes))
       layers = self._per_layer(epi)
     return scalars, layers
 
   def on_train_step_start(self, train_ctx):
+    if self.wrapped is not None:
+      self.wrapped.on_train_step_start(train_ctx)
     step = train_ctx.train_steps  # updates done: the state is that of this step
     if self.logs(step) and step not in self._pending:
       self._pending[step] = self._snapshot(train_ctx, step)
 
   def on_train_step_end(self, train_ctx, train_step, train_loss):
-    del train_loss
+    if self.wrapped is not None:
+      self.wrapped.on_train_step_end(train_ctx, train_step, train_loss)
     if not self.logs(train_step):
       return
     snapshot = self._pending.pop(train_step, None)
@@ -235,13 +258,17 @@ class EPIHook(_hooks.TrainingHooks):
           train_step)
 
   def on_train_start(self, train_ctx):
-    del train_ctx
+    if self.wrapped is not None:
+      self.wrapped.on_train_start(train_ctx)
 
   def on_train_end(self, train_ctx):
-    del train_ctx
+    if self.wrapped is not None:
+      self.wrapped.on_train_end(train_ctx)
 
   def on_eval_step_start(self, train_ctx):
-    del train_ctx
+    if self.wrapped is not None:
+      self.wrapped.on_eval_step_start(train_ctx)
 
   def on_eval_step_end(self, train_ctx, eval_loss):
-    del train_ctx, eval_loss
+    if self.wrapped is not None:
+      self.wrapped.on_eval_step_end(train_ctx, eval_loss)
