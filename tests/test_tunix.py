@@ -25,24 +25,40 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import qwix
+from flax import config as flax_config
 from flax import nnx
-from tunix.models.llama3 import model as llama3
-from tunix.sft import hooks as tunix_hooks
-from tunix.sft import peft_trainer
 
-import epi_jax
-from epi_jax.integrations import tunix as epi_tunix
-from epi_jax.method import METRICS, OptionError, path_str
-from epi_jax.model import Llama, get_config
-from epi_jax.training import model_setup
+# Importing a tunix.models module sets the process-wide flax_always_shard_variable
+# to False (Tunix's env_utils.setup_sharding_environment). Test collection imports
+# every test file in every worker, so set it back at once; this file's tests get
+# Tunix's setting through the fixture below.
+_ALWAYS_SHARD = flax_config.flax_always_shard_variable
+from tunix.models.llama3 import model as llama3  # noqa: E402
+from tunix.sft import hooks as tunix_hooks  # noqa: E402
+from tunix.sft import peft_trainer  # noqa: E402
+
+flax_config.update("flax_always_shard_variable", _ALWAYS_SHARD)
+
+import epi_jax  # noqa: E402
+from epi_jax.integrations import tunix as epi_tunix  # noqa: E402
+from epi_jax.method import METRICS, OptionError, path_str  # noqa: E402
+from epi_jax.model import Llama, get_config  # noqa: E402
+from epi_jax.training import model_setup  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB, B, L = 32, 2, 8
 STEPS, T, RESTART = 6, 2, 3
 
 
+@pytest.fixture(autouse=True)
+def _tunix_flax_config():
+  flax_config.update("flax_always_shard_variable", False)
+  yield
+  flax_config.update("flax_always_shard_variable", _ALWAYS_SHARD)
+
+
 def _llama3(lora: bool):
-  cfg = dataclasses.replace(llama3.ModelConfig.llama3p2_1b(), num_layers=2, vocab_size=VOCAB,
+  cfg = dataclasses.replace(llama3.ModelConfig.llama3p2_1b(), num_layers=1, vocab_size=VOCAB,
                             embed_dim=16, hidden_dim=32, num_heads=2, head_dim=8,
                             num_kv_heads=1)
   model = llama3.Llama3(cfg, rngs=nnx.Rngs(0))
