@@ -24,15 +24,17 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-import qwix
 from flax import config as flax_config
 from flax import nnx
+
+from epi_jax.integrations import tunix as epi_tunix  # without Tunix: says how to install it
 
 # Importing a tunix.models module sets the process-wide flax_always_shard_variable
 # to False (Tunix's env_utils.setup_sharding_environment). Test collection imports
 # every test file in every worker, so set it back at once; this file's tests get
 # Tunix's setting through the fixture below.
 _ALWAYS_SHARD = flax_config.flax_always_shard_variable
+import qwix  # noqa: E402
 from tunix.models.llama3 import model as llama3  # noqa: E402
 from tunix.sft import hooks as tunix_hooks  # noqa: E402
 from tunix.sft import peft_trainer  # noqa: E402
@@ -40,7 +42,6 @@ from tunix.sft import peft_trainer  # noqa: E402
 flax_config.update("flax_always_shard_variable", _ALWAYS_SHARD)
 
 import epi_jax  # noqa: E402
-from epi_jax.integrations import tunix as epi_tunix  # noqa: E402
 from epi_jax.method import METRICS, OptionError, path_str  # noqa: E402
 from epi_jax.model import Llama, get_config  # noqa: E402
 from epi_jax.training import model_setup  # noqa: E402
@@ -278,7 +279,7 @@ def test_bad_input_and_missing_tunix(monkeypatch):
   monkeypatch.delitem(sys.modules, "tunix.sft", raising=False)
   spec = importlib.util.spec_from_file_location(
       "epi_tunix_without_tunix", ROOT / "epi_jax" / "integrations" / "tunix.py")
-  with pytest.raises(ImportError, match="pip install --no-deps google-tunix"):
+  with pytest.raises(ImportError, match="make tunix.*pip install --no-deps google-tunix"):
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 

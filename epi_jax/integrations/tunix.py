@@ -38,8 +38,9 @@ from epi_jax.method.layout import path_str
 from epi_jax.method.options import EPIOptions, is_refresh_step
 from epi_jax.training.optim import clip_by_trainable_norm
 
-INSTALL = ("pip install --no-deps google-tunix==0.1.7 && "
-           "pip install -r requirements/tunix.txt (or `make tunix`; see the README)")
+INSTALL = ("`make tunix` in an epi_jax checkout, or pip install --no-deps google-tunix==0.1.7, "
+           "then requirements/tunix.txt with the installed versions held (README: 'EPI in "
+           "Tunix')")
 
 try:
   from tunix.sft import hooks as _hooks
