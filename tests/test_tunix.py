@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +46,7 @@ import epi_jax  # noqa: E402
 from epi_jax.method import METRICS, OptionError, path_str  # noqa: E402
 from epi_jax.model import Llama, get_config  # noqa: E402
 from epi_jax.training import model_setup  # noqa: E402
+from epi_jax.training.optim import clip_by_trainable_norm  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB, B, L = 32, 2, 8
@@ -261,6 +263,30 @@ def test_readme_tunix_example_runs(capsys):
   exec(compile(block, "README.md", "exec"), {})  # pylint: disable=exec-used
   out = capsys.readouterr().out.split()
   assert int(out[0]) == 2 and 0 < float(out[1]) <= 0.11
+
+
+def test_trainable_clipping_uses_the_mask_before_the_step():
+  """wrap_optimizer(clip_scope="trainable") = our train step: clip_by_trainable_norm fed
+  ~mask of the state before the update (the refresh step's new mask not yet)."""
+  params = {"a": jnp.zeros((4, 8)), "norm": jnp.zeros((8,))}
+  kw = dict(isolation_ratio=0.25, update_interval=2, warmup_steps=1, exclude=("norm",))
+  tx = epi_tunix.wrap_optimizer(optax.sgd(1.0), None, max_grad_norm=0.3, layer_axes=None, **kw)
+  ref = epi_jax.isolate(optax.chain(clip_by_trainable_norm(0.3), optax.sgd(1.0)),
+                        kw["isolation_ratio"], kw["update_interval"],
+                        warmup_steps=kw["warmup_steps"], track_first_mask=True,
+                        eligible=lambda path: "norm" not in path)
+  glob = epi_tunix.wrap_optimizer(optax.sgd(1.0), None, max_grad_norm=0.3, clip_scope="global",
+                                  layer_axes=None, **kw)
+  state, ref_state, glob_state = tx.init(params), ref.init(params), glob.init(params)
+  for i in range(4):
+    g = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.key(i), p.shape), params)
+    trainable = jax.tree.map(jnp.logical_not, epi_jax.unpacked_mask(ref_state))
+    u, state = tx.update(g, state, params)
+    want, ref_state = ref.update(g, ref_state, params, trainable=trainable)
+    chex.assert_trees_all_equal(u, want)
+    u_glob, glob_state = glob.update(g, glob_state, params)
+    # From the second step a mask is in force: the trainable norm is the smaller one.
+    assert (optax.tree.norm(u) > optax.tree.norm(u_glob) * 1.01) == (i >= 1), i
 
 
 def test_bad_input_and_missing_tunix(monkeypatch):
