@@ -119,6 +119,15 @@ class Recorder(epi_tunix.EPIHook):
     self._record(train_ctx)
 
 
+def _committed(trainer):
+  """Every array committed to the device, as those a restore or a step returns: one
+  train-step program, compiled once (not again for the committed outputs of the first
+  step), which the resumed run loads from the compilation cache."""
+  for graph_node in (trainer.model, trainer.optimizer):
+    nnx.update(graph_node, jax.device_put(nnx.state(graph_node), jax.devices()[0]))
+  return trainer
+
+
 def _trainer(lora, ckpt, hook=None):
   model = _llama3(lora)
   tx = epi_tunix.epi_optimizer(model, optax.linear_schedule(1e-2, 1e-3, STEPS),
@@ -129,7 +138,7 @@ def _trainer(lora, ckpt, hook=None):
       checkpointing_options=ocp.CheckpointManagerOptions(
           save_interval_steps=RESTART, enable_async_checkpointing=False),
       gradient_accumulation_steps=2 if lora else None)
-  trainer = peft_trainer.PeftTrainer(model, tx, config)
+  trainer = _committed(peft_trainer.PeftTrainer(model, tx, config))
   if hook is not None:
     trainer.with_training_hooks(hook)
   return trainer
@@ -237,8 +246,8 @@ def test_stacked_model_masks_equal_unstacked(tmp_path):
   for i, m in enumerate((model, scanned)):
     tx = epi_tunix.epi_optimizer(m, 1e-2, isolation_ratio=0.1, update_interval=1,
                                  max_grad_norm=1.0)
-    trainer = peft_trainer.PeftTrainer(m, tx, peft_trainer.TrainingConfig(
-        eval_every_n_steps=100, max_steps=len(data), checkpoint_root_directory=None))
+    trainer = _committed(peft_trainer.PeftTrainer(m, tx, peft_trainer.TrainingConfig(
+        eval_every_n_steps=100, max_steps=len(data), checkpoint_root_directory=None)))
     others = Counting()
     trainer.with_loss_fn(_ours_loss).with_training_hooks(epi_tunix.EPIHook(1, wrapped=others))
     trainer.train(data)
