@@ -307,6 +307,10 @@ def test_bad_input_and_missing_tunix(monkeypatch):
     epi_tunix.epi_optimizer(model, 1e-3, isolation_ratio=0.1, update_interval=2, exclude="norm")
   with pytest.raises(OptionError, match="isolation_ratio"):
     epi_tunix.epi_optimizer(model, 1e-3, isolation_ratio=2.0, update_interval=2)
+  with pytest.raises(ValueError, match="reads the model"):
+    epi_tunix.wrap_optimizer(optax.sgd(1.0), None, isolation_ratio=0.1, update_interval=2)
+  with pytest.raises(ValueError, match="layer_axes must be"):
+    epi_tunix.epi_optimizer(model, 1e-3, isolation_ratio=0.1, update_interval=2, layer_axes=[0])
   with pytest.raises(ValueError, match="log_every"):
     epi_tunix.EPIHook(2, log_every=0)
   # Without Tunix the module says how to install it.

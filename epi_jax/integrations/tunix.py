@@ -104,7 +104,7 @@ def _feed_trainable(tx: optax.GradientTransformationExtraArgs):
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
-def wrap_optimizer(inner: optax.GradientTransformation, model: nnx.Module, *,
+def wrap_optimizer(inner: optax.GradientTransformation, model: Optional[nnx.Module], *,
                    isolation_ratio: float, update_interval: int, ema_decay: float = 0.99,
                    warmup_steps: Optional[int] = None, mode: str = "evolving",
                    max_grad_norm: Optional[float] = None, clip_scope: str = "trainable",
@@ -115,7 +115,8 @@ def wrap_optimizer(inner: optax.GradientTransformation, model: nnx.Module, *,
 
   Args:
     inner: the optimizer; its final updates are zeroed at isolated entries.
-    model: the model the trainer gets (LoRA or not: only the layout is read).
+    model: the model the trainer gets (LoRA or not), read only for
+      ``layer_axes="auto"``.
     isolation_ratio, update_interval, ema_decay, warmup_steps, mode: EPI's
       (``epi_jax.isolate``); further EPI options go in ``epi_options``.
     max_grad_norm: clip the gradients ``inner`` sees to this norm (None: no
@@ -134,6 +135,8 @@ def wrap_optimizer(inner: optax.GradientTransformation, model: nnx.Module, *,
     raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}.")
   if isinstance(exclude, str):
     raise ValueError(f"exclude must be a sequence of substrings, got the string {exclude!r}.")
+  if _is_auto(layer_axes) and model is None:
+    raise ValueError("layer_axes='auto' reads the model: pass it, or layer_axes=None.")
   axes = _axes_fn(model_layer_axes(model) if _is_auto(layer_axes) else layer_axes)
   exclude = tuple(exclude)
   trainable = max_grad_norm is not None and clip_scope == "trainable"
@@ -148,6 +151,7 @@ def wrap_optimizer(inner: optax.GradientTransformation, model: nnx.Module, *,
 
 
 def epi_optimizer(model: nnx.Module, learning_rate: optax.ScalarOrSchedule, *,
+                  isolation_ratio: float, update_interval: int,
                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                   weight_decay: float = 1e-4, layer_axes: Any = "auto",
                   **wrap_options) -> optax.GradientTransformationExtraArgs:
@@ -156,8 +160,7 @@ def epi_optimizer(model: nnx.Module, learning_rate: optax.ScalarOrSchedule, *,
   ``learning_rate`` (a float or an optax schedule) is injected with
   ``optax.inject_hyperparams``, so that Tunix logs it. ``b1`` ... ``weight_decay``
   are AdamW's, weight decay on matrices only (ndim >= 2 per layer), as in our
-  trainer. The other arguments are ``wrap_optimizer``'s (``isolation_ratio``
-  and ``update_interval`` required).
+  trainer. The other arguments are ``wrap_optimizer``'s.
   """
   axes = _axes_fn(model_layer_axes(model) if _is_auto(layer_axes) else layer_axes)
 
@@ -169,7 +172,8 @@ def epi_optimizer(model: nnx.Module, learning_rate: optax.ScalarOrSchedule, *,
   def make(learning_rate):
     adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                         mask=decays)
-    return wrap_optimizer(adamw, model, layer_axes=axes, **wrap_options)
+    return wrap_optimizer(adamw, model, isolation_ratio=isolation_ratio,
+                          update_interval=update_interval, layer_axes=axes, **wrap_options)
 
   make(0.0)  # validates every option now, not at the first init
   return optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(learning_rate=learning_rate)
