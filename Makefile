@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench multihost-demo clean
+.PHONY: install tunix test test-fast demo bench multihost-demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,14 +16,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The full suite, slow tests included (they use the real model and data).
+# Tunix (for epi_jax.integrations.tunix and its tests), without moving any
+# installed package: google-tunix 0.1.7 itself with --no-deps (its
+# safetensors<0.8 cap would downgrade transformers and three more), then its
+# other requirements with every installed package pinned to its version.
+TUNIX ?= google-tunix==0.1.7
+TUNIX_STAMP := $(VENV)/.tunix-installed
+$(TUNIX_STAMP): $(STAMP) requirements/tunix.txt
+	$(PY) -m pip install --quiet --no-deps '$(TUNIX)'
+	$(PY) -m pip list --format=freeze --exclude-editable > $(VENV)/installed.txt
+	$(PY) -m pip install --quiet -c $(VENV)/installed.txt -r requirements/tunix.txt
+	touch $@
+
+tunix: $(TUNIX_STAMP)
+
+# The full suite, slow tests included (they use the real model and data), and
+# the Tunix integration's (tests/test_tunix.py).
 # Data is prepared once up front (idempotent; skipped with a message where the
 # raw files are missing) so that parallel test workers never build it concurrently.
-test: install
+test: install tunix
 	-$(VENV)/bin/epi-jax data prepare
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install tunix
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # `make demo`: the sequential protocol (gsm8k, then chat) and the five-task comparison,
