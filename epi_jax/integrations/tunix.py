@@ -32,8 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from epi_jax.method.isolation import (METRICS, epi_state, isolate, per_layer_isolated,
-                                      unpacked_mask)
+from epi_jax.method import (METRICS, epi_state, isolate, per_layer_isolated,
+                            unpacked_mask)
 from epi_jax.method.layout import path_str
 from epi_jax.method.options import EPIOptions, is_refresh_step
 from epi_jax.training.optim import clip_by_trainable_norm
