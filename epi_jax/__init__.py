@@ -13,10 +13,12 @@ _platforms.skip_absent_tpu()  # before any backend starts: see utils/platforms.p
 
 from epi_jax.method import (EPIOptions, EPIState, IsolateState, RefreshStats,  # noqa: E402
                             epi_adamw, epi_importance, epi_metrics, epi_state, epi_transform,
-                            is_refresh_step, isolate, per_layer_isolated, select_mask,
+                            epi_transform_from_options, is_refresh_step, isolate,
+                            isolate_from_options, per_layer_isolated, select_mask,
                             unpacked_mask)
 
 __version__ = "0.1.0"
 __all__ = ["EPIOptions", "EPIState", "IsolateState", "RefreshStats", "epi_adamw",
-           "epi_importance", "epi_metrics", "epi_state", "epi_transform", "is_refresh_step", "isolate",
+           "epi_importance", "epi_metrics", "epi_state", "epi_transform",
+           "epi_transform_from_options", "is_refresh_step", "isolate", "isolate_from_options",
            "per_layer_isolated", "select_mask", "unpacked_mask"]

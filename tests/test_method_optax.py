@@ -189,3 +189,23 @@ def test_select_mask_is_the_refresh_mask():
   mask, threshold = epi_jax.select_mask(state.importance, epi_jax.EPIOptions(**KW))
   chex.assert_trees_all_equal(mask, epi_jax.unpacked_mask(state))
   assert float(threshold) == float(state.threshold) > 0
+
+
+def test_options_are_the_one_currency():
+  """Every EPIOptions field is a keyword of the three factories (what
+  inject_hyperparams sees), and the *_from_options forms build the same
+  transformation from one EPIOptions."""
+  import dataclasses
+  import inspect
+  fields = {f.name for f in dataclasses.fields(epi_jax.EPIOptions)}
+  for factory in (epi_jax.epi_transform, epi_jax.isolate, epi_jax.epi_adamw):
+    assert fields <= set(inspect.signature(factory).parameters), factory.__name__
+  params, grads = make_params(), grad_stream(5, shift_at=2)
+  options = epi_jax.EPIOptions(**KW)
+  pairs = [(epi_jax.isolate(optax.adamw(1e-2), **KW),
+            epi_jax.isolate_from_options(optax.adamw(1e-2), options)),
+           (epi_jax.epi_transform(**KW), epi_jax.epi_transform_from_options(options))]
+  for a, b in pairs:
+    (sa, ua), (sb, ub) = _run(a, grads, params), _run(b, grads, params)
+    chex.assert_trees_all_equal(ua, ub)
+    chex.assert_trees_all_equal(epi_jax.epi_state(sa), epi_jax.epi_state(sb))

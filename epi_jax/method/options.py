@@ -241,6 +241,12 @@ class EPIOptions:
                           f"callable {name} is taken for a schedule; list '{name}' in "
                           "static_args.")
 
+  @classmethod
+  def from_arguments(cls, arguments) -> "EPIOptions":
+    """The options among a factory's ``locals()``: every field by its name, so
+    a new option is a field here and a keyword in the factories' signatures."""
+    return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
+
   @property
   def warmup(self):
     """W: the step of the first refresh (``update_interval`` when unset)."""

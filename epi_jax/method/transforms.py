@@ -260,12 +260,11 @@ def epi_transform(isolation_ratio: float, update_interval: int,
 
   Each option in full: ``EPIOptions``, which validates them once.
   """
-  options = EPIOptions(
-      isolation_ratio=isolation_ratio, update_interval=update_interval, ema_decay=ema_decay,
-      warmup_steps=warmup_steps, importance=importance, normalization=normalization,
-      selection=selection, mode=mode, eligible=eligible, layer_axes=layer_axes,
-      track_first_mask=track_first_mask, importance_dtype=importance_dtype,
-      packed_mask=packed_mask, release_after=release_after)
+  return epi_transform_from_options(EPIOptions.from_arguments(locals()))
+
+
+def epi_transform_from_options(options: EPIOptions) -> optax.GradientTransformationExtraArgs:
+  """``epi_transform`` with its options given as one ``EPIOptions``."""
   if options.importance == INNER_NU:
     raise OptionError("importance", "importance='inner_nu' reads the second moment of the "
                       "optimizer that EPI wraps: use the wrapper form, isolate(inner, ...) "
@@ -320,8 +319,8 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
     ema_decay: beta of the importance EMA; None is 0.99 (with
       ``importance="inner_nu"``: unset, it is the inner optimizer's b2).
     warmup_steps: W, the step of the first refresh (default T).
-    importance: ``"grad_sq"``, ``"grad_abs"``, ``"taylor"``, ``"displacement"`` or ``"inner_nu"``
-      (the inner optimizer's second moment: no importance state).
+    importance: ``"grad_sq"``, ``"grad_abs"``, ``"taylor"``, ``"displacement"`` or
+      ``"inner_nu"`` (the inner optimizer's second moment: no importance state).
     normalization: ``"layer_mean"``, ``"layer_max"`` or ``"none"``.
     selection: ``"global"`` top-k or ``"layer"`` (top-p per layer).
     mode: ``"evolving"``, ``"static"`` or ``"none"`` (track importance only).
@@ -335,12 +334,14 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
 
   Each option in full: ``EPIOptions``, which validates them once.
   """
-  options = EPIOptions(
-      isolation_ratio=isolation_ratio, update_interval=update_interval, ema_decay=ema_decay,
-      warmup_steps=warmup_steps, importance=importance, normalization=normalization,
-      selection=selection, mode=mode, eligible=eligible, layer_axes=layer_axes,
-      track_first_mask=track_first_mask, importance_dtype=importance_dtype,
-      packed_mask=packed_mask, release_after=release_after)
+  return isolate_from_options(inner, EPIOptions.from_arguments(locals()),
+                              reset_on_release=reset_on_release)
+
+
+def isolate_from_options(inner: optax.GradientTransformation, options: EPIOptions, *,
+                         reset_on_release: bool = False,
+                         ) -> optax.GradientTransformationExtraArgs:
+  """``isolate`` with its EPI options given as one ``EPIOptions``."""
   if not isinstance(reset_on_release, bool):
     raise ValueError(f"reset_on_release must be a bool, got {reset_on_release!r}.")
   inner = optax.with_extra_args_support(inner)
@@ -365,7 +366,8 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
       inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
     if reset_on_release:
       released = jax.tree.map(
-          lambda old, new, u: refresh.as_bool(old, u.shape, u) & ~refresh.as_bool(new, u.shape, u),
+          lambda old, new, u: (refresh.as_bool(old, u.shape, u)
+                               & ~refresh.as_bool(new, u.shape, u)),
           state.epi.mask, epi.mask, updates)
       inner_state = optax.tree_map_params(
           inner, lambda v, r: jnp.where(r, jnp.zeros_like(v), v), inner_state, released,
@@ -396,6 +398,7 @@ def epi_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   ``importance="inner_nu"``, ``ema_decay`` may be left unset or given equal
   to ``b2``.
   """
+  arguments = dict(locals())
   if importance == INNER_NU and ema_decay is not None:
     decay, beta2 = (numeric_option("ema_decay", ema_decay, integer=False),
                     numeric_option("b2", b2, integer=False))
@@ -403,11 +406,7 @@ def epi_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
       raise OptionError("ema_decay", f"importance='inner_nu' ranks AdamW's second moment, "
                         f"whose decay is b2={beta2!r}: ema_decay={decay!r} differs (leave "
                         "it unset).")
-    ema_decay = None
-  return isolate(
+    arguments["ema_decay"] = None
+  return isolate_from_options(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
-      isolation_ratio, update_interval, ema_decay, warmup_steps=warmup_steps,
-      importance=importance, normalization=normalization, selection=selection, mode=mode,
-      eligible=eligible, layer_axes=layer_axes, track_first_mask=track_first_mask,
-      importance_dtype=importance_dtype, packed_mask=packed_mask,
-      release_after=release_after, reset_on_release=reset_on_release)
+      EPIOptions.from_arguments(arguments), reset_on_release=reset_on_release)

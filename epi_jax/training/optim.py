@@ -171,11 +171,5 @@ def _method_optimizer(config, layer_axes) -> optax.GradientTransformation:
   inner = _adamw(config, layer_axes)
   if not tracks_importance(config):
     return inner
-  o = epi_options(config, layer_axes)
-  return epi_jax.isolate(
-      inner, o.isolation_ratio, o.update_interval, o.ema_decay, warmup_steps=o.warmup_steps,
-      importance=o.importance, normalization=o.normalization, selection=o.selection,
-      mode=o.mode, eligible=o.eligible, layer_axes=o.layer_axes,
-      track_first_mask=o.track_first_mask, importance_dtype=o.importance_dtype,
-      packed_mask=o.packed_mask, release_after=o.release_after,
-      reset_on_release=config.epi.reset_on_release)
+  return epi_jax.isolate_from_options(inner, epi_options(config, layer_axes),
+                                      reset_on_release=config.epi.reset_on_release)
