@@ -9,6 +9,7 @@ import pytest
 from epi_jax.method import lock_in
 from epi_jax.method import inspection
 from epi_jax.method import transforms
+from epi_jax.method.options import EPIOptions
 
 
 def _b(*bits):
@@ -64,6 +65,16 @@ def test_pytrees_and_an_initial_mask():
   assert s["mean_spell_refreshes"] == pytest.approx(4 / 3)
 
 
+def test_ineligible_entries_count_nowhere():
+  """Entry 3 is ineligible (a norm scale, say): huge importance, never trainable."""
+  masks = [_b(1, 0, 0, 0), _b(0, 1, 0, 0)]
+  imps = [_f(1, 1, 1, 100), _f(4, 1, 1, 100)]
+  c = jax.device_get(lock_in.transition_counts(masks[0], masks[1], imps[1],
+                                               eligible=[_b(1, 1, 1, 0)]))
+  assert int(c["entries"]) == 3 and int(c["released"]) == 1 and int(c["entered"]) == 1
+  assert lock_in.refresh_stats(c)["importance_ratio"] == 4.0  # 4 vs mean(1, 1)
+
+
 def test_bad_input_is_a_one_line_error():
   with pytest.raises(ValueError, match="2 masks but 1 importances"):
     lock_in.lock_in_stats([_b(1), _b(0)], [_f(1)])
@@ -94,6 +105,8 @@ def test_state_counts_read_an_optimizer_state(packed):
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
   got = jax.device_get(jax.jit(lock_in.state_counts)(prev, state))
+  options = EPIOptions(isolation_ratio=0.25, update_interval=2)
+  assert int(jax.device_get(lock_in.state_counts(prev, state, options))["entries"]) == 80
   want = jax.device_get(lock_in.transition_counts(
       prev_bool, inspection.unpacked_mask(state), inspection.epi_importance(state)))
   assert {k: float(v) for k, v in got.items()} == pytest.approx(

@@ -73,6 +73,15 @@ def test_sharded_equals_single_device(sharded_run, single_run):
   assert [r["step"] for r in refreshes] == [2, 4, 6]
   assert refreshes[-1]["per_layer"]["layers/0/attn_norm/scale"] == 0.0  # excluded
   assert any(v > 0 for v in refreshes[-1]["per_layer"].values())
+  # Lock-in counts at each refresh (epi_jax.method.lock_in), from an empty mask on.
+  li = [r["lock_in"] for r in refreshes]
+  assert li[0]["prev_isolated"] == li[0]["released"] == 0 and li[0]["entered"] == li[0]["isolated"]
+  for before, after in zip(li, li[1:]):
+    assert after["prev_isolated"] == before["isolated"]
+    assert after["isolated"] == after["prev_isolated"] - after["released"] + after["entered"]
+  # Eligible entries only (norm scales excluded): the isolated fraction is the logged one.
+  assert li[-1]["isolated"] / li[-1]["entries"] == pytest.approx(
+      refreshes[-1]["isolated_fraction"], rel=1e-4)
   for k in sharded_run.params:
     np.testing.assert_allclose(np.asarray(sharded_run.params[k]),
                                np.asarray(single_run.params[k]), atol=2e-4, rtol=1e-3)

@@ -45,45 +45,61 @@ import jax.numpy as jnp
 import numpy as np
 
 from epi_jax.method import inspection
+from epi_jax.method import layout
 from epi_jax.method import refresh
+from epi_jax.method.options import EPIOptions
 
 COUNT_KEYS = ("entries", "isolated", "prev_isolated", "released", "entered",
               "importance_prev_isolated", "importance_prev_trainable")
 
 
-def transition_counts(prev_mask, mask, importance) -> dict[str, Any]:
+def transition_counts(prev_mask, mask, importance, eligible=None) -> dict[str, Any]:
   """The counts of one refresh (``prev_mask -> mask``, ranked ``importance``).
 
   Bool pytrees (or arrays) of the same structure; works on numpy and on the
-  device (jit it). Integer counts are int32 per leaf summed in int64 on numpy,
-  so keep a leaf under 2**31 entries; importance sums are float32.
+  device (jit it). ``eligible``: per leaf, True or a bool array broadcasting
+  over it (default: every entry), the entries EPI may isolate; the others
+  count nowhere (not as trainable either: a norm scale's importance is not
+  comparable). Integer counts are int32 (keep a leaf under 2**31 entries);
+  importance sums are float32.
   """
-  leaves = lambda t: jax.tree.leaves(t)  # pylint: disable=unnecessary-lambda-assignment
-  p, m, imp = leaves(prev_mask), leaves(mask), leaves(importance)
+  p, m, imp = (jax.tree.leaves(t) for t in (prev_mask, mask, importance))
   if not (len(p) == len(m) == len(imp)):
     raise ValueError(f"prev_mask, mask and importance differ in structure: {len(p)}, {len(m)} "
                      f"and {len(imp)} leaves")
+  elig = [True] * len(m) if eligible is None else list(eligible)
+  if len(elig) != len(m):
+    raise ValueError(f"eligible has {len(elig)} leaves, the masks {len(m)}")
+  elig = [np.broadcast_to(np.asarray(e, bool), np.shape(x)) if e is True else
+          jnp.broadcast_to(e, np.shape(x)) for e, x in zip(elig, m)]
+  p = [a & e for a, e in zip(p, elig)]
+  m = [b & e for b, e in zip(m, elig)]
+  trainable = [e & ~a for a, e in zip(p, elig)]
   def total(xs, dtype):
     return sum((jnp.sum(x, dtype=dtype) for x in xs), jnp.zeros((), dtype))
   imp32 = [jnp.asarray(x, jnp.float32) for x in imp]
-  return {"entries": sum(int(np.prod(x.shape)) for x in m),
+  return {"entries": total(elig, jnp.int32),
           "isolated": total(m, jnp.int32),
           "prev_isolated": total(p, jnp.int32),
           "released": total([a & ~b for a, b in zip(p, m)], jnp.int32),
           "entered": total([b & ~a for a, b in zip(p, m)], jnp.int32),
           "importance_prev_isolated": total([jnp.where(a, x, 0.0) for a, x in zip(p, imp32)],
                                             jnp.float32),
-          "importance_prev_trainable": total([jnp.where(a, 0.0, x) for a, x in zip(p, imp32)],
-                                             jnp.float32)}
+          "importance_prev_trainable": total(
+              [jnp.where(t, x, 0.0) for t, x in zip(trainable, imp32)], jnp.float32)}
 
 
-def state_counts(prev_stored_mask, opt_state) -> dict[str, Any]:
+def state_counts(prev_stored_mask, opt_state, options: EPIOptions | None = None
+                 ) -> dict[str, Any]:
   """:func:`transition_counts` from the stored mask before a refresh (bool or
-  packed, as in ``EPIState.mask``) to ``opt_state``'s mask and importance."""
+  packed, as in ``EPIState.mask``) to ``opt_state``'s mask and importance,
+  over the entries ``options`` (EPI's options) makes eligible (default: all)."""
   importance = inspection.epi_importance(opt_state)
   prev = jax.tree.map(lambda m, imp: refresh.as_bool(m, imp.shape, imp), prev_stored_mask,
                       importance)
-  return transition_counts(prev, inspection.unpacked_mask(opt_state), importance)
+  eligible = (None if options is None
+              else [layout.eligible_mask(leaf) for leaf in layout.leaf_layout(options, importance)])
+  return transition_counts(prev, inspection.unpacked_mask(opt_state), importance, eligible)
 
 
 def stored_mask_copy(opt_state):
