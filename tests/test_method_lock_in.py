@@ -113,3 +113,5 @@ def test_state_counts_read_an_optimizer_state(packed):
       {k: float(v) for k, v in want.items()}, rel=1e-5)
   assert int(got["isolated"]) == int(got["prev_isolated"]) == 20  # 25% of 80
   assert int(got["released"]) == int(got["entered"])
+  # The copy is bits whether the state's mask is packed or not.
+  assert all(x.dtype == jnp.uint8 for x in jax.tree.leaves(prev))

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from epi_jax.method import compact
 from epi_jax.method import inspection
 from epi_jax.method import layout
 from epi_jax.method import refresh
@@ -91,8 +92,8 @@ def transition_counts(prev_mask, mask, importance, eligible=None) -> dict[str, A
 
 def state_counts(prev_stored_mask, opt_state, options: EPIOptions | None = None
                  ) -> dict[str, Any]:
-  """:func:`transition_counts` from the stored mask before a refresh (bool or
-  packed, as in ``EPIState.mask``) to ``opt_state``'s mask and importance,
+  """:func:`transition_counts` from the mask before a refresh (bool or packed, as
+  in ``EPIState.mask`` or :func:`stored_mask_copy`) to ``opt_state``'s mask and importance,
   over the entries ``options`` (EPI's options) makes eligible (default: all)."""
   importance = inspection.epi_importance(opt_state)
   prev = jax.tree.map(lambda m, imp: refresh.as_bool(m, imp.shape, imp), prev_stored_mask,
@@ -103,9 +104,10 @@ def state_counts(prev_stored_mask, opt_state, options: EPIOptions | None = None
 
 
 def stored_mask_copy(opt_state):
-  """A copy of ``opt_state``'s stored mask (bits when packed), kept across steps
-  that donate the state."""
-  return jax.tree.map(jnp.copy, inspection.epi_state(opt_state).mask)
+  """A copy of ``opt_state``'s mask as bits (1/8 byte per parameter, packed or
+  not), kept across steps that donate the state; :func:`state_counts` reads it."""
+  return jax.tree.map(lambda m: jnp.copy(m) if m.dtype == jnp.uint8 else compact.pack(m),
+                      inspection.epi_state(opt_state).mask)
 
 
 def _ratio(num, den):

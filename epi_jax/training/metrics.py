@@ -210,8 +210,8 @@ class RefreshLog:
   released, entered, importance of the entries isolated before it; a no-op
   for methods without EPI).
 
-  The mask before a refresh is kept on the device (a copy of the stored
-  mask: bits when packed) and read only on refresh steps.
+  The mask before a refresh is kept on the device (as bits: 1/8 byte per
+  parameter) and read only on refresh steps.
   """
 
   def __init__(self, config, layer_axes, opt_state, writer: MetricsWriter):
@@ -222,10 +222,10 @@ class RefreshLog:
     self._count = int(epi_state(opt_state).num_refreshes)  # a resumed run's refreshes
     self._per_layer = jax.jit(functools.partial(step_lib.per_layer_isolated,
                                                 layer_axes=layer_axes))
-    # A resumed run's mask is the one after its last logged refresh.
-    self._prev_mask = lock_in.stored_mask_copy(opt_state)
     self._counts = jax.jit(functools.partial(lock_in.state_counts, options=self._opts))
     self._copy = jax.jit(lock_in.stored_mask_copy)
+    # A resumed run's mask is the one after its last logged refresh.
+    self._prev_mask = self._copy(opt_state)
 
   def after_step(self, step: int, m: dict[str, jax.Array], opt_state) -> None:
     """Writes a record when step ``step`` (metrics ``m``) refreshed the mask."""
