@@ -129,6 +129,9 @@ def test_kill_and_resume_equals_uninterrupted(sharded_run, tmp_path):
   second = train(config, tmp_path)
   assert second.step == STEPS and not second.interrupted and is_finished(tmp_path)
   assert losses(tmp_path) == losses(sharded_run.workdir)  # bit-identical
+  # A resumed run's lock-in counts go on from the restored mask (refresh 4 after step 3).
+  assert ([r["lock_in"] for r in read_jsonl(tmp_path / "refreshes.jsonl")]
+          == [r["lock_in"] for r in read_jsonl(sharded_run.workdir / "refreshes.jsonl")])
   for k, v in sharded_run.params.items():
     np.testing.assert_array_equal(np.asarray(second.params[k]), np.asarray(v))
   # Checkpoint content: both final checkpoints hold the same state.
@@ -255,6 +258,10 @@ def test_compact_state_and_variants_train_sharded(tmp_path):
   for r in refreshes:  # per-layer fractions of the unpacked masks
     assert all(0.0 <= v <= 1.0 for v in r["per_layer"].values())
     assert max(r["per_layer"].values()) > 0.0
+  # Lock-in counts from packed masks, hysteresis on: the bookkeeping adds up.
+  last = refreshes[-1]["lock_in"]
+  assert last["prev_isolated"] == refreshes[0]["lock_in"]["isolated"] > 0
+  assert last["isolated"] == last["prev_isolated"] - last["released"] + last["entered"]
 
 
 def test_static_importance_option_picks_cpi_ft_displacement():
