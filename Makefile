@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tunix test test-fast demo bench multihost-demo clean
+.PHONY: install tunix test test-fast demo study study-screen bench multihost-demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,32 @@ demo: install
 	$(EPI) compare --config $(DEMO_CONFIG) --workdir $(DEMO_DIR)/mixture \
 	  --methods $(DEMO_METHODS) --seeds $(DEMO_SEEDS)
 	$(EPI) verdicts $(DEMO_DIR)/sequential $(DEMO_DIR)/mixture
+
+# `make study`: the sequential protocol at the largest size this 2-core CPU affords in
+# about 2 hours (configs/study.py: its docstring has the arithmetic), niced so that
+# other work goes on beside it. Rerun to continue: finished runs and evals are skipped,
+# an interrupted run resumes from its last checkpoint. STUDY_TASKS must be
+# configs/study.py's PAIR (tests/test_study.py checks it), the pair that
+# `make study-screen` (full SFT's drop on the first task of every ordered pair) picks.
+STUDY_DIR ?= runs/study
+STUDY_TASKS := gsm8k,chat
+STUDY_SEEDS := 3
+NICE ?= nice -n 10
+study: export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(STUDY_DIR))/jax_cache
+study: install
+	-$(EPI) data prepare
+	$(NICE) $(EPI) compare --config configs/study.py --workdir $(STUDY_DIR)/sequential \
+	  --protocol sequential --tasks $(STUDY_TASKS) --methods full,static,epi \
+	  --seeds $(STUDY_SEEDS) --both_orders=false
+
+SCREEN_STEPS ?= 8
+SCREEN_EXAMPLES ?= 32
+study-screen: export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(STUDY_DIR))/jax_cache
+study-screen: install
+	-$(EPI) data prepare
+	$(NICE) $(PY) benchmarks/forgetting_screen.py --config configs/study.py \
+	  --workdir $(STUDY_DIR)/screen --steps_per_task $(SCREEN_STEPS) \
+	  --num_examples $(SCREEN_EXAMPLES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

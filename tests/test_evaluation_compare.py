@@ -137,6 +137,22 @@ def test_compare_end_to_end_tiny(tmp_path):
   assert (workdir / "plots" / "importance_drift.png").is_file()
   assert (workdir / "plots" / "importance_layers_full.png").is_file()
   assert "Drift of the top-p importance set" in md
+  # Lock-in (epi_jax.method.lock_in) for every run with EPI refreshes; the first
+  # seed's EPI mask against full SFT's saved top-p set at each refresh step.
+  epi_lock = results["methods"]["epi"]["lock_in"]
+  run = epi_lock["first_run"]
+  assert run["step"] == [3, 6, 9, 12] and run["release_fraction"][0] is None
+  assert all(0.0 <= f <= 1.0 for f in run["release_fraction"][1:])
+  assert 1.0 <= run["mean_spell_refreshes"] <= 4.0
+  assert all(0.0 <= j <= 1.0 for j in run["jaccard_vs_full"])
+  assert epi_lock["mean_jaccard_vs_full"]["mean"] == run["mean_jaccard_vs_full"]
+  assert epi_lock["mean_importance_ratio"]["mean"] > 0
+  assert "lock_in" in results["methods"]["epi_clip_trainable"]  # no sets saved: no Jaccard
+  assert results["methods"]["epi_clip_trainable"]["lock_in"]["mean_jaccard_vs_full"]["n"] == 0
+  assert "lock_in" not in results["methods"]["full"]
+  assert sorted(p.name for p in (workdir / "full" / "seed0" / "top_sets").iterdir()) == [
+      "step_12.npy", "step_3.npy", "step_6.npy", "step_9.npy"]
+  assert "Lock-in of the mask" in md and "| epi |" in md.split("Lock-in of the mask")[1]
   cached = sorted(p.name for p in (workdir / "epi" / "seed0" / "eval").iterdir())
   assert cached == ["step_12.json", "step_6.json"]
   # A rerun trains nothing and re-evaluates nothing: same numbers.

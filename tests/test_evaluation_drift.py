@@ -222,3 +222,24 @@ def test_static_mask_curve_is_left_out_and_importance_table(tmp_path):
   assert "| 15 | 0.500 | 0.800 |" in md and "full vs first" in md
   assert plots.plot_drift({"full": summary, "static": static}, tmp_path / "i.png",
                           what="top-p importance set").is_file()
+
+
+def test_saved_top_sets_round_trip_and_their_jaccard(tmp_path):
+  """epi.save_top_sets' files: bit-packed sets whose Jaccard is the masks' own."""
+  from epi_jax.training import importance_drift as sets
+  rng = np.random.default_rng(0)
+  a = {"x": rng.random((3, 5)) < 0.3, "y": rng.random(11) < 0.5}  # 26 bits: padded
+  b = {"x": rng.random((3, 5)) < 0.3, "y": rng.random(11) < 0.5}
+  for run, mask in (("a", a), ("b", b)):
+    path = sets.top_set_path(tmp_path / run, 4)
+    path.parent.mkdir(parents=True)
+    np.save(path, np.asarray(sets.packed_set(mask)))
+  pa, pb = sets.load_top_set(tmp_path / "a", 4), sets.load_top_set(tmp_path / "b", 4)
+  assert pa.dtype == np.uint8 and pa.size == 4
+  assert sets.packed_jaccard(pa, pb) == pytest.approx(drift.jaccard(a, b))
+  assert sets.packed_jaccard(pa, pa) == 1.0
+  assert sets.load_top_set(tmp_path / "a", 8) is None
+  assert report.jaccards_vs(tmp_path / "a", tmp_path / "b", [4, 8]) == [
+      pytest.approx(drift.jaccard(a, b)), None]
+  with pytest.raises(ValueError, match="packed sets of different sizes"):
+    sets.packed_jaccard(pa, pa[:2])

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from epi_jax.evaluation import compare as cmp
 from epi_jax.evaluation import report
 
@@ -71,3 +73,19 @@ def test_write_results_writes_json_markdown_and_plots(tmp_path):
   assert not (tmp_path / "plots" / "drift.png").exists()  # no run has refreshes
   assert not list(tmp_path.rglob("*.tmp"))  # the writes are atomic: no leftovers
   assert logged[0].strip() == md.strip()
+
+
+def test_lock_in_aggregate_and_table():
+  """Means over seeds of the lock-in scalars, a run without a Jaccard left out of its mean."""
+  runs = [{"mean_release_fraction": 0.2, "mean_spell_refreshes": 3.0, "ongoing_spell_share": 0.5,
+           "mean_importance_ratio": 2.0, "mean_jaccard_vs_full": 0.4, "step": [2, 4]},
+          {"mean_release_fraction": 0.4, "mean_spell_refreshes": 2.0, "ongoing_spell_share": 0.7,
+           "mean_importance_ratio": 4.0, "step": [2, 4]}, None]
+  agg = report.aggregate_lock_in(runs)
+  assert agg["mean_release_fraction"]["mean"] == pytest.approx(0.3)
+  assert agg["mean_jaccard_vs_full"] == {"mean": 0.4, "std": 0.0, "n": 1}
+  assert agg["first_run"] is runs[0]
+  assert report.aggregate_lock_in([None]) is None
+  md = report.lock_in_markdown({"epi": agg, "static": None})
+  assert "| epi | 0.300" in md and "| static |" not in md
+  assert report.lock_in_markdown({"full": None}) == ""

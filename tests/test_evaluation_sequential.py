@@ -19,6 +19,7 @@ def get_config():
   c.total_steps = 8
   c.snapshot_steps = ()
   c.epi.update_interval = 2
+  c.epi.track_importance = True
   c.optimizer.warmup_steps = 1
   c.progress_bar = False
   return c
@@ -94,6 +95,15 @@ def test_sequential_end_to_end_tiny(tmp_path):
              for t in texts)
   md = (workdir / "results.md").read_text()
   assert md.startswith("Verdicts") and "| epi - static |" in md and "drop on gsm8k" in md
+  # Lock-in: EPI's 4 refreshes against full SFT's top-p sets (first seed; both track);
+  # static's one refresh; nothing for full SFT.
+  locks = order["lock_in"]
+  assert set(locks) == {"static", "epi"}
+  epi = locks["epi"]["first_run"]
+  assert epi["step"] == [2, 4, 6, 8] and len(epi["jaccard_vs_full"]) == 4
+  assert all(0.0 <= j <= 1.0 for j in epi["jaccard_vs_full"])
+  assert locks["static"]["first_run"]["ongoing_spell_share"] == 1.0  # one mask, never released
+  assert "Lock-in of the mask" in md
 
 
 def test_staged_config_validation():

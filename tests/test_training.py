@@ -73,6 +73,15 @@ def test_sharded_equals_single_device(sharded_run, single_run):
   assert [r["step"] for r in refreshes] == [2, 4, 6]
   assert refreshes[-1]["per_layer"]["layers/0/attn_norm/scale"] == 0.0  # excluded
   assert any(v > 0 for v in refreshes[-1]["per_layer"].values())
+  # Lock-in counts at each refresh (epi_jax.method.lock_in), from an empty mask on.
+  li = [r["lock_in"] for r in refreshes]
+  assert li[0]["prev_isolated"] == li[0]["released"] == 0 and li[0]["entered"] == li[0]["isolated"]
+  for before, after in zip(li, li[1:]):
+    assert after["prev_isolated"] == before["isolated"]
+    assert after["isolated"] == after["prev_isolated"] - after["released"] + after["entered"]
+  # Eligible entries only (norm scales excluded): the isolated fraction is the logged one.
+  assert li[-1]["isolated"] / li[-1]["entries"] == pytest.approx(
+      refreshes[-1]["isolated_fraction"], rel=1e-4)
   for k in sharded_run.params:
     np.testing.assert_allclose(np.asarray(sharded_run.params[k]),
                                np.asarray(single_run.params[k]), atol=2e-4, rtol=1e-3)
@@ -120,6 +129,9 @@ def test_kill_and_resume_equals_uninterrupted(sharded_run, tmp_path):
   second = train(config, tmp_path)
   assert second.step == STEPS and not second.interrupted and is_finished(tmp_path)
   assert losses(tmp_path) == losses(sharded_run.workdir)  # bit-identical
+  # A resumed run's lock-in counts go on from the restored mask (refresh 4 after step 3).
+  assert ([r["lock_in"] for r in read_jsonl(tmp_path / "refreshes.jsonl")]
+          == [r["lock_in"] for r in read_jsonl(sharded_run.workdir / "refreshes.jsonl")])
   for k, v in sharded_run.params.items():
     np.testing.assert_array_equal(np.asarray(second.params[k]), np.asarray(v))
   # Checkpoint content: both final checkpoints hold the same state.
@@ -246,6 +258,10 @@ def test_compact_state_and_variants_train_sharded(tmp_path):
   for r in refreshes:  # per-layer fractions of the unpacked masks
     assert all(0.0 <= v <= 1.0 for v in r["per_layer"].values())
     assert max(r["per_layer"].values()) > 0.0
+  # Lock-in counts from packed masks, hysteresis on: the bookkeeping adds up.
+  last = refreshes[-1]["lock_in"]
+  assert last["prev_isolated"] == refreshes[0]["lock_in"]["isolated"] > 0
+  assert last["isolated"] == last["prev_isolated"] - last["released"] + last["entered"]
 
 
 def test_static_importance_option_picks_cpi_ft_displacement():

@@ -30,6 +30,7 @@ its ``results.json`` has ``orders: {"<A>_then_<B>": {"paired": ...}}``.
               "pairs": {"A - B": {quantity: {"diff", "ci95"}}}, "verdicts": [...]},
    "verdicts": ["EPI > static on average normalized score: ...", ...],
    "importance_drift": {method: curves},        # with epi.track_importance
+   (sequential: orders[...]["lock_in"], as the methods' "lock_in" below)
    "methods": {method: {
        "tasks": {task: {"metric", "mean", "std", "values"}},
        "normalized": {task | "average": {"mean", "std"}},
@@ -38,6 +39,8 @@ its ``results.json`` has ``orders: {"<A>_then_<B>": {"paired": ...}}``.
        "stage_transfer": {...},                # multi_stage only
        "drift": {...},                         # methods with EPI refreshes
        "grad_norms": {...},                    # logged grad norms, clipped shares
+       "lock_in": {...},                       # runs with EPI refreshes (method.lock_in):
+                                               # means over seeds, the first run's curves
        "runs": [...], "eval_seconds": [...]}}}
 
 The eval settings come from ``config.eval`` (see :func:`eval_defaults`); the
@@ -92,7 +95,10 @@ def method_config(train_cfg, name: str, seed: int, *, track_importance: bool = T
   ``track_importance=False`` turns ``epi.track_importance`` off for this run:
   the drift of the top-p importance set is read from the first seed's runs of
   ``DRIFT_METHODS`` only, and tracking it costs a selection over every
-  parameter at each refresh (full SFT; EPI reads its mask).
+  parameter at each refresh (full SFT; EPI reads its mask). Where it stays on,
+  the run also saves those sets (``epi.save_top_sets``, 1 bit per parameter
+  per refresh): EPI's lock-in statistics compare its mask with full SFT's set
+  at the same step (:func:`lock_in_vs_full`).
   """
   cfg = copy.deepcopy(train_cfg)
   with cfg.unlocked():
@@ -101,6 +107,7 @@ def method_config(train_cfg, name: str, seed: int, *, track_importance: bool = T
     cfg.seed = int(seed)
     if not track_importance:
       cfg.epi.track_importance = False
+    cfg.epi.save_top_sets = bool(cfg.epi.get("track_importance", False))
     for key, value in overrides.items():
       cfg_lib.set_field(cfg, key, value)
   return cfg
@@ -386,6 +393,19 @@ def _results_of(evals: Mapping[int, Mapping]) -> dict[int, dict]:
   return {int(s): e["results"] for s, e in evals.items()}
 
 
+def lock_in_vs_full(first_runs: Mapping[str, str | pathlib.Path]) -> dict[str, dict]:
+  """``{method: lock-in statistics}`` of the first seed's runs ``{method: run_dir}``
+  whose refreshes log lock-in counts, with the Jaccard of their masks against the
+  full SFT run's top-p sets (``first_runs["full"]``, when there)."""
+  full_dir = first_runs.get("full")
+  out = {}
+  for m, run_dir in first_runs.items():
+    locked = report.lock_in_of(run_dir, full_dir)
+    if locked:
+      out[m] = locked
+  return out
+
+
 def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1,
             log: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains, evaluates and compares ``methods`` over ``seeds`` seeds (see module doc)."""
@@ -421,6 +441,10 @@ def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1
       summary["train_seconds"] = train_seconds
       per_run[m].append(summary)
       evals_by_method[m].append(_results_of(evals))
+  # The first seed's EPI runs against full SFT's top-p sets (saved by both).
+  for m, locked in lock_in_vs_full({m: runs[0]["run_dir"] for m, runs in per_run.items()
+                                    if runs}).items():
+    per_run[m][0]["lock_in"] = locked
   tasks = [t for t in settings["tasks"] if t in base]
   rs = claims.make_resampler(base, tasks, seeds, settings["bootstrap_resamples"])
   quantities = {m: claims.mixture_quantities(rs, base, evals_by_method[m], tasks, m)
@@ -441,16 +465,19 @@ def compare(config, workdir, *, methods: Sequence[str] = METHODS, seeds: int = 1
 SEQUENTIAL_METHODS = ("full", "static", "epi")
 
 
-def sequential_config(train_cfg, method: str, first: str, second: str, steps: int, seed: int):
+def sequential_config(train_cfg, method: str, first: str, second: str, steps: int, seed: int,
+                      *, track_importance: bool = False):
   """The trainer config of one sequential run: ``steps`` on ``first``, then on ``second``.
 
   Every method trains over these two stages (``data.staged``); ``static``
   chooses its mask once, at the end of the first stage (``epi.warmup_steps``),
   from the importance gathered on it. Multi-stage SFT in this protocol *is*
   the full run (AdamW over the same two stages), so it is not run twice.
-  It reports no importance drift, so none is tracked.
+  ``track_importance`` keeps the config's ``epi.track_importance`` (the first
+  seed's full SFT and EPI runs: for EPI's Jaccard against full SFT's top-p set
+  in the lock-in statistics); off otherwise.
   """
-  cfg = method_config(train_cfg, method, seed, track_importance=False)
+  cfg = method_config(train_cfg, method, seed, track_importance=track_importance)
   with cfg.unlocked():
     cfg.data.staged = True
     cfg.data.stages = [{"mixture": {first: 1.0}, "steps": int(steps)},
@@ -498,11 +525,17 @@ def compare_sequential(config, workdir, *, tasks: Sequence[str],
     evals_by_method = {m: [] for m in methods}
     for k in range(seeds):
       for m in methods:
-        cfg = sequential_config(train_cfg, m, first, second, steps, int(train_cfg.seed) + k)
+        cfg = sequential_config(train_cfg, m, first, second, steps, int(train_cfg.seed) + k,
+                                track_importance=k == 0 and m in DRIFT_METHODS)
         run_dir = workdir / name / m / f"seed{k}"
         evals, _ = train_and_evaluate(cfg, run_dir, f"{name} {m} seed{k}", settings,
                                       data_kwargs, log)
         evals_by_method[m].append(_results_of(evals))
+    lock_ins = {m: [report.lock_in_of(workdir / name / m / f"seed{k}") for k in range(seeds)]
+                for m in methods}
+    for m, locked in lock_in_vs_full({m: workdir / name / m / "seed0"
+                                      for m in methods}).items():
+      lock_ins[m][0] = locked
     quantities = {m: claims.sequential_quantities(rs, base, evals_by_method[m], first, second,
                                                   steps, m) for m in methods}
     analysis = claims.analyze(rs, quantities, claims.SEQUENTIAL_CLAIMS,
@@ -510,7 +543,9 @@ def compare_sequential(config, workdir, *, tasks: Sequence[str],
     out_orders[name] = {"first": first, "second": second, "steps_per_task": steps,
                         "runs": {m: [str(workdir / name / m / f"seed{k}") for k in range(seeds)]
                                  for m in methods},
-                        "paired": analysis}
+                        "paired": analysis,
+                        "lock_in": {m: agg for m, l in lock_ins.items()
+                                    if (agg := report.aggregate_lock_in(l))}}
   results = {"protocol": "sequential", "tasks": tasks, "config": to_plain(config),
              "methods_order": list(methods),
              "seeds": [int(train_cfg.seed) + k for k in range(seeds)],

@@ -8,6 +8,9 @@ writes the report:
   and stage transfer, with the drift, importance drift and gradient norms
   read from its logs (``refreshes.jsonl``, ``importance_drift.jsonl``,
   ``metrics.jsonl``).
+* :func:`lock_in_of`: the lock-in statistics of a run's mask
+  (:mod:`epi_jax.method.lock_in`) from the counts in its ``refreshes.jsonl``,
+  against a full SFT run's saved top-p sets when given.
 * :func:`aggregate`: means and spreads over seeds (``{"mean", "std", "n"}``,
   non-finite values left out) of each method's run summaries.
 * :func:`verdicts_markdown`, :func:`results_markdown`,
@@ -31,6 +34,8 @@ from epi_jax.evaluation import drift as drift_lib
 from epi_jax.evaluation import forgetting as fg
 from epi_jax.evaluation import metrics
 from epi_jax.evaluation import plots
+from epi_jax.method import lock_in as lock_in_lib
+from epi_jax.training import importance_drift as drift_sets
 from epi_jax.utils import files
 
 
@@ -114,7 +119,67 @@ def run_summary(config, method: str, evals: Mapping[int, Mapping], base: Mapping
   top_sets = drift_lib.load_importance_drift(run_dir)
   if top_sets:
     out["importance_drift"] = drift_lib.drift_summary(top_sets, sizes)
+  locked = lock_in_of(run_dir)
+  if locked:
+    out["lock_in"] = locked
   return out
+
+
+def jaccards_vs(run_dir, reference_dir, steps: Sequence[int]) -> list[float | None]:
+  """Per step, the Jaccard of the set ``run_dir`` saved (``epi.save_top_sets``) against
+  the one ``reference_dir`` saved at the same step (None where either has none)."""
+  out = []
+  for step in steps:
+    a, b = (drift_sets.load_top_set(d, step) for d in (run_dir, reference_dir))
+    out.append(None if a is None or b is None else drift_sets.packed_jaccard(a, b))
+  return out
+
+
+def lock_in_of(run_dir, full_dir=None) -> dict[str, Any] | None:
+  """The lock-in statistics of the run in ``run_dir`` (None when its refreshes
+  carry no ``lock_in`` counts: not an EPI run, or logged before they existed);
+  ``full_dir``: a full SFT run of the same steps whose top-p sets were saved, for
+  ``jaccard_vs_full`` at each refresh."""
+  refreshes = drift_lib.load_refreshes(run_dir)
+  if not refreshes or not all("lock_in" in r for r in refreshes):
+    return None
+  steps = [int(r["step"]) for r in refreshes]
+  jaccards = None if full_dir is None else jaccards_vs(run_dir, full_dir, steps)
+  return {"step": steps, **lock_in_lib.lock_in_summary([r["lock_in"] for r in refreshes],
+                                                        jaccards)}
+
+
+LOCK_IN_SCALARS = ("mean_release_fraction", "mean_spell_refreshes", "ongoing_spell_share",
+                   "mean_importance_ratio", "mean_jaccard_vs_full")
+
+
+def aggregate_lock_in(summaries: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+  """Means over seeds of the runs' lock-in scalars, and the first run's curves."""
+  runs = [s for s in summaries if s]
+  if not runs:
+    return None
+  out = {k: mean_std([r.get(k) for r in runs]) for k in LOCK_IN_SCALARS}
+  out["first_run"] = runs[0]
+  return out
+
+
+def lock_in_markdown(lock_ins: Mapping[str, Mapping[str, Any] | None]) -> str:
+  """Table of the lock-in statistics (means over seeds), one row per method."""
+  rows = {m: e for m, e in lock_ins.items() if e}
+  if not rows:
+    return ""
+  lines = ["Lock-in of the mask (epi_jax.method.lock_in): share of the isolated entries a "
+           "refresh releases, isolation spell length in refreshes (completed + ongoing), share "
+           "of spells never released, mean importance of the entries isolated before a "
+           "refresh / of the trainable ones, Jaccard of the mask vs full SFT's top-p set at "
+           "the same step:", "",
+           "| method | released / refresh | spell (refreshes) | never released "
+           "| importance isolated / trainable | Jaccard vs full SFT |",
+           "|---|---|---|---|---|---|"]
+  for m, e in rows.items():
+    cells = [plus_minus(e.get(k), 1, 3) for k in LOCK_IN_SCALARS]
+    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def aggregate(per_run: Mapping[str, Sequence[Mapping]]) -> dict[str, Any]:
@@ -162,6 +227,9 @@ def aggregate(per_run: Mapping[str, Sequence[Mapping]]) -> dict[str, Any]:
           "final_jaccard_first": mean_std([d["final_jaccard_first"] for d in imp]),
           "mean_jaccard_prev": mean_std([fg.mean_defined(d["jaccard_prev"][1:]) for d in imp]),
           "mean_migration": mean_std([fg.mean_defined(d["migration"]) for d in imp])}
+    locked = aggregate_lock_in([r.get("lock_in") for r in runs])
+    if locked:
+      entry["lock_in"] = locked
     entry["runs"] = [r["run_dir"] for r in runs]
     entry["eval_seconds"] = [r["eval_seconds"] for r in runs]
     entry["train_seconds"] = [r.get("train_seconds") for r in runs]
@@ -278,6 +346,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
       lines.append(f"| {m} | " + " | ".join(cells) + " |")
   if results.get("importance_drift"):
     lines += ["", importance_drift_markdown(results["importance_drift"])]
+  locked = lock_in_markdown({m: e.get("lock_in") for m, e in methods.items()})
+  if locked:
+    lines += ["", locked]
   return "\n".join(lines) + "\n"
 
 
@@ -301,6 +372,9 @@ def sequential_markdown(results: Mapping[str, Any]) -> str:
               ""]
     lines += _pairs_table(paired, [(f"drop on {a}", "drop"), (f"gain on {b}", "gain")])
     lines.append("")
+    locked = lock_in_markdown(o.get("lock_in") or {})
+    if locked:
+      lines += [locked, ""]
   return "\n".join(lines) + "\n"
 
 

@@ -114,6 +114,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Track the importance (full/multi_stage too, isolating nothing) and the drift
   # of its top-p set on the refresh schedule: importance_drift.jsonl.
   c.epi.track_importance = False
+  # With track_importance: also save that top-p set (EPI: its mask) at each
+  # refresh as packed bits, top_sets/step_<N>.npy (1 bit/param per refresh), for
+  # comparing sets across runs (`epi-jax compare` sets it where it needs them).
+  c.epi.save_top_sets = False
 
   # Evaluation settings, read by `epi-jax compare` / `epi-jax evaluate` and
   # validated there (epi_jax.evaluation.compare); the trainer ignores them.
@@ -300,6 +304,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(isinstance(e.reset_on_release, bool), "epi.reset_on_release", e.reset_on_release,
         "must be a bool")
   _need(isinstance(e.track_importance, bool), "epi.track_importance", e.track_importance,
+        "must be a bool")
+  _need(isinstance(e.save_top_sets, bool), "epi.save_top_sets", e.save_top_sets,
         "must be a bool")
   _need(isinstance(e.exclude, (tuple, list)) and all(isinstance(s, str) for s in e.exclude),
         "epi.exclude", e.exclude, "must be a tuple of str")

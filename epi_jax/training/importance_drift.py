@@ -19,6 +19,12 @@ the drift of an unconstrained run. The previous and first sets live on the
 device (two bools per parameter). A resumed run starts over from its
 restore point: its first record after the resume has ``jaccard_prev`` and
 ``jaccard_first`` null, and ``jaccard_first`` stays null.
+
+With ``config.epi.save_top_sets`` the set of each record (for EPI: its mask,
+whatever ``release_after``) is also saved, for comparing runs step by step
+(EPI's mask against full SFT's top-p set: ``epi_jax.method.lock_in``), as
+``top_sets/step_<N>.npy``: the leaves flattened in ``jax.tree.leaves`` order,
+concatenated and bit-packed (:func:`packed_set`; read with :func:`load_top_set`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pathlib
 from typing import Any, Callable
 
 import jax
@@ -77,10 +84,42 @@ def _counts(layout, top, prev, first):
   return out
 
 
-class ImportanceDrift:
-  """Host-side tracker: ``record(step, opt_state)`` on the refresh schedule."""
+TOP_SETS_DIR = "top_sets"
 
-  def __init__(self, config, *, layer_axes=None, resumed: bool = False):
+
+def packed_set(tree) -> jax.Array:
+  """A bool pytree as one uint8 array: the leaves flattened, concatenated, bit-packed."""
+  return jnp.packbits(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)]))
+
+
+def top_set_path(run_dir, step: int):
+  return pathlib.Path(run_dir) / TOP_SETS_DIR / f"step_{int(step)}.npy"
+
+
+def load_top_set(run_dir, step: int) -> np.ndarray | None:
+  """The packed set a run saved at ``step`` (None when it saved none there)."""
+  path = top_set_path(run_dir, step)
+  return np.load(path) if path.is_file() else None
+
+
+def packed_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+  """Jaccard overlap of two sets packed by :func:`packed_set` (1.0 when both are empty)."""
+  if a.shape != b.shape:
+    raise ValueError(f"packed sets of different sizes: {a.size} and {b.size} bytes "
+                     "(runs of different models?)")
+  union = int(np.unpackbits(a | b).sum())
+  return 1.0 if union == 0 else int(np.unpackbits(a & b).sum()) / union
+
+
+class ImportanceDrift:
+  """Host-side tracker: ``record(step, opt_state)`` on the refresh schedule
+  (``save_to``: a run's workdir, to save each set under ``top_sets/``)."""
+
+  def __init__(self, config, *, layer_axes=None, resumed: bool = False, save_to=None):
+    self._save_to = save_to
+    # EPI's saved set is its mask, even with hysteresis (release_after > 1).
+    self._pack = jax.jit((lambda state, top: packed_set(epi_jax.unpacked_mask(state)))
+                         if config.method == "epi" else (lambda state, top: packed_set(top)))
     self._options = _options(config, layer_axes)
     # EPI without hysteresis refreshes on this schedule to exactly this top-p
     # set (its mask): read it instead of selecting over every parameter again.
@@ -96,6 +135,10 @@ class ImportanceDrift:
 
   def record(self, step: int, opt_state) -> dict[str, Any]:
     top = self._select(opt_state)
+    if self._save_to is not None:
+      path = top_set_path(self._save_to, step)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      np.save(path, np.asarray(jax.device_get(self._pack(opt_state, top))))
     if self._counts is None:
       self._layout = leaf_layout(self._options, top)
       self._counts = jax.jit(functools.partial(_counts, self._layout))

@@ -23,6 +23,7 @@ import numpy as np
 import tqdm
 
 from epi_jax.method import METRICS, epi_state, is_refresh_step
+from epi_jax.method import lock_in
 from epi_jax.training import optim
 from epi_jax.training import step as step_lib
 from epi_jax.utils import files
@@ -205,7 +206,13 @@ def epi_record(metrics: dict[str, Any]) -> dict[str, float | int]:
 
 class RefreshLog:
   """``refreshes.jsonl``: a record at each EPI mask refresh, with each layer's isolated
-  fraction (a no-op for methods without EPI)."""
+  fraction and the refresh's ``lock_in`` counts (``epi_jax.method.lock_in``:
+  released, entered, importance of the entries isolated before it; a no-op
+  for methods without EPI).
+
+  The mask before a refresh is kept on the device (as bits: 1/8 byte per
+  parameter) and read only on refresh steps.
+  """
 
   def __init__(self, config, layer_axes, opt_state, writer: MetricsWriter):
     self._writer = writer
@@ -215,6 +222,10 @@ class RefreshLog:
     self._count = int(epi_state(opt_state).num_refreshes)  # a resumed run's refreshes
     self._per_layer = jax.jit(functools.partial(step_lib.per_layer_isolated,
                                                 layer_axes=layer_axes))
+    self._counts = jax.jit(functools.partial(lock_in.state_counts, options=self._opts))
+    self._copy = jax.jit(lock_in.stored_mask_copy)
+    # A resumed run's mask is the one after its last logged refresh.
+    self._prev_mask = self._copy(opt_state)
 
   def after_step(self, step: int, m: dict[str, jax.Array], opt_state) -> None:
     """Writes a record when step ``step`` (metrics ``m``) refreshed the mask."""
@@ -224,6 +235,9 @@ class RefreshLog:
     if n <= self._count:  # no new refresh at this step
       return
     self._count = n
-    layers = jax.device_get(self._per_layer(opt_state))
+    layers, counts = jax.device_get((self._per_layer(opt_state),
+                                     self._counts(self._prev_mask, opt_state)))
+    self._prev_mask = self._copy(opt_state)
     self._writer.refresh({"step": step, **epi_record(m),
-                          "per_layer": {k: float(v) for k, v in layers.items()}})
+                          "per_layer": {k: float(v) for k, v in layers.items()},
+                          "lock_in": {k: counts[k] for k in lock_in.COUNT_KEYS}})

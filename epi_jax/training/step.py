@@ -60,7 +60,7 @@ def cached_train_step(config, spec, tx: optax.GradientTransformation, mesh,
   """:func:`make_train_step`, reused for a config equal to an earlier one but for its seed.
 
   The key is the whole config but ``seed`` (and, for static/EPI,
-  ``epi.track_importance``), the mesh and the registered tasks:
+  ``epi.track_importance``) and ``epi.save_top_sets``, the mesh and the registered tasks:
   ``spec``, ``tx`` and ``state_shardings`` are functions of those
   (``trainer.setup``), so the kept step is the one this call would build.
   The last ``_STEP_CACHE_SIZE`` are kept.
@@ -69,6 +69,7 @@ def cached_train_step(config, spec, tx: optax.GradientTransformation, mesh,
   plain.pop("seed", None)
   if optim.is_epi(config):  # their state holds the importance either way; the
     plain["epi"].pop("track_importance", None)  # drift tracker is host-side
+  plain["epi"].pop("save_top_sets", None)  # host-side too
   key = (json.dumps(plain, sort_keys=True, default=list), mesh, tuple(ALL_CONFIGS))
   if key in _STEP_CACHE:
     _STEP_CACHE.move_to_end(key)

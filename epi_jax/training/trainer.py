@@ -254,8 +254,12 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start,
                                      total_steps=total, progress_bar=config.progress_bar)
   refreshes = metrics_lib.RefreshLog(config, ts.layer_axes, state["opt_state"], writer)
-  drift = (importance_drift.ImportanceDrift(config, layer_axes=ts.layer_axes,
-                                            resumed=restored is not None)
+  if config.epi.get("save_top_sets", False) and jax.process_count() > 1:
+    raise ValueError("config.epi.save_top_sets=True: saving top-p sets is for "
+                     "single-process runs only (the sets are read whole on one host)")
+  drift = (importance_drift.ImportanceDrift(
+      config, layer_axes=ts.layer_axes, resumed=restored is not None,
+      save_to=workdir if is_main and config.epi.get("save_top_sets", False) else None)
            if importance_drift.records_drift(config) else None)
   window = metrics_lib.Window(config, train_flops_per_token(spec.config, config.data.seq_len))
   unchecked = []  # (step, metrics) not yet checked for non-finite values
