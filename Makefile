@@ -34,12 +34,19 @@ tunix: $(TUNIX_STAMP)
 # the Tunix integration's (tests/test_tunix.py).
 # Data is prepared once up front (idempotent; skipped with a message where the
 # raw files are missing) so that parallel test workers never build it concurrently.
+# Whole files per worker, the most expensive first (tests/conftest.py orders them
+# from tests/durations.json; xdist's own reorder, by test count, is turned off).
+PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test: install tunix
 	-$(VENV)/bin/epi-jax data prepare
-	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_XDIST) -q $(PYTEST_ARGS)
 
+# The per-commit check (about 3 min idle): every test file's cheap tests, in
+# parallel like `make test`; the slow ones (marked, or over the per-test budget in
+# tests/durations.json: tests/conftest.py) are left to `make test`.
 test-fast: install tunix
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	-$(VENV)/bin/epi-jax data prepare
+	$(PY) -m pytest $(PYTEST_XDIST) -q -m "not slow" $(PYTEST_ARGS)
 
 # `make demo`: the sequential protocol (gsm8k, then chat) and the five-task comparison,
 # two seeds each, on a 2-core CPU (configs/demo.py; 26 min measured from a fresh clone:

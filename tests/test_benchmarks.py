@@ -13,9 +13,8 @@ from epi_jax.model.config import get_config, train_flops_per_token
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_bench_opt_refresh_bytes_tiny(tmp_path):
   out = tmp_path / "bench.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -51,6 +50,7 @@ def _smoke(script: str, tmp_path, timeout: int, *flags: str):
   return proc.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_peer_torch_smoke(tmp_path):
   """benchmarks/peer_torch.py runs the peer and our two steps, each in its own process."""
   stdout, res = _smoke("peer_torch.py", tmp_path, timeout=900)
@@ -62,6 +62,7 @@ def test_peer_torch_smoke(tmp_path):
   assert "peer/ours" in stdout
 
 
+@pytest.mark.slow
 def test_peer_torch_interleaved_smoke(tmp_path):
   """``--interleaved``: our full and EPI steps alternated in one process."""
   stdout, res = _smoke("peer_torch.py", tmp_path, 600, "--interleaved")

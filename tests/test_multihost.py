@@ -21,8 +21,6 @@ import pytest
 from epi_jax.training import distributed
 from epi_jax.utils.files import read_jsonl
 
-pytestmark = pytest.mark.slow
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 10
 ARGS = ["--config", str(ROOT / "configs/tiny.py"), "--config.method=epi",
@@ -109,6 +107,7 @@ def run_2x4(tmp_path_factory):
   return workdir, procs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(run_1x8, run_2x4):
   workdir, procs = run_2x4
   a, b = _losses(run_1x8), _losses(workdir)
@@ -129,6 +128,7 @@ def test_two_processes_match_one_process(run_1x8, run_2x4):
   assert data["per_process"][0]["step"] == STEPS
 
 
+@pytest.mark.slow
 def test_stop_both_and_resume_matches_uninterrupted(run_2x4, tmp_path):
   workdir = tmp_path / "resumed"
   _run(workdir, 2, 4, "--stop_after=6", expect=3)  # exit 3: stopped with a checkpoint
@@ -142,6 +142,7 @@ def test_stop_both_and_resume_matches_uninterrupted(run_2x4, tmp_path):
   np.testing.assert_allclose(_losses(workdir), _losses(run_2x4[0]), rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_killed_process_stops_the_other(tmp_path):
   workdir = tmp_path / "killed"
   procs = _start(workdir, 2, 4, "--config.total_steps=1000",
@@ -190,6 +191,7 @@ with distributed.fail_fast():
 """
 
 
+@pytest.mark.slow
 def test_exception_in_one_process_stops_all(tmp_path):
   port = portpicker.pick_unused_port()
   procs = []

@@ -65,7 +65,6 @@ def test_sensitivity_sweep_end_to_end(tmp_path):
   assert again["methods"]["epi_p0.1_T2"]["average"] == res["methods"]["epi_p0.1_T2"]["average"]
 
 
-@pytest.mark.slow
 def test_sensitivity_bad_input(tmp_path):
   proc = _run(tmp_path / "bad", "--ratios", "1.5")
   assert proc.returncode == 2 and "--ratios" in proc.stderr
