@@ -101,7 +101,7 @@ study-screen: install
 	-$(EPI) data prepare
 	$(NICE) $(PY) benchmarks/forgetting_screen.py --config configs/study.py \
 	  --workdir $(STUDY_DIR)/screen --steps_per_task $(SCREEN_STEPS) \
-	  --num_examples $(SCREEN_EXAMPLES)
+	  --num_examples $(SCREEN_EXAMPLES) --config.epi.track_importance=False
 
 clean:
 	rm -rf $(VENV) .pytest_cache

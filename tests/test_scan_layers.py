@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from configs_loader import load_config
+from epi_jax.evaluation.evaluate import option_logprobs
 from epi_jax.method.inspection import unpacked_mask
 from epi_jax.model import Llama, generate, get_config, init_cache
 from epi_jax.training import checkpoint as ckpt_lib
@@ -89,6 +90,24 @@ def test_scanned_logits_and_grads_equal_unscanned(models, remat):
   stacked = model_setup.stack_layers(grads[0])
   for k, g in grads[1].items():
     assert _rel(g, stacked[k]) <= 1e-5, k
+
+
+def test_scanned_option_scoring_equals_unscanned(models):
+  # LogiQA's prefix-shared scoring copies the prompt's cache per option: the
+  # rows are axis 1 of the stacked cache (a KV cache was once repeated along
+  # its layers axis there, and the scan over the blocks failed).
+  model, scanned = models
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(1, 272, n)) for n in (9, 5, 12)]
+  options = [[(list(rng.integers(1, 272, m)), [True] * m) for m in (3, 1, 4, 2)]
+             for _ in prompts]
+  lp, n = option_logprobs(model, prompts, options, batch_size=2, seq_len=64)
+  lp_s, n_s = option_logprobs(scanned, prompts, options, batch_size=2, seq_len=64)
+  np.testing.assert_allclose(lp_s, lp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(n_s, n)
+  cache = init_cache(scanned.config, 2, 8).repeat_rows(3)
+  assert cache.k.shape == (3, 6, 8, 2, 16) and cache.segment_ids.shape == (6, 8)
+  assert len(init_cache(model.config, 2, 8).repeat_rows(3).k) == 3
 
 
 def test_scanned_kv_cache_generation(models):

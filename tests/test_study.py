@@ -109,3 +109,32 @@ def test_screen_end_to_end_tiny(tmp_path, capsys):
   assert list(seq["orders"]["chat_then_gsm8k"]["paired"]["methods"]) == ["full"]
   assert "| first (A) | then (B) | drop on A |" in (workdir / "screen.md").read_text()
   assert "forgets most:" in capsys.readouterr().out
+
+
+NOISE = runpy.run_path(str(REPO / "benchmarks" / "importance_noise.py"))
+
+
+@pytest.mark.slow
+def test_importance_noise_end_to_end_tiny(tmp_path):
+  """Split-half and consecutive Jaccards of the top-p set, per beta, per task half."""
+  out = tmp_path / "noise.json"
+  assert NOISE["main"](["--config", str(REPO / "configs" / "tiny.py"), "--tasks", "gsm8k,chat",
+                        "--steps", "4", "--every", "2", "--betas", "0,0.9",
+                        "--out", str(out)]) == 0
+  res = json.loads(out.read_text())
+  assert [(r["step"], r["task"]) for r in res["records"]] == [(2, "gsm8k"), (4, "chat")]
+  first, second = res["records"]
+  assert set(first["split_half"]) == {"0.0", "0.9"} and first["consecutive"] == {}
+  values = [v for r in res["records"] for d in (r["split_half"], r["consecutive"])
+            for v in d.values()]
+  assert len(values) == 6 and all(0.0 <= v <= 1.0 for v in values)
+  # Two halves of different rows select different sets: the top-p set is not
+  # one fixed set at this size (were A and B fed the same gradients, all 1.0).
+  assert min(first["split_half"].values()) < 1.0
+  assert res["mean_by_task"]["chat"]["consecutive"]["0.0"] == second["consecutive"]["0.0"]
+
+
+def test_importance_noise_rejects_bad_betas(capsys):
+  with pytest.raises(SystemExit):
+    NOISE["parse_args"](["--betas", "0.5,1.0"])
+  assert "--betas: each must be in [0, 1)" in capsys.readouterr().err

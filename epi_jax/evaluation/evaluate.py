@@ -44,7 +44,7 @@ from epi_jax.data import datasets
 from epi_jax.data import tasks as tasks_lib
 from epi_jax.evaluation import metrics
 from epi_jax.model.generate import generate
-from epi_jax.model.llama import KVCache, init_cache
+from epi_jax.model.llama import init_cache
 
 # Live views of the task registry: the benchmark tasks (evaluated by default),
 # every task that can be evaluated, and those scored by their loss only.
@@ -137,8 +137,7 @@ def _option_logprob_jit(graphdef, state, prompt, prompt_seg, options, option_w):
                         cache=cache)
   rep = lambda x: jnp.repeat(x, k, axis=0)
   last = rep(logits[:, -1])  # predicts each option's first token
-  cache = KVCache(k=[rep(x) for x in cache.k], v=[rep(x) for x in cache.v],
-                  segment_ids=rep(cache.segment_ids), end=cache.end)
+  cache = cache.repeat_rows(k)
   pos = rep(positions[:, -1:] + 1) + jnp.arange(o, dtype=jnp.int32)[None]
   # Padding tokens at the end of an option are causal-masked from the real
   # ones and carry weight 0, so they can share segment 1.

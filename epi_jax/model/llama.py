@@ -170,6 +170,16 @@ class KVCache:
   def size(self) -> int:
     return self.segment_ids.shape[1]
 
+  def repeat_rows(self, n: int) -> "KVCache":
+    """Each row ``n`` times in a row (``n`` continuations of one prefix); the
+    rows are axis 1 of the stacked ``scan_layers`` layout, axis 0 per layer."""
+    if isinstance(self.k, jax.Array):
+      kv = [jnp.repeat(x, n, axis=1) for x in (self.k, self.v)]
+    else:
+      kv = [[jnp.repeat(x, n, axis=0) for x in layers] for layers in (self.k, self.v)]
+    return KVCache(k=kv[0], v=kv[1], segment_ids=jnp.repeat(self.segment_ids, n, axis=0),
+                   end=self.end)
+
 
 def init_cache(config: ModelConfig, batch_size: int, size: int,
                dtype=None) -> KVCache:
