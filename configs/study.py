@@ -5,9 +5,16 @@ configs/demo.py's model (SmolLM2-135M-Instruct, blocks scanned) and step (2 x
 STEPS_PER_TASK steps on A then as many on B, EVAL_EXAMPLES held-out examples
 per task (loss; no GSM8K generation), evaluated at the end of A and at the end.
 EPI refreshes every UPDATE_INTERVAL steps from an importance EMA of decay
-EMA_DECAY (a window of about 1 / (1 - 0.9) = 10 steps, 2,560 tokens: the
-demo's T = 2 saw 2 batches of 256 tokens, mostly noise); that is 12 refreshes
-per run, enough for the lock-in statistics (epi_jax.method.lock_in). The first
+EMA_DECAY (a window of about 1 / (1 - 0.9) = 10 steps, 2,560 tokens); that is
+12 refreshes per run, enough for the lock-in statistics
+(epi_jax.method.lock_in). T and beta are chosen from
+benchmarks/importance_noise.py at this model and step (docs/RESULTS.md, "Is
+the importance signal or batch noise?", docs/study/importance_noise.json):
+two disjoint one-row streams agree on 11% of one step's top-5% set (chance:
+2.6%), on 20-27% after an EMA of beta = 0.9, and no more with beta = 0.97
+within a task's first 20 steps, which would follow a change of task 3x more
+slowly; with T = 10 each refresh's EMA is two-thirds new batches
+(1 - 0.9^10 = 0.65). The demo's T = 2 refreshed from two batches. The first
 seed's full SFT and EPI runs track the importance and save their top-p sets
 (EPI's Jaccard against full SFT in the lock-in table). Checkpoints every
 CHECKPOINT_EVERY steps: rerunning `make study` skips finished runs and their
