@@ -96,12 +96,13 @@ study: install
 
 SCREEN_STEPS ?= 8
 SCREEN_EXAMPLES ?= 32
+SCREEN_TASKS ?= gsm8k,code_alpaca,logiqa,alpaca,chat
 study-screen: export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(STUDY_DIR))/jax_cache
 study-screen: install
 	-$(EPI) data prepare
 	$(NICE) $(PY) benchmarks/forgetting_screen.py --config configs/study.py \
 	  --workdir $(STUDY_DIR)/screen --steps_per_task $(SCREEN_STEPS) \
-	  --num_examples $(SCREEN_EXAMPLES) --config.epi.track_importance=False
+	  --num_examples $(SCREEN_EXAMPLES) --tasks $(SCREEN_TASKS) --config.epi.track_importance=False
 
 clean:
 	rm -rf $(VENV) .pytest_cache

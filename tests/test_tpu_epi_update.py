@@ -82,3 +82,26 @@ def test_epi_update_moves_only_counts_and_adds_no_big_temporaries(layout, select
   largest = max(np.prod(s) for s in SHAPES.values()) * 4 // 4
   extra = epi.memory_analysis().temp_size_in_bytes - adamw.memory_analysis().temp_size_in_bytes
   assert extra <= 2 * largest, (layout, selection, extra, largest)
+
+
+def test_counting_a_bool_leaf_is_one_fused_read_on_tpu():
+  """selection.count_true: on TPU a plain sum of the bools. Its CPU form (bytes
+  read as 32-bit words, popcounted) makes the TPU compiler widen every byte to
+  32 bits first: a temporary 4x the mask's shard per counted leaf, 5.2 GiB per
+  chip in the refresh of Llama-3-8B's embeddings on v5p-8 (BENCHMARKS.md)."""
+  from epi_jax.method import selection  # pylint: disable=g-import-not-at-top
+  mesh = _tpu_mesh()
+  shape = (4096, 1024)
+  mask = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=NamedSharding(mesh, P("fsdp", "tensor")))
+  counts = {"all": lambda m: selection.count_true(m),
+            "per row": lambda m: selection.count_true(m, keep_axis=0)}
+  shard_bytes = np.prod(shape) // 4
+  for name, fn in counts.items():
+    with plan.no_persistent_cache():
+      compiled = jax.jit(fn).lower(mask).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < shard_bytes // 4, (name, temp, shard_bytes)
+    assert "popcnt" not in compiled.as_text() and "population-count" not in compiled.as_text()
+  # On CPU, the words.
+  cpu = jax.jit(counts["all"]).lower(jnp.zeros(shape, jnp.bool_)).compile().as_text()
+  assert "popcnt" in cpu or "population-count" in cpu

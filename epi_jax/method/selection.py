@@ -107,24 +107,33 @@ def count_true(mask: jax.Array, keep_axis: int | None = None) -> jax.Array:
   ``[mask.shape[keep_axis]]``): the per-slice counts of a stacked leaf, reduced
   shard-locally when that axis is sharded (no gather).
 
-  Where the last axis is a multiple of 32 (and is not ``keep_axis``), the bools
-  are read as 32-bit words (4 bools each, 0 or 1 per byte) and popcounted:
-  XLA:CPU reduces those ~3x faster than it sums bools as int32 (measured,
-  BENCHMARKS.md). Splitting the last axis into words stays shard-local while
-  each shard of it holds a multiple of 4 entries: always with up to 8 shards on
-  that axis (larger splits still count right, through an all-gather of the bools).
+  On CPU, where the last axis is a multiple of 32 (and is not ``keep_axis``),
+  the bools are read as 32-bit words (4 bools each, 0 or 1 per byte) and
+  popcounted: XLA:CPU reduces those ~3x faster than it sums bools as int32
+  (measured, BENCHMARKS.md). Splitting the last axis into words stays
+  shard-local while each shard of it holds a multiple of 4 entries: always with
+  up to 8 shards on that axis. Elsewhere the bools are summed as they are: the
+  TPU compiler has no byte view of a bool array and widens every byte of the
+  words to 32 bits first, a parameter-sized temporary per counted leaf
+  (BENCHMARKS.md, issue 31). The platform is the one the program is lowered
+  for (``lax.platform_dependent``), not the host's.
   """
+  axes = None if keep_axis is None else tuple(a for a in range(mask.ndim) if a != keep_axis)
+
+  def plain(mask):
+    return jnp.sum(mask, axis=axes, dtype=jnp.int32)
+
   last = mask.ndim - 1
-  if (mask.ndim and keep_axis != last and mask.shape[-1]
-      and mask.shape[-1] % WORD_AXIS_MULTIPLE == 0):
+  if not (mask.ndim and keep_axis != last and mask.shape[-1]
+          and mask.shape[-1] % WORD_AXIS_MULTIPLE == 0):
+    return plain(mask)
+
+  def words(mask):
     bytes_ = mask.view(jnp.uint8).reshape(mask.shape[:-1] + (mask.shape[-1] // 4, 4))
     values = jax.lax.population_count(jax.lax.bitcast_convert_type(bytes_, jnp.uint32))
-  else:
-    values = mask
-  if keep_axis is None:
-    return jnp.sum(values, dtype=jnp.int32)
-  axes = tuple(a for a in range(values.ndim) if a != keep_axis)
-  return jnp.sum(values, axis=axes, dtype=jnp.int32)
+    return jnp.sum(values, axis=axes, dtype=jnp.int32)
+
+  return jax.lax.platform_dependent(mask, cpu=words, default=plain)
 
 
 def leaf_count(mask: jax.Array, axis: int | None = None) -> Count:
