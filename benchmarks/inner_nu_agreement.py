@@ -32,7 +32,9 @@ import optax
 
 import epi_jax
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import inputs, model_setup, optim, sharding, step as step_lib
+from epi_jax import sharding
+from epi_jax.model import setup as model_setup
+from epi_jax.training import inputs, optim, step as step_lib
 from epi_jax.training.trainer import setup
 
 

@@ -19,8 +19,9 @@ from epi_jax.method.inspection import unpacked_mask
 from epi_jax.model import Llama, generate, get_config, init_cache
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import model_setup
-from epi_jax.training import optim, sharding, trainer
+from epi_jax import sharding
+from epi_jax.model import setup as model_setup
+from epi_jax.training import optim, trainer
 from epi_jax.training import step as step_lib
 
 STEPS = 3

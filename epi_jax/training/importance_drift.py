@@ -41,7 +41,8 @@ import numpy as np
 
 import epi_jax
 from epi_jax.method.layout import leaf_layout
-from epi_jax.training import model_setup, optim
+from epi_jax.model import setup as model_setup
+from epi_jax.training import optim
 
 
 def records_drift(config) -> bool:

@@ -397,7 +397,7 @@ def _bytes_of(pairs) -> int:
 def abstract_batch(config, mesh):
   """The step's batch as ``ShapeDtypeStruct`` s on ``mesh`` (nothing allocated)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from epi_jax import sharding  # pylint: disable=g-import-not-at-top
   b, l = config.data.batch_size, config.data.seq_len
   bsh = sharding.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct((b, l), dt, sharding=bsh) for k, dt in (
@@ -450,7 +450,8 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   from epi_jax.model import attention as attention_lib  # pylint: disable=g-import-not-at-top
   from epi_jax.model.config import train_flops_per_token  # pylint: disable=g-import-not-at-top
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from epi_jax import sharding  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import optim, trainer  # pylint: disable=g-import-not-at-top
   from epi_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = cfg_lib.validate(config)

@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from epi_jax import sharding
 from epi_jax.data import ALL_CONFIGS  # live: follows the task registry
 from epi_jax.method import epi_metrics, unpacked_mask
 from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.model import attention as attention_lib
-from epi_jax.training import model_setup, optim, sharding
+from epi_jax.model import setup as model_setup
+from epi_jax.training import optim
 
 
 def loss_sums(spec, params, batch, packed: bool = True):

@@ -46,13 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from epi_jax import sharding
+from epi_jax.model import setup as model_setup
 from epi_jax.model.config import train_flops_per_token
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import importance_drift
 from epi_jax.training import inputs
 from epi_jax.training import metrics as metrics_lib
-from epi_jax.training import model_setup, optim, sharding
+from epi_jax.training import optim
 from epi_jax.training import step as step_lib
 from epi_jax.training import workdir as workdir_lib
 from epi_jax.utils import files

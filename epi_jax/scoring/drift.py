@@ -23,8 +23,8 @@ pytrees of them) for the pure metric functions:
 
 For runs: :func:`load_refreshes`, :func:`load_importance_drift`,
 :func:`drift_summary` (the curves), :func:`layer_matrix` (per block over
-refreshes). The plots are in :mod:`~epi_jax.evaluation.plots`, the tables in
-:mod:`~epi_jax.evaluation.report`.
+refreshes). The plots are in :mod:`~epi_jax.experiments.plots`, the tables in
+:mod:`~epi_jax.experiments.report`.
 """
 
 from __future__ import annotations
