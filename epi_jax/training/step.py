@@ -1,6 +1,6 @@
 """The jit-compiled train step (one optimizer update per call).
 
-The train state is a dict ``{'step', 'params', 'opt_state', 'rng'}`` (donated:
+The train state is a dict ``{'step', 'params', 'opt_state'}`` (donated:
 updated in place). The loss is the token-level cross-entropy in float32,
 averaged over the loss-masked (assistant) tokens of the *global* batch; with
 gradient accumulation the batch is split into micro-batches whose summed
@@ -154,9 +154,7 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
       trainable_grad_norm = optim.trainable_norm(
           grads, jax.tree.map(jnp.logical_not, unpacked_mask(opt_state)))
     new_params = optax.apply_updates(params, updates)
-    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-    new_state = {"step": state["step"] + 1, "params": new_params,
-                 "opt_state": opt_state, "rng": rng}
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
     loss = loss_sum / denom
     finite = all_finite(new_params)
     if not skip:
