@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from epi_jax.training.step import all_finite
+from epi_jax.method import all_finite
 from epi_jax.utils import files
 
 INTEGRITY_VERSION = 1

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from epi_jax import sharding
 from epi_jax.data import ALL_CONFIGS  # live: follows the task registry
-from epi_jax.method import epi_metrics, unpacked_mask
+from epi_jax.method import all_finite, epi_metrics, unpacked_mask
 from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.model import attention as attention_lib
 from epi_jax.model import setup as model_setup
@@ -42,12 +42,6 @@ def loss_sums(spec, params, batch, packed: bool = True):
   num_tasks = len(ALL_CONFIGS)  # read when traced: a task registered at run time counts
   per_task = jax.nn.one_hot(batch["task_ids"], num_tasks, dtype=jnp.float32) * w[..., None]
   return jnp.sum(ce * w), (jnp.einsum("blt,bl->t", per_task, ce), per_task.sum((0, 1)))
-
-
-def all_finite(tree) -> jax.Array:
-  """Whether every float leaf of ``tree`` is finite (a device bool)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
 
 
 # Compiled steps kept for runs in this process whose configs differ only in
