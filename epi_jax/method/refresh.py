@@ -284,7 +284,7 @@ def _mask_count(layout: list[Leaf], masks) -> selection.Count:
 def _jaccard(layout, a: list, b: list) -> jax.Array:
   inter = selection.count_to_float(_mask_count(layout, map(jnp.logical_and, a, b)))
   union = selection.count_to_float(_mask_count(layout, map(jnp.logical_or, a, b)))
-  return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+  return selection.jaccard(inter, union)
 
 
 def refresh_stats(options: EPIOptions, layout, mask, old_mask, first_mask, old: RefreshStats,

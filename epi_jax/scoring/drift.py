@@ -45,13 +45,13 @@ def _leaves(mask) -> list[np.ndarray]:
 
 
 def jaccard(a, b) -> float:
-  """Jaccard overlap of two masks (arrays or pytrees of the same structure)."""
+  """Jaccard overlap of two masks (arrays or pytrees of the same structure), counted
+  on the host (``epi_jax.method.jaccard`` of the counts)."""
   la, lb = _leaves(a), _leaves(b)
   if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
     raise ValueError("masks must have the same structure and shapes")
-  inter = sum(int(np.sum(x & y)) for x, y in zip(la, lb))
-  union = sum(int(np.sum(x | y)) for x, y in zip(la, lb))
-  return 1.0 if union == 0 else inter / union
+  return selection.jaccard(sum(int(np.sum(x & y)) for x, y in zip(la, lb)),
+                           sum(int(np.sum(x | y)) for x, y in zip(la, lb)))
 
 
 def num_flipped(a, b) -> int:
