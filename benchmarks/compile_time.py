@@ -34,8 +34,9 @@ import optax
 from epi_jax.method import refresh, transforms
 from epi_jax.model import get_config
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import model_setup
-from epi_jax.training import sharding, trainer
+from epi_jax import sharding
+from epi_jax.model import setup as model_setup
+from epi_jax.training import trainer
 from epi_jax.training import step as step_lib
 
 

@@ -24,8 +24,8 @@ import pathlib
 import sys
 from typing import Any, Mapping, Sequence
 
-from epi_jax.evaluation import cli
-from epi_jax.evaluation.evaluate import TASKS
+from epi_jax.experiments import cli
+from epi_jax.scoring.evaluate import TASKS
 from epi_jax.utils import files
 
 

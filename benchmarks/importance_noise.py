@@ -44,11 +44,13 @@ import numpy as np
 import optax
 
 import epi_jax
-from epi_jax.evaluation.drift import jaccard
+from epi_jax import sharding
 from epi_jax.method.inspection import select_mask
 from epi_jax.method.options import EPIOptions
+from epi_jax.model import setup as model_setup
+from epi_jax.scoring.drift import jaccard
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import inputs, model_setup, optim, sharding, step as step_lib
+from epi_jax.training import inputs, optim, step as step_lib
 from epi_jax.training.trainer import setup
 from epi_jax.utils import files
 

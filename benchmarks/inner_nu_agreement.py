@@ -31,15 +31,12 @@ import numpy as np
 import optax
 
 import epi_jax
+from epi_jax import sharding
+from epi_jax.model import setup as model_setup
+from epi_jax.scoring.drift import jaccard
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import inputs, model_setup, optim, sharding, step as step_lib
+from epi_jax.training import inputs, optim, step as step_lib
 from epi_jax.training.trainer import setup
-
-
-def _jaccard(a, b) -> float:
-  inter = sum(int(np.sum(np.asarray(x) & np.asarray(y))) for x, y in zip(a, b))
-  union = sum(int(np.sum(np.asarray(x) | np.asarray(y))) for x, y in zip(a, b))
-  return inter / union if union else 1.0
 
 
 def _run(args, t: int) -> list[dict]:
@@ -87,9 +84,9 @@ def _run(args, t: int) -> list[dict]:
       continue
     ref = jax.tree.leaves(epi_jax.unpacked_mask(state["opt_state"]))
     row = {"step": s, "loss": float(value),
-           "jaccard_ema_b2": _jaccard(ref, jax.tree.leaves(epi_jax.unpacked_mask(
+           "jaccard_ema_b2": jaccard(ref, jax.tree.leaves(epi_jax.unpacked_mask(
                tstates["ema b2"]))),
-           "jaccard_ema_0.99": _jaccard(ref, jax.tree.leaves(epi_jax.unpacked_mask(
+           "jaccard_ema_0.99": jaccard(ref, jax.tree.leaves(epi_jax.unpacked_mask(
                tstates["ema 0.99"]))),
            "jaccard_prev": float(epi_jax.epi_state(state["opt_state"]).jaccard_prev),
            "isolated_fraction": float(epi_jax.epi_state(state["opt_state"]).isolated_fraction)}

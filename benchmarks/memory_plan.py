@@ -44,7 +44,7 @@ def plan(config) -> dict:
   from epi_jax.training.plan import compile_plan  # pylint: disable=g-import-not-at-top
   r = compile_plan(config, jax.devices(), update=False)
   b = dict(r["bytes"])
-  b["optimizer"] -= b["step_rng"]  # compile_plan counts step and RNG with the optimizer
+  b["optimizer"] -= b["step"]  # compile_plan counts the step counter with the optimizer
   keys = ("method", "model", "scan_layers", "remat", "mesh", "batch_size", "seq_len",
           "grad_accum_steps", "num_params", "compile_s")
   return {**{k: r[k] for k in keys}, "bytes": b}

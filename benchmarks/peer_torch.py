@@ -84,8 +84,9 @@ def build_ours(args, method: str):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import model_setup  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import sharding, trainer  # pylint: disable=g-import-not-at-top
+  from epi_jax import sharding  # pylint: disable=g-import-not-at-top
+  from epi_jax.model import setup as model_setup  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from epi_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   c = cfg_lib.default_config()
   c.method, c.model.name, c.model.init = method, args.model, "random"

@@ -5,7 +5,7 @@ For every ``(p, T)`` in ``--ratios x --intervals`` and every seed, trains
 ``WORKDIR/epi_p<p>_T<T>/seed<k>``; the ``full`` and ``static`` baselines
 (``--baselines``; static at the config's own ``epi.isolation_ratio``) are
 trained once per seed into ``WORKDIR/<method>/seed<k>``. Runs are evaluated
-with the code of ``epi-jax compare`` (:mod:`epi_jax.evaluation.compare`): the
+with the code of ``epi-jax compare`` (:mod:`epi_jax.experiments.compare`): the
 base model once (``WORKDIR/base_eval.json``), each run's snapshots cached in
 ``<run>/eval/step_<N>.json``, scores normalized to base = 100, and the mask
 drift read from ``refreshes.jsonl``. Finished runs and cached evals are
@@ -37,11 +37,11 @@ import time
 
 import numpy as np
 
-from epi_jax.evaluation import cli
+from epi_jax.experiments import cli
 from epi_jax.training import config as cfg_lib
-from epi_jax.evaluation import compare as cmp
-from epi_jax.evaluation import plots
-from epi_jax.evaluation import report
+from epi_jax.experiments import compare as cmp
+from epi_jax.experiments import plots
+from epi_jax.experiments import report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

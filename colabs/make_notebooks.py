@@ -109,7 +109,7 @@ WORKDIR = pathlib.Path(os.environ.get("EPI_COLAB_WORKDIR") or tempfile.mkdtemp(p
 # default_config() because configs/ is not part of the installed package.
 CONFIG_CELL = '''import jax
 from epi_jax.training import default_config
-from epi_jax.evaluation import TASKS
+from epi_jax.scoring import TASKS
 
 RUNTIME = jax.default_backend()   # 'tpu', 'gpu' or 'cpu'
 N = jax.device_count()
@@ -169,7 +169,7 @@ def multitask_sft():
           "Trains SmolLM2-135M-Instruct on the five task families (GSM8K, Code Alpaca, LogiQA, "
           "Alpaca, chat) with Evolving Parameter Isolation, using the project's trainer "
           "(`epi_jax.training.train`): it finds the runtime (TPU, GPU or CPU), lays the mesh over "
-          "the devices it finds, trains, then evaluates each task with `epi_jax.evaluation.evaluate` "
+          "the devices it finds, trains, then evaluates each task with `epi_jax.scoring.evaluate` "
           "against the model it started from.\n\n"
           "**Data and model.** The raw task files are downloaded from their upstream sources "
           "(pinned sha256, cached; `EPI_DATA_MIRROR` points at a mirror, `EPI_RAW_DATA_DIR` at "
@@ -218,7 +218,8 @@ assert logs[-1]["step"] == config.total_steps and np.isfinite(logs[-1]["loss"])'
       new_markdown_cell("## Evaluate\n\nGSM8K: exact match of the final number (greedy decoding). "
                         "LogiQA: accuracy of the most likely option. Code Alpaca, Alpaca, chat: "
                         "held-out loss per assistant token (lower is better)."),
-      new_code_cell('''from epi_jax.evaluation import compare, evaluate, metrics
+      new_code_cell('''from epi_jax.experiments import compare
+from epi_jax.scoring import evaluate, metrics
 
 # The prepared test split (or the stand-in's examples when there are no raw files).
 data_kwargs = compare.eval_data(config, TASKS)
@@ -304,7 +305,8 @@ print({m: str(d) for m, d in runs.items()})'''),
                         "overlap with its first mask shows how far the important set has moved."),
       new_code_cell('''import matplotlib.pyplot as plt
 import numpy as np
-from epi_jax.evaluation import compare, drift
+from epi_jax.experiments import compare
+from epi_jax.scoring import drift
 from epi_jax.training import load_config
 from epi_jax.utils import files
 
@@ -363,7 +365,7 @@ plt.title("where the isolated parameters end up"); plt.tight_layout(); plt.show(
                         "between the first and the last snapshot, and the per-task training "
                         "losses of the two methods."),
       new_code_cell('''from epi_jax.training import list_snapshots, load_run
-from epi_jax.training import model_setup
+from epi_jax.model import setup as model_setup
 
 def block_change(run):
   snaps = list_snapshots(run)

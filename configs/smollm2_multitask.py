@@ -46,7 +46,7 @@ def get_config():
   c.epi.update_interval = 5
   c.epi.ema_decay = 0.9
 
-  # Evaluation (epi_jax.evaluation): small fixed subsets of each test split.
+  # Evaluation (epi_jax.scoring): small fixed subsets of each test split.
   c.eval.num_examples = {"gsm8k": 8, "logiqa": 16, "code_alpaca": 16, "alpaca": 16,
                          "chat": 16}
   c.eval.max_new_tokens = 128

@@ -16,6 +16,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from epi_jax import cli
@@ -225,3 +226,25 @@ def test_fresh_checkpointer_restores_without_warnings_and_checks_the_layout(tmp_
     fresh.close()
   assert step == 1 and not (tmp_path / "checkpoints_corrupt").exists()
   assert "could not be restored" not in caplog.text, caplog.text
+
+
+def test_checkpoint_with_the_retired_rng_restores_verified(tmp_path, monkeypatch, capfd):
+  """A checkpoint written while the train state still held its (unused) ``rng``
+  restores: the rng is read with the rest, its checksums verify, and it is dropped."""
+  params = {"layers.0.w": jnp.arange(6.0).reshape(2, 3)}
+  state = {"step": jnp.int32(3), "params": params, "opt_state": (jnp.ones(3),)}
+  current = ckpt_lib.to_storable
+  monkeypatch.setattr(ckpt_lib, "to_storable",  # the layout before the rng was removed
+                      lambda s: {**current(s), "rng": jnp.array([0, 42], jnp.uint32)})
+  old = ckpt_lib.Checkpointer(tmp_path, 2, async_save=False)
+  old.save(3, state, {"step": 3})
+  old.close()
+  monkeypatch.undo()
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+  fresh = ckpt_lib.Checkpointer(tmp_path, 2, async_save=False)
+  restored, data, step = fresh.restore_latest(abstract)
+  fresh.close()
+  assert step == 3 and data == {"step": 3} and set(restored) == {"step", "params", "opt_state"}
+  np.testing.assert_array_equal(restored["params"]["layers.0.w"], params["layers.0.w"])
+  assert not (tmp_path / "checkpoints_corrupt").exists()
+  assert "damaged" not in capfd.readouterr().err

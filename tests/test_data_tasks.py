@@ -10,12 +10,13 @@ import jax
 import pytest
 
 from epi_jax.data import builder, download, sources, tasks
-from epi_jax.evaluation import compare, metrics
+from epi_jax.experiments import compare
+from epi_jax.scoring import metrics
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import load_run, train
 from epi_jax.utils.files import read_jsonl
 
-ev = importlib.import_module("epi_jax.evaluation.evaluate")
+ev = importlib.import_module("epi_jax.scoring.evaluate")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARK = ("gsm8k", "code_alpaca", "logiqa", "alpaca", "chat")
 

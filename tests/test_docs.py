@@ -22,7 +22,7 @@ def test_architecture_page_names_existing_folders():
   text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
   folders = set(re.findall(r"`(epi_jax/[\w/]+/)`", text))
   assert {"epi_jax/method/", "epi_jax/model/", "epi_jax/data/", "epi_jax/training/",
-          "epi_jax/evaluation/"} <= folders
+          "epi_jax/scoring/", "epi_jax/experiments/"} <= folders
   for f in folders:
     assert (REPO / f).is_dir(), f
   for module in re.findall(r"`(epi_jax/[\w/]+\.py)`", text):

@@ -9,7 +9,7 @@ from flax import nnx
 
 from epi_jax.model import ByteTokenizer, Llama, get_config
 
-ev = importlib.import_module("epi_jax.evaluation.evaluate")
+ev = importlib.import_module("epi_jax.scoring.evaluate")
 
 
 @pytest.fixture(scope="module")

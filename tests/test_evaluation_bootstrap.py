@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from epi_jax.evaluation import bootstrap, claims
+from epi_jax.experiments import claims
+from epi_jax.scoring import bootstrap
 
 
 def _loss_scores(rng, n, shift=0.0, noise=0.0, hardness=None):

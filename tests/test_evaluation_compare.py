@@ -5,8 +5,8 @@ import pathlib
 
 import pytest
 
-from epi_jax.evaluation import cli
-from epi_jax.evaluation import compare as cmp
+from epi_jax.experiments import cli
+from epi_jax.experiments import compare as cmp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

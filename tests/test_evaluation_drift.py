@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from epi_jax.evaluation import drift
-from epi_jax.evaluation import plots
-from epi_jax.evaluation import report
+from epi_jax.experiments import plots
+from epi_jax.experiments import report
+from epi_jax.scoring import drift
 
 
 def test_jaccard_on_constructed_masks():

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from epi_jax.evaluation import forgetting as fg
-from epi_jax.evaluation import metrics
+from epi_jax.scoring import forgetting as fg
+from epi_jax.scoring import metrics
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from epi_jax.evaluation import compare as cmp
-from epi_jax.evaluation import report
+from epi_jax.experiments import compare as cmp
+from epi_jax.experiments import report
 
 
 BASE = {"logiqa": {"accuracy": 0.0, "n": 4}, "alpaca": {"loss": 2.0, "perplexity": 7.4, "n": 4}}

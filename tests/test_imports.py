@@ -61,7 +61,7 @@ def _all_imports(path: pathlib.Path) -> set[str]:
 
 def test_method_imports_no_framework_and_nothing_above_it():
   """optax transformations stay framework-free: method/ imports neither flax
-  nor any other part of epi_jax (training, model, data, evaluation)."""
+  nor any other part of epi_jax (sharding, model, data, training, scoring, experiments)."""
   bad = {}
   for path in (REPO / "epi_jax" / "method").glob("*.py"):
     names = _all_imports(path)
@@ -90,3 +90,67 @@ def test_no_private_name_of_method_used_outside_its_module():
             and node.value.id in method_modules and path.stem != node.value.id):
         uses.append((path.name, f"{node.value.id}.{node.attr}"))
   assert not uses, sorted(set(uses))
+
+
+# The floors, lowest first: a module imports only floors below its own (and its own package).
+# training and scoring share a floor and import neither each other nor anything above.
+_FLOORS = (
+    ("epi_jax.utils",),
+    ("epi_jax.method",),
+    ("epi_jax",),  # the package: re-exports method
+    ("epi_jax.sharding",),
+    ("epi_jax.model",),
+    ("epi_jax.data",),
+    ("epi_jax.training", "epi_jax.scoring"),
+    ("epi_jax.experiments", "epi_jax.integrations"),
+    ("epi_jax.cli",),
+)
+
+
+def _package(module: str) -> str:
+  """The unit of a floor that ``module`` belongs to (``epi_jax.model.setup`` -> ``epi_jax.model``)."""
+  parts = module.split(".")
+  return ".".join(parts[:2])
+
+
+def _floor(package: str) -> int:
+  return next(i for i, names in enumerate(_FLOORS) if package in names)
+
+
+def _is_entry_point(module: str) -> bool:
+  """A subcommand's module (``epi_jax.<pkg>.cli``): only ``epi_jax.cli`` and other
+  entry points import it, so it may import any floor (``epi-jax generate --workdir``
+  reads a run)."""
+  return module == "epi_jax.cli" or module.endswith(".cli")
+
+
+def test_every_package_has_a_floor():
+  assert {_package(m) for m in _modules()} == {p for names in _FLOORS for p in names}
+
+
+def test_imports_run_down_the_floors_only():
+  """Nothing imports a floor above its own or a sibling package on its floor: in
+  particular scoring never imports training or experiments, and model never
+  imports training."""
+  modules = _modules()
+  bad = []
+  for m, path in modules.items():
+    own = _package(m)
+    for n in _imports(path, modules):
+      other = _package(n)
+      if _is_entry_point(n) and not _is_entry_point(m):
+        bad.append(f"{m} -> {n} (an entry point)")
+      elif other != own and not _is_entry_point(m) and _floor(other) >= _floor(own):
+        bad.append(f"{m} -> {n}")
+  assert not bad, bad
+
+
+def test_scoring_never_imports_training_or_experiments():
+  """Named on its own since the issue asked for it: scoring stands on model, data and method."""
+  bad = {}
+  for path in (REPO / "epi_jax" / "scoring").glob("*.py"):
+    wrong = sorted(n for n in _all_imports(path)
+                   if n.startswith(("epi_jax.training", "epi_jax.experiments")))
+    if wrong:
+      bad[path.name] = wrong
+  assert not bad, bad

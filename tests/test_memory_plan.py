@@ -37,7 +37,7 @@ def test_memory_plan_tiny_adds_up(tmp_path, capsys):
     assert b["batch"] == 6 * 4 * 8 * 128 // 8  # six int32/float32 [8, 128] arrays over 8 devices
     # The compiled step's arguments are exactly the state and the batch.
     assert b["compiled_arguments"] == (b["params"] + b["optimizer"] + b["epi"]
-                                       + b["step_rng"] + b["batch"]), name
+                                       + b["step"] + b["batch"]), name
     assert b["total"] == b["compiled_arguments"] + b["temp"] and b["temp"] > 0
   assert rows["full"]["bytes"]["epi"] == 0
   assert rows["full"]["bytes"]["optimizer"] >= 2 * 4 * n  # AdamW mu and nu

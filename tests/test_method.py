@@ -523,3 +523,15 @@ def test_displacement_importance_is_cpi_ft_probe_mask():
   with pytest.raises(ValueError, match="displacement"):
     epi_jax.isolate(optax.sgd(0.1), p, 2, importance="displacement",
                     importance_dtype="bfloat16")
+
+
+def test_jaccard_of_counts_on_host_and_traced():
+  """The package's one Jaccard: Python counts give a float, traced ones an array; both
+  empty sets overlap fully; the sets themselves (not their sizes) are refused."""
+  jaccard = epi_jax.method.jaccard
+  assert jaccard(3, 4) == 0.75 and jaccard(0, 0) == 1.0
+  traced = jax.jit(jaccard)
+  assert float(traced(jnp.float32(3), jnp.float32(4))) == 0.75
+  assert float(traced(jnp.float32(0), jnp.float32(0))) == 1.0
+  with pytest.raises(ValueError, match="sizes"):
+    jaccard(jnp.ones(3), jnp.ones(3))

@@ -49,8 +49,7 @@ def _run(tx, grads, params):
 def _jaccard(a, b):
   a = np.concatenate([x.ravel() for x in a])
   b = np.concatenate([x.ravel() for x in b])
-  union = np.sum(a | b)
-  return 1.0 if union == 0 else np.sum(a & b) / union
+  return epi_jax.method.jaccard(int(np.sum(a & b)), int(np.sum(a | b)))
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (7,), (8,), (3, 17), (2, 3, 64)])

@@ -247,7 +247,7 @@ def test_trainer_inner_nu_equals_the_ema_with_beta_b2(tmp_path):
 
 def test_compare_knows_the_epi_nu_variant():
   from test_training import small_config
-  from epi_jax.evaluation import compare
+  from epi_jax.experiments import compare
   cfg = compare.method_config(small_config(), "epi_nu", seed=3)
   assert (cfg.method, cfg.seed, cfg.epi.importance, cfg.epi.ema_decay) == (
       "epi", 3, "inner_nu", None)

@@ -241,7 +241,7 @@ def test_gguf_loader_matches_transformers(llama_ckpt, tmp_path):
 
 
 def test_loading_into_scanned_layout_equals_loading_then_stacking(llama_ckpt, tmp_path):
-  from epi_jax.training.model_setup import flat_params, stack_layers
+  from epi_jax.model.setup import flat_params, stack_layers
   ref, directory = llama_ckpt
   gguf_path = _write_gguf(ref, tmp_path / "tiny.gguf")
   mesh = jax.make_mesh((1,), ("data",))

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from epi_jax.model import attention as attn_lib
-from epi_jax.training import plan, sharding
+from epi_jax import sharding
+from epi_jax.training import plan
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import step as step_lib
 from epi_jax.training import trainer

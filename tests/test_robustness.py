@@ -45,7 +45,7 @@ def _copy_run(run, dest) -> pathlib.Path:
 
 def _target(config):
   """The abstract train state of ``config`` (for Checkpointer.restore_latest)."""
-  from epi_jax.training import sharding
+  from epi_jax import sharding
   abstract, shardings = trainer.abstract_state(config, sharding.make_mesh(config.mesh))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
@@ -254,7 +254,7 @@ def test_nonfinite_optimizer_values_refused(field, value):
     (["--config.data.mixture.lima=1.0"], "does not have"),
 ])
 def test_cli_bad_config_one_line_exit_2(args, message, tmp_path, capsys):
-  from epi_jax.evaluation import cli as eval_cli
+  from epi_jax.experiments import cli as eval_cli
   argv = ["--config", str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path / "w"), *args]
   for main in (train_cli.train_main, eval_cli.compare_main):
     assert main(argv) == 2
@@ -264,7 +264,7 @@ def test_cli_bad_config_one_line_exit_2(args, message, tmp_path, capsys):
 
 
 def test_cli_missing_or_broken_config_file(tmp_path, capsys):
-  from epi_jax.evaluation import cli as eval_cli
+  from epi_jax.experiments import cli as eval_cli
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(:\n")
   raises = tmp_path / "raises.py"
@@ -328,7 +328,7 @@ def test_sharegpt_damage_mid_file_is_an_error_truncated_tail_is_not(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model():
   from epi_jax.model import ByteTokenizer
-  from epi_jax.training import model_setup
+  from epi_jax.model import setup as model_setup
   config = small_config()
   spec = model_setup.spec_for(model_setup.model_config(config.model))
   params = {k: jax.random.normal(jax.random.key(i), v.shape, v.dtype)
@@ -376,7 +376,7 @@ def test_base_model_eval_with_default_settings(tmp_path):
   """What `epi-jax compare --config configs/tiny.py` does first: the base model's eval
   with the default settings (160 new tokens), here on 2 examples per task."""
   from configs_loader import load_config
-  from epi_jax.evaluation import compare as cmp
+  from epi_jax.experiments import compare as cmp
   config = cfg_lib.validate(load_config("tiny"))
   settings = cmp.eval_defaults()
   settings["num_examples"] = {t: 2 for t in settings["num_examples"]}

@@ -15,13 +15,14 @@ import pytest
 from flax import nnx
 
 from configs_loader import load_config
-from epi_jax.evaluation.evaluate import option_logprobs
+from epi_jax.scoring.evaluate import option_logprobs
 from epi_jax.method.inspection import unpacked_mask
 from epi_jax.model import Llama, generate, get_config, init_cache
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import model_setup
-from epi_jax.training import optim, sharding, trainer
+from epi_jax import sharding
+from epi_jax.model import setup as model_setup
+from epi_jax.training import optim, trainer
 from epi_jax.training import step as step_lib
 
 STEPS = 3

@@ -7,7 +7,7 @@ import runpy
 
 import pytest
 
-from epi_jax.evaluation import compare as cmp
+from epi_jax.experiments import compare as cmp
 from epi_jax.training import config as cfg_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -16,7 +16,9 @@ import pytest
 
 from epi_jax.method import unpacked_mask
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import model_setup, optim, sharding, trainer
+from epi_jax import sharding
+from epi_jax.model import setup as model_setup
+from epi_jax.training import optim, trainer
 from epi_jax.training import step as step_lib
 
 STEPS = 3

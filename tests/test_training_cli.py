@@ -16,7 +16,8 @@ import pytest
 from configs_loader import load_config
 from epi_jax.method.inspection import epi_state
 from epi_jax.training import checkpoint as ckpt_lib
-from epi_jax.training import sharding, trainer
+from epi_jax import sharding
+from epi_jax.training import trainer
 from epi_jax.utils.files import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ flax_config.update("flax_always_shard_variable", _ALWAYS_SHARD)
 import epi_jax  # noqa: E402
 from epi_jax.method import METRICS, OptionError, path_str  # noqa: E402
 from epi_jax.model import Llama, get_config  # noqa: E402
-from epi_jax.training import model_setup  # noqa: E402
+from epi_jax.model import setup as model_setup  # noqa: E402
 from epi_jax.training.optim import clip_by_trainable_norm  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

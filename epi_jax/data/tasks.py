@@ -39,7 +39,7 @@ Reader = Callable[[Any, tuple[str, ...], str], tuple[sources.Splits, sources.Dro
 FIELD_KINDS = ("text", "texts", "int")
 # Fields every example has; a spec's ``fields`` are the task's additions.
 COMMON_FIELDS = ("task", "id", "messages")
-# Eval kind -> (metrics it reports, fields its examples need); see evaluation/evaluate.py.
+# Eval kind -> (metrics it reports, fields its examples need); see scoring/evaluate.py.
 EVAL_KINDS = {
     "loss": (("loss", "perplexity"), ()),
     "generate": (("loss", "perplexity", "accuracy"), ("final_answer",)),

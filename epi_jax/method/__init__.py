@@ -10,12 +10,14 @@ from epi_jax.method.inspection import (METRICS, epi_importance, epi_metrics, epi
                                        per_layer_isolated, select_mask, unpacked_mask)
 from epi_jax.method.layout import path_str
 from epi_jax.method.options import EPIOptions, OptionError, is_refresh_step
-from epi_jax.method.refresh import RefreshStats
+from epi_jax.method.refresh import RefreshStats, all_finite
+from epi_jax.method.selection import jaccard
 from epi_jax.method.transforms import (EPIState, IsolateState, epi_adamw, epi_transform,
                                        epi_transform_from_options, isolate,
                                        isolate_from_options)
 
-__all__ = ["METRICS", "EPIOptions", "EPIState", "IsolateState", "RefreshStats", "epi_adamw",
-           "epi_importance", "epi_metrics", "epi_state", "epi_transform",
-           "epi_transform_from_options", "is_refresh_step", "isolate", "isolate_from_options", "OptionError", "path_str", "per_layer_isolated", "select_mask",
+__all__ = ["METRICS", "EPIOptions", "EPIState", "IsolateState", "RefreshStats", "all_finite",
+           "epi_adamw", "epi_importance", "epi_metrics", "epi_state", "epi_transform",
+           "epi_transform_from_options", "is_refresh_step", "isolate", "isolate_from_options",
+           "jaccard", "OptionError", "path_str", "per_layer_isolated", "select_mask",
            "unpacked_mask"]

@@ -48,6 +48,16 @@ def _score(importance: str, g, p):
   return jnp.abs(g * p.astype(jnp.promote_types(work, p.dtype))).astype(jnp.float32)
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every float leaf of ``tree`` is finite (a device bool; True for none).
+
+  The one finite check of the package: EPI's scores (``scores_finite``), the
+  train step's params and a restored checkpoint's. One fused reduction per leaf.
+  """
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
 def scores_finite(importance: str, g_leaves, p_leaves) -> jax.Array:
   """Whether every score s(g) is finite: a non-finite gradient, or a finite
   one whose square overflows (|g| > 1.8e19 in float32), fails.
@@ -56,17 +66,14 @@ def scores_finite(importance: str, g_leaves, p_leaves) -> jax.Array:
   norm, ``optax.tree.norm``'s own sum, which a step that also clips or logs
   the norm has already (XLA computes it once for both). A finite sum means
   finite scores (they are >= 0); only a sum that is not has the scores
-  themselves checked, recomputed in a ``lax.cond``: ``sum(s - s)`` is NaN
-  exactly when some score is inf or NaN (XLA does not fold ``x - x`` for
-  floats), one fused reduction per leaf (no score array is materialized).
+  themselves checked, recomputed in a ``lax.cond`` by :func:`all_finite` (one
+  fused reduction per leaf: no score array is materialized).
   """
   def scores(g_leaves, p_leaves):
     return [_score(importance, g, p) for g, p in zip(g_leaves, p_leaves)]
 
   def entries_finite(g_leaves, p_leaves):
-    total = sum((jnp.sum(s - s, dtype=jnp.float32) for s in scores(g_leaves, p_leaves)),
-                jnp.float32(0.0))
-    return jnp.isfinite(total)
+    return all_finite(scores(g_leaves, p_leaves))
 
   if importance == "grad_sq":
     total = optax.tree.norm(g_leaves, squared=True)
@@ -277,7 +284,7 @@ def _mask_count(layout: list[Leaf], masks) -> selection.Count:
 def _jaccard(layout, a: list, b: list) -> jax.Array:
   inter = selection.count_to_float(_mask_count(layout, map(jnp.logical_and, a, b)))
   union = selection.count_to_float(_mask_count(layout, map(jnp.logical_or, a, b)))
-  return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+  return selection.jaccard(inter, union)
 
 
 def refresh_stats(options: EPIOptions, layout, mask, old_mask, first_mask, old: RefreshStats,

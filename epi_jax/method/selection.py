@@ -63,6 +63,27 @@ def count_to_float(c: Count) -> jax.Array:
   return c.hi.astype(jnp.float32) * _BASE + c.lo.astype(jnp.float32)
 
 
+def jaccard(intersection, union):
+  """The Jaccard overlap ``|A & B| / |A | B|`` of two sets from the sizes of their
+  intersection and union; 1.0 when both sets are empty (``union == 0``).
+
+  The one Jaccard of the package: EPI's refresh statistics (``jaccard_prev``,
+  ``jaccard_first``), the trainer's importance drift and the scoring of masks
+  count their sets their own way and call this. JAX arrays (a refresh's float32
+  counts, traced) give an array, computed without a branch; Python or NumPy
+  counts give a Python float.
+
+  Raises:
+    ValueError: when given arrays that are not scalars (the sets, not their sizes).
+  """
+  if np.ndim(intersection) or np.ndim(union):
+    raise ValueError("jaccard takes the sizes of the intersection and the union "
+                     f"(scalars), got shapes {np.shape(intersection)} and {np.shape(union)}")
+  if isinstance(intersection, jax.Array) or isinstance(union, jax.Array):
+    return jnp.where(union > 0, intersection / jnp.maximum(union, 1.0), 1.0)
+  return 1.0 if union == 0 else intersection / union
+
+
 def num_selected(ratio, n: int) -> int:
   """k for a concrete ratio: ``floor(p * N)`` the way ``topk_count`` computes it."""
   r = np.float32(np.real(ratio))

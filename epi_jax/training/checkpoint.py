@@ -4,7 +4,9 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,data}`` managed by an orbax
 ``CheckpointManager`` (saves are atomic: written to a temporary directory
 and renamed when complete; the last ``keep`` are kept, older ones removed
 only after a newer save has completed). ``state`` holds params, optimizer
-state (EPI state included), step and RNG; ``data`` holds the iterator state
+state (EPI state included) and step (checkpoints written before the unused
+train-state RNG was removed also hold ``rng``: restored with the rest, so
+their checksums verify, then dropped); ``data`` holds the iterator state
 as JSON (with several processes: every process's state, gathered and written
 by process 0 as ``{"process_count": n, "per_process": [...]}``). Every
 process calls save and restore (orbax writes each process's shards of the
@@ -38,10 +40,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from epi_jax.training.step import all_finite
+from epi_jax.method import all_finite
 from epi_jax.utils import files
 
 INTEGRITY_VERSION = 1
+# Top-level keys of the stored state that older versions wrote and this one does not.
+RETIRED_KEYS = ("rng",)
 
 
 _PER_LAYER_KEY = re.compile(r"layers\.\d+\.")
@@ -54,7 +58,7 @@ def _pkey(k: str) -> str:
 def to_storable(state: dict[str, Any]) -> dict[str, Any]:
   """The train state as nested dicts of arrays with plain string keys."""
   opt_leaves = jax.tree.leaves(state["opt_state"])
-  return {"step": state["step"], "rng": state["rng"],
+  return {"step": state["step"],
           "params": {_pkey(k): v for k, v in state["params"].items()},
           "opt_state": {f"{i:05d}": v for i, v in enumerate(opt_leaves)}}
 
@@ -67,7 +71,7 @@ def from_storable(stored: dict[str, Any], like: dict[str, Any]) -> dict[str, Any
     raise ValueError(f"checkpoint has {len(stored['opt_state'])} optimizer leaves, "
                      f"this optimizer has {n} (different method or options?)")
   opt = jax.tree.unflatten(treedef, [stored["opt_state"][f"{i:05d}"] for i in range(n)])
-  return {"step": stored["step"], "rng": stored["rng"], "opt_state": opt,
+  return {"step": stored["step"], "opt_state": opt,
           "params": {k: stored["params"][_pkey(k)] for k in like["params"]}}
 
 
@@ -220,8 +224,9 @@ class Checkpointer:
 
     ``abstract_state``: the train state as ``jax.ShapeDtypeStruct`` with shardings.
     """
-    target = to_storable(abstract_state)
     for step in sorted(self._mngr.all_steps(), reverse=True):
+      target = {**to_storable(abstract_state),
+                **self._retired_leaves(step, abstract_state["step"].sharding)}
       self._check_layer_layout(step, target["params"])
       has_sums = all_processes_agree((self.directory / str(step) / "integrity").exists())
       items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
@@ -249,6 +254,18 @@ class Checkpointer:
             f"ones are in {self.workdir / 'checkpoints_corrupt'}): starting from step 0",
             file=sys.stderr)
     return None
+
+  def _retired_leaves(self, step: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """Targets for the leaves a checkpoint of an older layout holds beyond this one's:
+    ``rng``, the train state's RNG until it was removed (never used). Restored (on
+    ``sharding``, replicated) so that the checksums cover the whole checkpoint, then
+    dropped by :func:`from_storable`."""
+    try:
+      stored = self._mngr.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return {}  # unreadable metadata: restore will report and quarantine it
+    return {k: jax.ShapeDtypeStruct(tuple(stored[k].shape), stored[k].dtype, sharding=sharding)
+            for k in RETIRED_KEYS if k in stored}
 
   def _check_layer_layout(self, step: int, params: dict[str, Any]) -> None:
     """Refuses (never quarantines) a checkpoint of the other ``model.scan_layers`` layout."""

@@ -26,7 +26,7 @@ from epi_jax.method.options import IMPORTANCES, OptionError
 from epi_jax.model.attention import IMPLEMENTATIONS as ATTENTIONS
 from epi_jax.training import optim
 
-# The methods (evaluation/compare.py imports this one definition).
+# The methods (experiments/compare.py imports this one definition).
 METHODS = ("full", "multi_stage", "static", "epi")
 DTYPES = ("float32", "bfloat16")
 INITS = ("pretrained", "random")
@@ -120,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.epi.save_top_sets = False
 
   # Evaluation settings, read by `epi-jax compare` / `epi-jax evaluate` and
-  # validated there (epi_jax.evaluation.compare); the trainer ignores them.
+  # validated there (epi_jax.experiments.compare); the trainer ignores them.
   c.eval = ml_collections.ConfigDict()
 
   c.mesh = ml_collections.ConfigDict()
@@ -135,7 +135,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # Groups whose keys are not fixed here: task weights, and eval settings that
-# the evaluation package validates.
+# the experiment driver validates (epi_jax.experiments.compare).
 _FREE_GROUPS = ("data.mixture", "eval")
 
 

@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import epi_jax
+from epi_jax.method import jaccard
 from epi_jax.method.layout import leaf_layout
-from epi_jax.training import model_setup, optim
+from epi_jax.model import setup as model_setup
+from epi_jax.training import optim
 
 
 def records_drift(config) -> bool:
@@ -107,8 +109,7 @@ def packed_jaccard(a: np.ndarray, b: np.ndarray) -> float:
   if a.shape != b.shape:
     raise ValueError(f"packed sets of different sizes: {a.size} and {b.size} bytes "
                      "(runs of different models?)")
-  union = int(np.unpackbits(a | b).sum())
-  return 1.0 if union == 0 else int(np.unpackbits(a & b).sum()) / union
+  return jaccard(int(np.unpackbits(a & b).sum()), int(np.unpackbits(a | b).sum()))
 
 
 class ImportanceDrift:
@@ -156,8 +157,7 @@ class ImportanceDrift:
           rec["per_layer"][model_setup.layer_name(f"{name}[{l}]")] = nl / size
     for name in ("prev", "first"):
       if f"and_{name}" in c:
-        union = total(c[f"or_{name}"])
-        rec[f"jaccard_{name}"] = 1.0 if union == 0 else total(c[f"and_{name}"]) / union
+        rec[f"jaccard_{name}"] = jaccard(total(c[f"and_{name}"]), total(c[f"or_{name}"]))
       else:
         first_ever = not self.resumed and self.prev is None
         rec[f"jaccard_{name}"] = 1.0 if first_ever else None

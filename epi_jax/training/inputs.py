@@ -21,7 +21,7 @@ from epi_jax.data import tasks as tasks_lib
 from epi_jax.data.download import has_raw_files
 from epi_jax.data.pipeline import make_train_iterator
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import sharding
+from epi_jax import sharding
 from epi_jax.utils.assets import default_raw_data_dir
 
 

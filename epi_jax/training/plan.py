@@ -397,7 +397,7 @@ def _bytes_of(pairs) -> int:
 def abstract_batch(config, mesh):
   """The step's batch as ``ShapeDtypeStruct`` s on ``mesh`` (nothing allocated)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from epi_jax import sharding  # pylint: disable=g-import-not-at-top
   b, l = config.data.batch_size, config.data.seq_len
   bsh = sharding.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct((b, l), dt, sharding=bsh) for k, dt in (
@@ -450,7 +450,8 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   from epi_jax.model import attention as attention_lib  # pylint: disable=g-import-not-at-top
   from epi_jax.model.config import train_flops_per_token  # pylint: disable=g-import-not-at-top
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from epi_jax import sharding  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import optim, trainer  # pylint: disable=g-import-not-at-top
   from epi_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = cfg_lib.validate(config)
@@ -462,8 +463,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   opt_b = _bytes_of(pairs(abstract["opt_state"], shardings["opt_state"]))
   epi_b = (_bytes_of(pairs(epi_state(abstract["opt_state"]), epi_state(shardings["opt_state"])))
            if optim.is_epi(config) else 0)
-  other_b = _bytes_of(pairs({k: abstract[k] for k in ("step", "rng")},
-                            {k: shardings[k] for k in ("step", "rng")}))
+  step_b = _bytes_of(pairs(abstract["step"], shardings["step"]))
   batch = abstract_batch(config, mesh)
   batch_b = _bytes_of([(a, a.sharding) for a in batch.values()])
 
@@ -476,7 +476,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   hlo = compiled.as_text()
   cost = _cost(compiled)
   temp_b = int(mem.temp_size_in_bytes)
-  parts = {"params": params_b, "optimizer": opt_b - epi_b + other_b, "epi": epi_b,
+  parts = {"params": params_b, "optimizer": opt_b - epi_b + step_b, "epi": epi_b,
            "batch": batch_b}
   # The device's layouts pad small dimensions to its tiles (TPU: 8 x 128).
   parts["padding"] = max(0, int(mem.argument_size_in_bytes) - sum(parts.values()))
@@ -520,7 +520,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
       batch_size=config.data.batch_size, seq_len=config.data.seq_len,
       grad_accum_steps=config.optimizer.grad_accum_steps,
       num_params=sum(math.prod(p.shape) for p in jax.tree.leaves(abstract["params"])),
-      bytes={**parts, "step_rng": other_b, "total": total,
+      bytes={**parts, "step": step_b, "total": total,
              "compiled_arguments": int(mem.argument_size_in_bytes),
              "compiled_outputs": int(mem.output_size_in_bytes),
              "compiled_alias": int(mem.alias_size_in_bytes)})

@@ -1,6 +1,6 @@
 """The jit-compiled train step (one optimizer update per call).
 
-The train state is a dict ``{'step', 'params', 'opt_state', 'rng'}`` (donated:
+The train state is a dict ``{'step', 'params', 'opt_state'}`` (donated:
 updated in place). The loss is the token-level cross-entropy in float32,
 averaged over the loss-masked (assistant) tokens of the *global* batch; with
 gradient accumulation the batch is split into micro-batches whose summed
@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from epi_jax import sharding
 from epi_jax.data import ALL_CONFIGS  # live: follows the task registry
-from epi_jax.method import epi_metrics, unpacked_mask
+from epi_jax.method import all_finite, epi_metrics, unpacked_mask
 from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.model import attention as attention_lib
-from epi_jax.training import model_setup, optim, sharding
+from epi_jax.model import setup as model_setup
+from epi_jax.training import optim
 
 
 def loss_sums(spec, params, batch, packed: bool = True):
@@ -40,12 +42,6 @@ def loss_sums(spec, params, batch, packed: bool = True):
   num_tasks = len(ALL_CONFIGS)  # read when traced: a task registered at run time counts
   per_task = jax.nn.one_hot(batch["task_ids"], num_tasks, dtype=jnp.float32) * w[..., None]
   return jnp.sum(ce * w), (jnp.einsum("blt,bl->t", per_task, ce), per_task.sum((0, 1)))
-
-
-def all_finite(tree) -> jax.Array:
-  """Whether every float leaf of ``tree`` is finite (a device bool)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
 
 
 # Compiled steps kept for runs in this process whose configs differ only in
@@ -152,9 +148,7 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
       trainable_grad_norm = optim.trainable_norm(
           grads, jax.tree.map(jnp.logical_not, unpacked_mask(opt_state)))
     new_params = optax.apply_updates(params, updates)
-    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-    new_state = {"step": state["step"] + 1, "params": new_params,
-                 "opt_state": opt_state, "rng": rng}
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
     loss = loss_sum / denom
     finite = all_finite(new_params)
     if not skip:

@@ -46,13 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from epi_jax import sharding
+from epi_jax.model import setup as model_setup
 from epi_jax.model.config import train_flops_per_token
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import importance_drift
 from epi_jax.training import inputs
 from epi_jax.training import metrics as metrics_lib
-from epi_jax.training import model_setup, optim, sharding
+from epi_jax.training import optim
 from epi_jax.training import step as step_lib
 from epi_jax.training import workdir as workdir_lib
 from epi_jax.utils import files
@@ -69,7 +71,7 @@ class TrainResult:
     workdir: the run directory.
     interrupted: stopped early (signal or ``stop_after``) with a checkpoint.
     params: the flat params ``{path: array}`` behind ``model``.
-    state: the full train state ``{'step', 'params', 'opt_state', 'rng'}``.
+    state: the full train state ``{'step', 'params', 'opt_state'}``.
   """
   model: Any
   tokenizer: Any
@@ -89,7 +91,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-  """The train state ``{'step', 'params', 'opt_state', 'rng'}`` of one config on one mesh.
+  """The train state ``{'step', 'params', 'opt_state'}`` of one config on one mesh.
 
   Attributes:
     spec: the model's ``ModelSpec`` (flat param names, shapes, logical axes).
@@ -151,11 +153,9 @@ def setup(config, mesh, spec: model_setup.ModelSpec | None = None) -> TrainSetup
   layer_axes = sharding.layer_axes(spec.axes)
   tx = optim.make_optimizer(config, layer_axes)
   param_shardings = sharding.param_shardings(mesh, spec.shapes, spec.axes)
-  rng0 = jax.random.key_data(jax.random.key(config.seed))
 
   def init(params):
-    return {"step": jnp.zeros([], jnp.int32), "params": params,
-            "opt_state": tx.init(params), "rng": rng0}
+    return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   abstract = jax.eval_shape(init, spec.shapes)
   shardings = sharding.state_shardings(abstract, spec.shapes, param_shardings, mesh)

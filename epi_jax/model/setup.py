@@ -1,4 +1,4 @@
-"""The model as training and evaluation see it: built or loaded from ``config.model``
+"""The model as training, scoring and experiments see it: built or loaded from ``config.model``
 as a flat dict of params (``build``; ``spec_and_tokenizer`` without the weights)
 plus a way back to a Llama (``ModelSpec.bind``).
 
@@ -18,10 +18,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from epi_jax.model import ByteTokenizer, Llama, get_config, load_pretrained
-from epi_jax.model.loading import pretrained_config
-from epi_jax.model.config import ModelConfig, config_names
-from epi_jax.training import sharding
+from epi_jax import sharding
+from epi_jax.model.config import ModelConfig, config_names, get_config
+from epi_jax.model.llama import Llama
+from epi_jax.model.loading import load_pretrained, pretrained_config
+from epi_jax.model.tokenizer import ByteTokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -15,7 +15,7 @@ arrays, higher-is-better normalized points, base = 100):
 
 :func:`analyze` pairs every two methods (``"epi - static"``: the difference
 and its ``ci95`` for every quantity), gives each method's own value with an
-interval, and answers the claims with :func:`epi_jax.evaluation.bootstrap.verdict`.
+interval, and answers the claims with :func:`epi_jax.scoring.bootstrap.verdict`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from epi_jax.evaluation import bootstrap
-from epi_jax.evaluation import metrics
+from epi_jax.scoring import bootstrap
+from epi_jax.scoring import metrics
 
 NAMES = {"full": "full SFT", "multi_stage": "multi-stage", "static": "static", "epi": "EPI"}
 

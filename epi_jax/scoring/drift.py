@@ -23,8 +23,8 @@ pytrees of them) for the pure metric functions:
 
 For runs: :func:`load_refreshes`, :func:`load_importance_drift`,
 :func:`drift_summary` (the curves), :func:`layer_matrix` (per block over
-refreshes). The plots are in :mod:`~epi_jax.evaluation.plots`, the tables in
-:mod:`~epi_jax.evaluation.report`.
+refreshes). The plots are in :mod:`~epi_jax.experiments.plots`, the tables in
+:mod:`~epi_jax.experiments.report`.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ def _leaves(mask) -> list[np.ndarray]:
 
 
 def jaccard(a, b) -> float:
-  """Jaccard overlap of two masks (arrays or pytrees of the same structure)."""
+  """Jaccard overlap of two masks (arrays or pytrees of the same structure), counted
+  on the host (``epi_jax.method.jaccard`` of the counts)."""
   la, lb = _leaves(a), _leaves(b)
   if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
     raise ValueError("masks must have the same structure and shapes")
-  inter = sum(int(np.sum(x & y)) for x, y in zip(la, lb))
-  union = sum(int(np.sum(x | y)) for x, y in zip(la, lb))
-  return 1.0 if union == 0 else inter / union
+  return selection.jaccard(sum(int(np.sum(x & y)) for x, y in zip(la, lb)),
+                           sum(int(np.sum(x | y)) for x, y in zip(la, lb)))
 
 
 def num_flipped(a, b) -> int:

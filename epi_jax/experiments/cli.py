@@ -11,7 +11,7 @@
 
 ``--config.FIELD=VALUE`` overrides a trainer field (ml_collections
 ``config_flags``). ``--eval.FIELD=VALUE`` overrides an eval setting (see
-:func:`epi_jax.evaluation.compare.eval_defaults`), on top of the config's
+:func:`epi_jax.experiments.compare.eval_defaults`), on top of the config's
 ``eval`` group when it has one: ``--eval.num_examples=8`` (all tasks),
 ``--eval.num_examples.gsm8k=8``, ``--eval.tasks=gsm8k,logiqa``,
 ``--eval.snapshots=final``. Values are Python literals, else strings.
@@ -34,10 +34,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from epi_jax import training
-from epi_jax.evaluation import compare as cmp
-from epi_jax.evaluation import report
-from epi_jax.evaluation.evaluate import EVAL_TASKS
+from epi_jax.experiments import compare as cmp
+from epi_jax.experiments import report
 from epi_jax.model import load_pretrained
+from epi_jax.scoring.evaluate import EVAL_TASKS
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import distributed
 from epi_jax.training.cli import parse_config_flags, unknown_overrides

@@ -2,9 +2,9 @@
 
 Each ``plot_*`` writes one figure to ``path`` (creating its folder) and returns
 the path, or None when there is nothing to plot. Inputs are the curves of
-:func:`epi_jax.evaluation.drift.drift_summary`, the records of a run's
+:func:`epi_jax.scoring.drift.drift_summary`, the records of a run's
 ``refreshes.jsonl`` / ``importance_drift.jsonl`` and the ``methods`` entries of
-``results.json`` (:mod:`epi_jax.evaluation.report`).
+``results.json`` (:mod:`epi_jax.experiments.report`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from epi_jax.evaluation import drift as drift_lib
+from epi_jax.scoring import drift as drift_lib
 
 
 def _nan(values) -> list:
@@ -35,7 +35,7 @@ def plot_drift(curves: Mapping[str, Mapping[str, Any]], path, *,
   """Jaccard vs first and vs previous set over refresh steps, one line per run.
 
   ``what``: ``'mask'`` (the isolation mask) or ``'top-p importance set'``.
-  Curves that mean nothing (see :func:`~epi_jax.evaluation.drift.meaningful`) are left out.
+  Curves that mean nothing (see :func:`~epi_jax.scoring.drift.meaningful`) are left out.
   """
   curves = {k: v for k, v in curves.items() if drift_lib.meaningful(v)}
   if not curves:
@@ -95,7 +95,7 @@ def plot_task_metrics(methods: Mapping[str, Mapping[str, Any]], path, *,
   """Grouped bars: one group per task (plus ``average``), one bar per method.
 
   ``methods[m][key][task] = {'mean': x, 'std': s}`` (the ``results.json``
-  layout of :mod:`epi_jax.evaluation.report`).
+  layout of :mod:`epi_jax.experiments.report`).
   """
   names = [m for m in methods if methods[m].get(key)]
   if not names:

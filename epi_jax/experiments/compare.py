@@ -13,10 +13,10 @@
    results are cached per snapshot in ``<run>/eval/step_<N>.json`` together
    with the eval settings, so reruns only evaluate what is new.
 3. Pairs every two methods on the same eval examples (paired bootstrap,
-   :mod:`~epi_jax.evaluation.claims`) and answers the papers' claims.
+   :mod:`~epi_jax.experiments.claims`) and answers the papers' claims.
 4. Aggregates over seeds and writes ``workdir/results.json`` (layout below),
    ``workdir/results.md`` (the verdicts, then the tables) and
-   ``workdir/plots/*.png`` with :mod:`~epi_jax.evaluation.report`; returns
+   ``workdir/plots/*.png`` with :mod:`~epi_jax.experiments.report`; returns
    the results.
 
 ``compare_sequential`` (``--protocol sequential``) is the A-then-B protocol;
@@ -63,16 +63,16 @@ import numpy as np
 
 from epi_jax import training
 from epi_jax.data import datasets
-from epi_jax.evaluation import bootstrap
-from epi_jax.evaluation import claims
-from epi_jax.evaluation import metrics
-from epi_jax.evaluation import report
-from epi_jax.evaluation.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENERATE, EVAL_TASKS,
-                                         TASKS, evaluate)
+from epi_jax.experiments import claims
+from epi_jax.experiments import report
 from epi_jax.model import loading
-from epi_jax.training import inputs
-from epi_jax.training import model_setup
+from epi_jax.model import setup as model_setup
+from epi_jax.scoring import bootstrap
+from epi_jax.scoring import metrics
+from epi_jax.scoring.evaluate import (DEFAULT_NUM_EXAMPLES, DEFAULT_NUM_GENERATE, EVAL_TASKS,
+                                      TASKS, evaluate)
 from epi_jax.training import config as cfg_lib
+from epi_jax.training import inputs
 from epi_jax.training.config import METHODS
 from epi_jax.utils import files
 

@@ -19,7 +19,7 @@ A task is scored by the ``eval_kind`` of its entry in the task registry
 
 Every task also returns ``per_example`` scores, in example order, so that two
 models evaluated on the same examples can be compared pairwise
-(:mod:`epi_jax.evaluation.bootstrap`): ``nll`` and ``tokens`` (the answer
+(:mod:`epi_jax.scoring.bootstrap`): ``nll`` and ``tokens`` (the answer
 tokens' summed negative log-likelihood and their count: the set's loss is
 ``sum(nll) / sum(tokens)``) and, for the accuracy metrics, ``correct`` (0/1).
 
@@ -42,9 +42,9 @@ from flax import nnx
 
 from epi_jax.data import datasets
 from epi_jax.data import tasks as tasks_lib
-from epi_jax.evaluation import metrics
 from epi_jax.model.generate import generate
 from epi_jax.model.llama import init_cache
+from epi_jax.scoring import metrics
 
 # Live views of the task registry: the benchmark tasks (evaluated by default),
 # every task that can be evaluated, and those scored by their loss only.

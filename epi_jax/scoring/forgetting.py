@@ -1,7 +1,7 @@
 """Forgetting arithmetic over a run's snapshots, and the sequential A->B protocol.
 
 All functions take higher-is-better scores (use
-:func:`epi_jax.evaluation.metrics.higher_is_better_score`, which turns a loss
+:func:`epi_jax.scoring.metrics.higher_is_better_score`, which turns a loss
 into ``-loss``, or normalized scores) so that "forgetting" is always a drop.
 
 * :func:`forgetting`: with a task's scores after each stage/snapshot

@@ -1,6 +1,6 @@
 """Scoring: GSM8K answer extraction and exact match, the normalized average score.
 
-Per-task metrics (what :func:`epi_jax.evaluation.evaluate` reports; each
+Per-task metrics (what :func:`epi_jax.scoring.evaluate` reports; each
 task's primary metric is its ``metric`` in :mod:`epi_jax.data.tasks`):
 
 * ``gsm8k``: ``loss`` of the reference solution (primary: exact match of a

@@ -1,6 +1,6 @@
 """The comparison's report: run summaries, their aggregate over seeds, tables, plots.
 
-The driver (:mod:`~epi_jax.evaluation.compare`) trains and evaluates; this
+The driver (:mod:`~epi_jax.experiments.compare`) trains and evaluates; this
 module turns what it gathered into ``results.json``'s ``methods`` entries and
 writes the report:
 
@@ -17,7 +17,7 @@ writes the report:
   :func:`sequential_markdown`: ``results.md`` (verdicts first, then tables).
 * :func:`write_results`, :func:`write_sequential_results`: ``results.json``
   and ``results.md`` (written atomically) and, for the mixture protocol,
-  ``plots/*.png`` (:mod:`~epi_jax.evaluation.plots`).
+  ``plots/*.png`` (:mod:`~epi_jax.experiments.plots`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from epi_jax.evaluation import claims
-from epi_jax.evaluation import drift as drift_lib
-from epi_jax.evaluation import forgetting as fg
-from epi_jax.evaluation import metrics
-from epi_jax.evaluation import plots
+from epi_jax.experiments import claims
+from epi_jax.experiments import plots
 from epi_jax.method import lock_in as lock_in_lib
+from epi_jax.scoring import drift as drift_lib
+from epi_jax.scoring import forgetting as fg
+from epi_jax.scoring import metrics
 from epi_jax.training import importance_drift as drift_sets
 from epi_jax.utils import files
 
