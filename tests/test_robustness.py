@@ -408,35 +408,38 @@ def _max_step(workdir) -> int:
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_resumes_bit_identically(tmp_path):
-  """SIGKILL at >= 10 random points (start-up, mid-step, during async saves); every
-  resumed run continues exactly: the final losses, params and optimizer state equal
-  those of an uninterrupted run."""
+  """SIGKILL at 6 points, each kind twice at random times: during start-up (the first
+  before any checkpoint, the second while one is restored), while an async save is in
+  flight, and a random fraction into a step; every resumed run continues exactly: the
+  final losses, params and optimizer state equal those of an uninterrupted run."""
   import random
   import signal
   import time
-  total, rng = 30, random.Random(16)
+  total, every, rng = 30, 3, random.Random(16)
   ref = tmp_path / "ref"
   cmd, env = _train_cmd(ref, total)
   out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
-  run, kills, seen = tmp_path / "run", 0, 0
+  run, seen = tmp_path / "run", 0
   cmd, env = _train_cmd(run, total)
-  while kills < 10:
+  for kind in ("start-up", "save", "step", "start-up", "save", "step"):
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    if rng.random() < 0.2:  # during start-up or restore
+    if kind == "start-up":  # importing, compiling, restoring (once a checkpoint exists)
       time.sleep(rng.uniform(0.5, 8.0))
-    else:  # after some progress past the last kill, a random fraction into a step
-      target = seen + rng.randint(1, 3)
+    else:
+      # "save": just after the metrics of the next checkpoint step past the last kill
+      # (they are written before its save starts); "step": past some progress.
+      target = (seen // every + 1) * every if kind == "save" else seen + rng.randint(1, 3)
       while _max_step(run) < target and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-      time.sleep(rng.uniform(0.0, 0.4))
-    assert proc.poll() is None, "the run ended before it was killed: raise total"
+      time.sleep(rng.uniform(0.0, 0.1 if kind == "save" else 0.4))
+    assert proc.poll() is None, f"the run ended before it was killed ({kind}): raise total"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    kills += 1
     seen = max(seen, _max_step(run))
+  assert seen >= 2 * every  # checkpoints were written (and restored by the next start)
   assert not trainer.is_finished(run)
   out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
