@@ -1,7 +1,7 @@
 """``model.scan_layers``: the stacked layout computes what the per-layer list does.
 
 Same logits and KV-cache generation; the same loss and params after 3 train
-steps (full and epi, 1 device and fsdp x tensor meshes of 8 fake devices);
+steps (full and epi, on 1 device and on a mesh of 8 fake devices each);
 loading GGUF/safetensors into the stacked layout equals loading then stacking;
 checkpoints of one layout are refused by the other with a clear error.
 """
