@@ -207,9 +207,13 @@ def _nan_at_step(monkeypatch, nan_step: int):
 def test_nan_loss_mid_run_stops_with_exit_4_and_a_finite_checkpoint(tmp_path, monkeypatch,
                                                                       capsys):
   _nan_at_step(monkeypatch, 3)
+  # small_config()'s step (optimizer, EPI options, steps, shapes): compiled already for
+  # reference_run, loaded from the persistent compilation cache (tests/conftest.py).
   argv = ["--config", str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path),
-          "--config.total_steps=6", "--config.checkpoint_every=2", "--config.log_every=1",
+          f"--config.total_steps={STEPS}", "--config.checkpoint_every=2", "--config.log_every=1",
           "--config.data.seq_len=128", "--config.data.mixture.logiqa=0.0",
+          "--config.optimizer.warmup_steps=2", "--config.epi.update_interval=2",
+          "--config.epi.isolation_ratio=0.1",
           "--config.progress_bar=False", "--config.mesh.data=1",
           "--config.async_checkpointing=False"]
   assert train_cli.train_main(argv) == 4
