@@ -412,10 +412,11 @@ def _max_step(workdir) -> int:
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_resumes_bit_identically(tmp_path):
-  """SIGKILL at 6 points, each kind twice at random times: during start-up (the first
-  before any checkpoint, the second while one is restored), while an async save is in
-  flight, and a random fraction into a step; every resumed run continues exactly: the
-  final losses, params and optimizer state equal those of an uninterrupted run."""
+  """SIGKILL at 6 points, each kind twice at random times: during start-up (first early,
+  before any checkpoint exists; then later, when a restart is restoring one or compiling),
+  while an async save is in flight, and a random fraction into a step; every resumed run
+  continues exactly: the final losses, params and optimizer state equal those of an
+  uninterrupted run."""
   import random
   import signal
   import time
@@ -426,12 +427,12 @@ def test_kill_9_at_random_points_resumes_bit_identically(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   run, seen = tmp_path / "run", 0
   cmd, env = _train_cmd(run, total)
-  for kind in ("start-up", "save", "step", "start-up", "save", "step"):
+  for kind in ("early start-up", "save", "step", "late start-up", "save", "step"):
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    if kind == "start-up":  # importing, compiling, restoring (once a checkpoint exists)
-      time.sleep(rng.uniform(0.5, 8.0))
+    if kind.endswith("start-up"):  # importing; then compiling, restoring
+      time.sleep(rng.uniform(0.5, 4.0) if kind.startswith("early") else rng.uniform(3.0, 8.0))
     else:
       # "save": just after the metrics of the next checkpoint step past the last kill
       # (they are written before its save starts); "step": past some progress.
