@@ -426,18 +426,22 @@ def test_threshold_search_matches_sort_and_handles_ties(bits_per_pass):
   leaves = [rng.exponential(size=s).astype(np.float32) for s in (100, 37, 250)]
   leaves[1][:10] = 0.0  # exact zeros
   flat = np.concatenate(leaves)
+  if bits_per_pass == 8:  # each pass unrolls 255 counts per leaf: one leaf, a third of the
+    leaves = [flat]       # compile (the sums over leaves are checked at 1, 2 and 4 bits)
   bits = [selection.score_bits(jnp.asarray(x)) for x in leaves]
-  find = jax.jit(lambda k: selection.kth_largest_bits(bits, k, bits_per_pass))
+  # One compiled search for both checks (the leaves are arguments, of the same shapes).
+  find = jax.jit(lambda bits, k: selection.kth_largest_bits(bits, k, bits_per_pass))
   for k in (0, 1, 7, 100, 386, 387):
-    thr = find(selection.count_from_int(k))
+    thr = find(bits, selection.count_from_int(k))
     got = sum(int(jnp.sum(b >= thr)) for b in bits)
     # 10 tied zeros: k in (377, 387) cannot be met exactly and takes fewer.
     assert got == (k if k <= 377 else (387 if k >= 387 else 377))
   # Ties at the threshold: a group of equal scores is taken whole or not at all.
-  tied = [jnp.asarray(np.array([3.0, 2.0, 2.0, 2.0, 1.0], np.float32))]
-  tb = [selection.score_bits(t) for t in tied]
-  thr = selection.kth_largest_bits(tb, selection.count_from_int(2), bits_per_pass)
-  assert int(jnp.sum(tb[0] >= thr)) == 1
+  tied = [np.zeros_like(x) for x in leaves]
+  tied[0][:5] = [3.0, 2.0, 2.0, 2.0, 1.0]
+  tb = [selection.score_bits(jnp.asarray(t)) for t in tied]
+  thr = find(tb, selection.count_from_int(2))
+  assert sum(int(jnp.sum(b >= thr)) for b in tb) == 1
 
 
 def test_counts_beyond_int32():

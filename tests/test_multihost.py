@@ -102,14 +102,20 @@ def run_1x8(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_2x4(tmp_path_factory):
+  """Two processes x 4 devices, both stopped after step 6, then resumed to the end:
+  one run checks both multi-host training (against ``run_1x8``) and its resume."""
   workdir = tmp_path_factory.mktemp("mh") / "2x4"
+  _run(workdir, 2, 4, "--stop_after=6", expect=3)  # exit 3: stopped with a checkpoint
+  stopped = {"done": (workdir / "DONE").exists(),
+             "checkpoints": sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                                   if p.name.isdigit())}
   procs = _run(workdir, 2, 4)
-  return workdir, procs
+  return workdir, procs, stopped
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(run_1x8, run_2x4):
-  workdir, procs = run_2x4
+  workdir, procs, _ = run_2x4
   a, b = _losses(run_1x8), _losses(workdir)
   assert len(a) == len(b) == STEPS
   assert a[-1] < a[0]  # it learns
@@ -129,17 +135,16 @@ def test_two_processes_match_one_process(run_1x8, run_2x4):
 
 
 @pytest.mark.slow
-def test_stop_both_and_resume_matches_uninterrupted(run_2x4, tmp_path):
-  workdir = tmp_path / "resumed"
-  _run(workdir, 2, 4, "--stop_after=6", expect=3)  # exit 3: stopped with a checkpoint
-  assert not (workdir / "DONE").exists()
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
-                if p.name.isdigit()) == [5, 6]
-  procs = _run(workdir, 2, 4)
+def test_stop_both_and_resume_matches_uninterrupted(run_1x8, run_2x4):
+  """The run of ``run_2x4`` stopped after step 6 and resumed continues exactly: its
+  resumed steps have the losses of the uninterrupted one-process run (a wrong data
+  position, rng or optimizer state after the restore moves them far more than rtol)."""
+  workdir, procs, stopped = run_2x4
+  assert not stopped["done"] and stopped["checkpoints"] == [5, 6]
   assert "resumed from step 6" in procs[0][1].read_text()
   recs = _records(workdir)
   assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
-  np.testing.assert_allclose(_losses(workdir), _losses(run_2x4[0]), rtol=1e-6, atol=0)
+  np.testing.assert_allclose(_losses(workdir)[6:], _losses(run_1x8)[6:], rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow

@@ -14,17 +14,34 @@ SCRIPT = REPO / "benchmarks" / "sensitivity.py"
 TASKS = ("gsm8k", "code_alpaca", "logiqa", "alpaca", "chat")
 
 
-def _run(workdir, *extra):
-  # A fresh process on one CPU device (not conftest's 8 fake ones): as a user runs it.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  argv = [sys.executable, str(SCRIPT), "--workdir", str(workdir), "--ratios", "0.01,0.1",
+def _args(workdir, *extra):
+  return ["--workdir", str(workdir), "--ratios", "0.01,0.1",
           "--intervals", "2", "--steps", "4", "--seeds", "1",
           "--config.data.seq_len=128", "--config.data.mixture.logiqa=0.0",
           "--config.progress_bar=False", "--config.optimizer.warmup_steps=1",
           "--eval.num_examples=2", "--eval.max_new_tokens=4", "--eval.seq_len=128",
           "--eval.batch_size=2", "--baselines", "full", *extra]
-  return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _run(workdir, *extra):
+  # A fresh process on one CPU device (not conftest's 8 fake ones): as a user runs it.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  return subprocess.run([sys.executable, str(SCRIPT), *_args(workdir, *extra)], env=env,
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _main(argv, capsys) -> tuple[int, str, str]:
+  """The script's ``main`` in this process: (exit code, stdout, stderr). For what needs no
+  fresh process (a rerun that only reads, a usage error), one Python and JAX start less."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("sensitivity_script", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  capsys.readouterr()
+  code = module.main([str(a) for a in argv])
+  out = capsys.readouterr()
+  return code, out.out, out.err
 
 
 def _finite(x):
@@ -32,7 +49,7 @@ def _finite(x):
 
 
 @pytest.mark.slow
-def test_sensitivity_sweep_end_to_end(tmp_path):
+def test_sensitivity_sweep_end_to_end(tmp_path, capsys):
   workdir = tmp_path / "sens"
   proc = _run(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,16 +72,18 @@ def test_sensitivity_sweep_end_to_end(tmp_path):
   assert "| p \\ T | 2 |" in md and "| 0.01 |" in md and "| 0.1 |" in md
   assert "Final Jaccard vs first mask" in md and "| epi_p0.1_T2 | 0.1 | 2 |" in md
   assert (workdir / "sensitivity.png").stat().st_size > 1000
-  # Resumable: a rerun trains and evaluates nothing again and gives the same numbers.
+  # Resumable: a rerun trains and evaluates nothing again and gives the same numbers
+  # (in this process: it only reads what the first run wrote).
   done = {n: (workdir / n / "seed0" / "DONE").stat().st_mtime for n in names}
-  proc = _run(workdir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "training into" not in proc.stdout and "evaluating" not in proc.stdout
+  code, out, err = _main(_args(workdir), capsys)
+  assert code == 0, err[-3000:]
+  assert "finished run found" in out
+  assert "training into" not in out and "evaluating" not in out
   assert {n: (workdir / n / "seed0" / "DONE").stat().st_mtime for n in names} == done
   again = json.loads((workdir / "sensitivity.json").read_text())
   assert again["methods"]["epi_p0.1_T2"]["average"] == res["methods"]["epi_p0.1_T2"]["average"]
 
 
-def test_sensitivity_bad_input(tmp_path):
-  proc = _run(tmp_path / "bad", "--ratios", "1.5")
-  assert proc.returncode == 2 and "--ratios" in proc.stderr
+def test_sensitivity_bad_input(tmp_path, capsys):
+  code, _, err = _main(_args(tmp_path / "bad", "--ratios", "1.5"), capsys)
+  assert code == 2 and "--ratios" in err

@@ -192,12 +192,14 @@ def test_bad_config_fails_before_training(field, value, message, tmp_path):
   assert not (tmp_path / "run").exists()  # nothing started
 
 
+# Slow tier: cheap after single_run (same step), which only the slow tier runs.
+@pytest.mark.slow
 def test_checkpoint_every_zero_writes_snapshots_only(tmp_path):
-  config = small_config()
-  config.checkpoint_every, config.total_steps, config.snapshot_steps = 0, 3, (2,)
+  config = small_config()  # single_run's step (its total_steps): no compile of its own
+  config.checkpoint_every, config.snapshot_steps = 0, (2,)
   result = train(config, tmp_path / "run")
-  assert result.step == 3 and is_finished(tmp_path / "run")
-  assert list_snapshots(tmp_path / "run") == [2, 3]
+  assert result.step == STEPS and is_finished(tmp_path / "run")
+  assert list_snapshots(tmp_path / "run") == [2, STEPS]
   assert ckpt_lib.Checkpointer(tmp_path / "run", 2).all_steps() == []
 
 
