@@ -18,7 +18,7 @@ Clipping: ``PeftTrainer`` (Tunix 0.1.7) has no clipping option of its own;
 clipping is part of the optax transformation it is given. ``max_grad_norm``
 here puts it inside EPI, and ``clip_scope="trainable"`` clips by the norm of
 the entries not isolated before the step (``clip_by_trainable_norm``, fed
-the mask from EPI's own state, exactly what our train step passes). Tunix's
+the mask by ``isolate`` itself, as in our train step). Tunix's
 logged ``grad_norm`` stays the global norm of all raw gradients.
 """
 
@@ -32,8 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from epi_jax.method import (METRICS, epi_state, isolate, per_layer_isolated,
-                            unpacked_mask)
+from epi_jax.method import METRICS, epi_state, isolate, per_layer_isolated
 from epi_jax.method.layout import path_str
 from epi_jax.method.options import EPIOptions, is_refresh_step
 from epi_jax.training.optim import clip_by_trainable_norm
@@ -96,14 +95,6 @@ def _axes_fn(axes):
   return lambda path, shape: axes.get(_key(path))
 
 
-def _feed_trainable(tx: optax.GradientTransformationExtraArgs):
-  """Passes ``trainable`` (the entries not isolated before this update) to ``tx``."""
-  def update_fn(updates, state, params=None, **extra_args):
-    trainable = jax.tree.map(jnp.logical_not, unpacked_mask(state))
-    return tx.update(updates, state, params, trainable=trainable, **extra_args)
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
-
-
 def wrap_optimizer(inner: optax.GradientTransformation, model: Optional[nnx.Module], *,
                    isolation_ratio: float, update_interval: int, ema_decay: float = 0.99,
                    warmup_steps: Optional[int] = None, mode: str = "evolving",
@@ -144,10 +135,9 @@ def wrap_optimizer(inner: optax.GradientTransformation, model: Optional[nnx.Modu
     clip = (clip_by_trainable_norm(max_grad_norm) if trainable
             else optax.clip_by_global_norm(max_grad_norm))
     inner = optax.chain(clip, inner)
-  tx = isolate(inner, isolation_ratio, update_interval, ema_decay, warmup_steps=warmup_steps,
-               mode=mode, eligible=lambda path: not any(s in path for s in exclude),
-               layer_axes=axes, track_first_mask=track_first_mask, **epi_options)
-  return _feed_trainable(tx) if trainable else tx
+  return isolate(inner, isolation_ratio, update_interval, ema_decay, warmup_steps=warmup_steps,
+                 mode=mode, eligible=lambda path: not any(s in path for s in exclude),
+                 layer_axes=axes, track_first_mask=track_first_mask, **epi_options)
 
 
 def epi_optimizer(model: nnx.Module, learning_rate: optax.ScalarOrSchedule, *,

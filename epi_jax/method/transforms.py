@@ -312,6 +312,13 @@ def isolate(inner: optax.GradientTransformation, isolation_ratio: float,
   not per entry): about ``(1 - b1) / sqrt(1 - b2)`` = 3.2x at the defaults.
   Costs one more read and write of ``inner``'s per-parameter state per step.
 
+  ``inner`` receives the extra argument ``trainable``: a bool pytree like
+  the updates, True at the entries not isolated before this update (at a
+  refresh step, the mask in force before the refresh), unless the caller
+  passes ``trainable`` itself. A transformation that takes it (e.g. a
+  clip by the norm of the trainable gradients) sees which entries can move;
+  a plain optax transformation ignores it.
+
   Args:
     inner: the optimizer whose final updates are masked (e.g. ``optax.adamw``).
     isolation_ratio: p, the fraction of eligible entries isolated, in [0, 1].
@@ -358,6 +365,10 @@ def isolate_from_options(inner: optax.GradientTransformation, options: EPIOption
     return IsolateState(epi=_init_epi(options, params), inner=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
+    if "trainable" not in extra_args:  # the mask in force before this step's refresh
+      # Dead code, dropped by XLA, where no inner transformation reads it.
+      extra_args["trainable"] = jax.tree.map(
+          lambda m, u: ~refresh.as_bool(m, u.shape, u), state.epi.mask, updates)
     if reads_nu:  # the refresh ranks the second moment that includes this step
       inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
       epi = _update_epi(options, updates, state.epi, params, walk.inner_nu(inner_state))

@@ -24,10 +24,11 @@ biases.
 the trainable (not isolated) gradients only (:func:`clip_by_trainable_norm`):
 the isolated entries are by construction those with the largest g^2, so in
 the global norm they can dominate and shrink every trainable entry's step
-(MaxText meets the same effect with frozen parameters and masks first). The
-train step passes the mask in force before the update as the extra argument
-``trainable``; at a refresh step the new mask applies to that step's update
-but the clipping norm still uses the previous one.
+(MaxText meets the same effect with frozen parameters and masks first).
+``isolate`` hands its inner transformation the mask in force before the
+update as the extra argument ``trainable``; at a refresh step the new mask
+applies to that step's update but the clipping norm still uses the previous
+one.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def clip_by_trainable_norm(max_norm: float) -> optax.GradientTransformationExtra
 
 
 def clips_trainable(config) -> bool:
-  """Whether the step must pass the ``trainable`` mask (clip_scope='trainable')."""
+  """Whether the clip is by the norm of the trainable entries (clip_scope='trainable')."""
   o = config.optimizer
   return is_epi(config) and o.clip_scope == "trainable" and bool(o.clip_norm and o.clip_norm > 0)
 

@@ -405,20 +405,13 @@ def abstract_batch(config, mesh):
       ("segment_ids", "int32"), ("positions", "int32"), ("task_ids", "int32"))}
 
 
-def _update_alone(config, ts, mesh):
+def _update_alone(ts):
   """The optimizer update compiled alone: (temp bytes, collectives)."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from epi_jax.method import unpacked_mask  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import optim  # pylint: disable=g-import-not-at-top
-
-  clip_trainable = optim.clips_trainable(config)
 
   def update(params, opt_state, grads):
-    extra = {}
-    if clip_trainable:
-      extra["trainable"] = jax.tree.map(lambda m: ~m, unpacked_mask(opt_state))
-    updates, opt_state = ts.tx.update(grads, opt_state, params, **extra)
+    updates, opt_state = ts.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   sh = ts.shardings
@@ -510,7 +503,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
     record["est_step_s"] = step_s
     record["est_mfu"] = flops / (step_s * chip.peak_bf16_flops) if step_s else None
   if update:
-    temp_u, coll_u = _update_alone(config, ts, mesh)
+    temp_u, coll_u = _update_alone(ts)
     record["epi_update"] = {"temp_gib": temp_u / GIB, "collectives": coll_u}
     record["epi_update_all_gathers"] = coll_u["all-gather"]
   record.update(

@@ -95,7 +95,6 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
   accum = int(config.optimizer.grad_accum_steps)
   lr_fn = optim.schedule(config)
   use_epi = optim.is_epi(config)
-  clip_trainable = optim.clips_trainable(config)
   packed = bool(config.data.packing)
 
   def grads_and_sums(params, batch, denom):
@@ -138,10 +137,8 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
     grads = sharding.constrain(grads, jax.tree.map(lambda s: s.spec, state_shardings["params"]),
                                mesh)
     grad_norm = optax.tree.norm(grads)
-    extra = {}
-    if clip_trainable:  # the mask in force before this step
-      extra["trainable"] = jax.tree.map(jnp.logical_not, unpacked_mask(state["opt_state"]))
-    updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
+    # isolate hands its inner clip the mask in force before this step (``trainable``).
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
     if use_epi:
       # Read from the new mask: a read of the old one beside the update that
       # overwrites it in place would cost XLA a copy of every mask leaf per step.
