@@ -54,7 +54,7 @@ def compile_seconds(method: str, layers: int, scan: bool, batch: int, seq: int) 
   batch_abs = {k: jax.ShapeDtypeStruct((batch, seq), dt, sharding=bsh) for k, dt in (
       ("inputs", "int32"), ("targets", "int32"), ("loss_mask", "float32"),
       ("segment_ids", "int32"), ("positions", "int32"), ("task_ids", "int32"))}
-  step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
+  step = step_lib.make_train_step(config, spec, ts.method, mesh, ts.shardings)
   t0 = time.perf_counter()
   lowered = step.lower(ts.target, batch_abs)
   t1 = time.perf_counter()

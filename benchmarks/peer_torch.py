@@ -99,7 +99,7 @@ def build_ours(args, method: str):
   spec, params, _ = model_setup.build(c.model, c.seed, mesh)
   ts = trainer.setup(c, mesh, spec)
   state = ts.init_state(params)
-  step = step_lib.make_train_step(c, spec, ts.tx, mesh, ts.shardings)
+  step = step_lib.make_train_step(c, spec, ts.method, mesh, ts.shardings)
   ids = _tokens(args.batch, args.seq, spec.config.vocab_size)
   b, l = args.batch, args.seq
   batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],

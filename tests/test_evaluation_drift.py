@@ -120,16 +120,16 @@ def test_trainer_tracker_matches_the_numpy_top_sets():
 
   import epi_jax
   from epi_jax.training import config as cfg_lib
-  from epi_jax.training import importance_drift
+  from epi_jax.training import importance_drift, optim
   cfg = cfg_lib.default_config()
   cfg.method = "full"
   cfg.epi.isolation_ratio, cfg.epi.update_interval = 0.25, 2
   cfg.epi.normalization, cfg.epi.exclude, cfg.epi.track_importance = "none", (), True
-  assert importance_drift.records_drift(cfg)
+  assert optim.method(cfg).records_drift
   params = {"a": jnp.zeros(10), "b": jnp.zeros(10)}
   tx = epi_jax.isolate(optax.sgd(0.1), 0.25, 2, mode="none")
   state = tx.init(params)
-  tracker = importance_drift.ImportanceDrift(cfg)
+  tracker = importance_drift.ImportanceDrift(optim.method(cfg))
   assert [s for s in range(1, 9) if tracker.due(s)] == [2, 4, 6, 8]
   recs = []
   for step, snap in zip((2, 4, 6, 8), _snapshots()):
@@ -142,7 +142,7 @@ def test_trainer_tracker_matches_the_numpy_top_sets():
   assert recs[0]["top_fraction"] == pytest.approx(0.25)
   assert recs[-1]["per_layer"] == {"a": 0.0, "b": 0.5}
   # A resumed tracker does not know the first set.
-  resumed = importance_drift.ImportanceDrift(cfg, resumed=True)
+  resumed = importance_drift.ImportanceDrift(optim.method(cfg), resumed=True)
   st = state._replace(epi=state.epi._replace(importance={k: jnp.asarray(v, jnp.float32)
                                                          for k, v in _snapshots()[0].items()}))
   r1, r2 = resumed.record(10, st), resumed.record(12, st)
@@ -165,9 +165,9 @@ def test_epi_tracker_reads_its_mask_as_the_top_set():
   params = {"a": jnp.zeros((4, 6)), "b": jnp.zeros(10)}
   tx = optim.make_optimizer(cfg)
   state = tx.init(params)
-  reads = importance_drift.ImportanceDrift(cfg)
-  selects = importance_drift.ImportanceDrift(cfg)
-  selects._select = jax.jit(importance_drift.top_set_fn(cfg))
+  reads = importance_drift.ImportanceDrift(optim.method(cfg))
+  selects = importance_drift.ImportanceDrift(optim.method(cfg))
+  selects._select = jax.jit(importance_drift.top_set_fn(optim.method(cfg)))
   assert reads.reads_mask
   rng = np.random.default_rng(0)
   got, want = [], []
@@ -191,7 +191,7 @@ def test_tracker_counts_a_stacked_leaf_per_layer_named_as_unscanned():
   import epi_jax
 
   from epi_jax.training import config as cfg_lib
-  from epi_jax.training import importance_drift
+  from epi_jax.training import importance_drift, optim
   cfg = cfg_lib.default_config()
   cfg.method = "full"
   cfg.epi.isolation_ratio, cfg.epi.update_interval = 0.25, 2
@@ -201,7 +201,8 @@ def test_tracker_counts_a_stacked_leaf_per_layer_named_as_unscanned():
   state = tx.init(params)
   imp = {"layers/mlp/w": jnp.asarray([[1.0] * 5, [9.0, 8.0, 7.0, 6.0, 5.0]]),
          "head": jnp.arange(10, dtype=jnp.float32) / 10}
-  tracker = importance_drift.ImportanceDrift(cfg, layer_axes={"layers/mlp/w": 0, "head": None})
+  tracker = importance_drift.ImportanceDrift(
+      optim.method(cfg, {"layers/mlp/w": 0, "head": None}))
   rec = tracker.record(2, state._replace(epi=state.epi._replace(importance=imp)))
   assert rec["per_layer"] == {"head": 0.0, "layers/0/mlp/w": 0.0, "layers/1/mlp/w": 1.0}
   assert rec["top_fraction"] == pytest.approx(0.25) and rec["jaccard_first"] == 1.0

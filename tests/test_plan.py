@@ -113,7 +113,7 @@ def _compiled_text(config, devices):
   config = cfg_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   ts = trainer.setup(config, mesh)
-  step = step_lib.make_train_step(config, ts.spec, ts.tx, mesh, ts.shardings)
+  step = step_lib.make_train_step(config, ts.spec, ts.method, mesh, ts.shardings)
   return step.lower(ts.target, plan.abstract_batch(config, mesh)).compile().as_text()
 
 

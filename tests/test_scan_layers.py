@@ -22,7 +22,7 @@ from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
 from epi_jax import sharding
 from epi_jax.model import setup as model_setup
-from epi_jax.training import optim, trainer
+from epi_jax.training import trainer
 from epi_jax.training import step as step_lib
 
 STEPS = 3
@@ -145,7 +145,7 @@ def _train(method, scan, mesh_shape, params0):
   params = model_setup.stack_layers(params0) if scan else params0
   params = jax.device_put(params, ts.param_shardings)
   state = jax.jit(ts.init, out_shardings=ts.shardings)(params)  # params0 is shared: no donation
-  train_step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
+  train_step = step_lib.make_train_step(config, spec, ts.method, mesh, ts.shardings)
   losses = []
   for i in range(STEPS):
     b = jax.device_put(_batch(i), sharding.batch_sharding(mesh))
@@ -153,7 +153,7 @@ def _train(method, scan, mesh_shape, params0):
     losses.append(float(m["loss"]))
   out = jax.device_get(state["params"])
   mask = per_layer = None
-  if optim.is_epi(config):
+  if ts.method.is_epi:
     mask = jax.device_get(unpacked_mask(state["opt_state"]))
     per_layer = jax.device_get(step_lib.per_layer_isolated(
         state["opt_state"], sharding.layer_axes(spec.axes)))

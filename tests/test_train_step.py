@@ -51,7 +51,7 @@ def trainer_losses(config, batch):
   spec, params, _ = model_setup.build(config.model, config.seed, mesh)
   ts = trainer.setup(config, mesh, spec)
   state = ts.init_state(params)
-  step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
+  step = step_lib.make_train_step(config, spec, ts.method, mesh, ts.shardings)
   gb = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh))
   out = []
   for _ in range(STEPS):
@@ -113,7 +113,7 @@ def test_trainable_grad_norm_is_over_the_entries_the_update_trained():
   denom = jnp.sum(gb["loss_mask"].astype(jnp.float32))
   grads = jax.block_until_ready(
       jax.grad(lambda p: step_lib.loss_sums(spec, p, gb)[0] / denom)(params))
-  step = step_lib.make_train_step(config, spec, ts.tx, mesh, ts.shardings)
+  step = step_lib.make_train_step(config, spec, ts.method, mesh, ts.shardings)
   state, m = step(ts.init_state(params), gb)  # the first step refreshes
   assert float(m["isolated_fraction"]) > 0.4
   trained = jax.tree.map(jnp.logical_not, unpacked_mask(state["opt_state"]))

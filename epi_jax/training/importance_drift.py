@@ -43,31 +43,18 @@ import epi_jax
 from epi_jax.method import jaccard
 from epi_jax.method.layout import leaf_layout
 from epi_jax.model import setup as model_setup
-from epi_jax.training import optim
 
 
-def records_drift(config) -> bool:
-  """Whether this run records ``importance_drift.jsonl``."""
-  e = config.epi
-  if not e.get("track_importance", False):
-    return False
-  importance = e.importance
-  if config.method == "static" and e.static_importance:
-    importance = e.static_importance
-  # displacement keeps theta_0, not a score, in the importance slot.
-  return importance != "displacement"
+def _options(method):
+  """EPI's options of ``method`` on the evolving schedule (refresh steps W, W+T, ...)."""
+  return dataclasses.replace(method.epi_options, mode="evolving")
 
 
-def _options(config, layer_axes=None):
-  """EPI's options of ``config`` on the evolving schedule (refresh steps W, W+T, ...)."""
-  return dataclasses.replace(optim.epi_options(config, layer_axes), mode="evolving")
-
-
-def top_set_fn(config, layer_axes=None) -> Callable[[Any], Any]:
+def top_set_fn(method) -> Callable[[Any], Any]:
   """``fn(opt_state) -> {path: bool array}``: the top-p set of the importance,
   chosen by EPI's own rule (``epi_jax.select_mask``: the same normalization,
   selection and eligible leaves as a refresh)."""
-  options = _options(config, layer_axes)
+  options = _options(method)
   return lambda opt_state: epi_jax.select_mask(epi_jax.epi_importance(opt_state),
                                                options)[0]
 
@@ -116,17 +103,17 @@ class ImportanceDrift:
   """Host-side tracker: ``record(step, opt_state)`` on the refresh schedule
   (``save_to``: a run's workdir, to save each set under ``top_sets/``)."""
 
-  def __init__(self, config, *, layer_axes=None, resumed: bool = False, save_to=None):
+  def __init__(self, method, *, resumed: bool = False, save_to=None):
     self._save_to = save_to
     # EPI's saved set is its mask, even with hysteresis (release_after > 1).
     self._pack = jax.jit((lambda state, top: packed_set(epi_jax.unpacked_mask(state)))
-                         if config.method == "epi" else (lambda state, top: packed_set(top)))
-    self._options = _options(config, layer_axes)
+                         if method.name == "epi" else (lambda state, top: packed_set(top)))
+    self._options = _options(method)
     # EPI without hysteresis refreshes on this schedule to exactly this top-p
     # set (its mask): read it instead of selecting over every parameter again.
-    self.reads_mask = config.method == "epi" and self._options.release_after == 1
+    self.reads_mask = method.name == "epi" and self._options.release_after == 1
     self._select = jax.jit(epi_jax.unpacked_mask if self.reads_mask
-                           else top_set_fn(config, layer_axes))
+                           else top_set_fn(method))
     self._counts = None  # jitted on the first record, for the leaves' layout
     self.prev = self.first = None
     self.resumed = resumed

@@ -24,7 +24,6 @@ import tqdm
 
 from epi_jax.method import METRICS, epi_state, is_refresh_step
 from epi_jax.method import lock_in
-from epi_jax.training import optim
 from epi_jax.training import step as step_lib
 from epi_jax.utils import files
 
@@ -193,7 +192,7 @@ def window_record(step: int, metrics: list[dict[str, Any]], config, elapsed: flo
     rec["first_step_s"] = first_step_s
   if "skipped_steps" in last:
     rec["skipped_steps"] = int(last["skipped_steps"])
-  if optim.is_epi(config):
+  if "trainable_grad_norm" in last:  # static and epi (optim.Method.is_epi)
     rec.update(epi_record(last), trainable_grad_norm=float(last["trainable_grad_norm"]))
   return rec
 
@@ -214,14 +213,14 @@ class RefreshLog:
   parameter) and read only on refresh steps.
   """
 
-  def __init__(self, config, layer_axes, opt_state, writer: MetricsWriter):
+  def __init__(self, method, opt_state, writer: MetricsWriter):
     self._writer = writer
-    self._opts = optim.epi_options(config, layer_axes) if optim.is_epi(config) else None
+    self._opts = method.epi_options if method.is_epi else None
     if self._opts is None:
       return
     self._count = int(epi_state(opt_state).num_refreshes)  # a resumed run's refreshes
     self._per_layer = jax.jit(functools.partial(step_lib.per_layer_isolated,
-                                                layer_axes=layer_axes))
+                                                layer_axes=method.layer_axes))
     self._counts = jax.jit(functools.partial(lock_in.state_counts, options=self._opts))
     self._copy = jax.jit(lock_in.stored_mask_copy)
     # A resumed run's mask is the one after its last logged refresh.

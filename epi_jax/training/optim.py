@@ -33,6 +33,9 @@ one.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -151,6 +154,50 @@ def tracks_importance(config) -> bool:
   return is_epi(config) or bool(config.epi.get("track_importance", False))
 
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What ``config.method`` is, decided once (:func:`method`) and handed down
+  to the train step, the logs and the drift tracker.
+
+  Attributes:
+    name: ``config.method``.
+    tx: its optimizer (the module docstring).
+    epi_options: the options of the ``isolate`` inside ``tx`` (``mode="none"``
+      for full/multi_stage with ``epi.track_importance``); None when ``tx``
+      holds no EPI state.
+    is_epi: static or epi: the state has a mask, the step records EPI's
+      statistics and ``trainable_grad_norm``.
+    clips_trainable: the clip is by the norm of the trainable entries
+      (``clip_scope="trainable"``; ``isolate`` hands it the mask).
+    records_drift: the run records ``importance_drift.jsonl``.
+    layer_axes: each param's layer axis (``sharding.layer_axes``), or None.
+  """
+  name: str
+  tx: optax.GradientTransformation
+  epi_options: epi_jax.EPIOptions | None
+  is_epi: bool
+  clips_trainable: bool
+  records_drift: bool
+  layer_axes: Any = None
+
+  @property
+  def tracks_importance(self) -> bool:
+    """The optimizer state holds EPI's importance (static, epi, or ``epi.track_importance``)."""
+    return self.epi_options is not None
+
+
+def method(config, layer_axes=None) -> Method:
+  """The :class:`Method` of ``config`` (``layer_axes``: as for :func:`make_optimizer`)."""
+  options = epi_options(config, layer_axes) if tracks_importance(config) else None
+  return Method(
+      name=config.method, tx=_optimizer(config, options, layer_axes), epi_options=options,
+      is_epi=is_epi(config), clips_trainable=clips_trainable(config),
+      # displacement keeps theta_0, not a score, in the importance slot.
+      records_drift=(bool(config.epi.get("track_importance", False))
+                     and options.importance != "displacement"),
+      layer_axes=layer_axes)
+
+
 def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
   """The optax transformation of ``config.method`` (see the module docstring).
 
@@ -162,15 +209,13 @@ def make_optimizer(config, layer_axes=None) -> optax.GradientTransformation:
   a step with non-finite gradients leaves params and optimizer (EPI) state as
   they were.
   """
-  tx = _method_optimizer(config, layer_axes)
+  return method(config, layer_axes).tx
+
+
+def _optimizer(config, options, layer_axes) -> optax.GradientTransformation:
+  tx = _adamw(config, layer_axes)
+  if options is not None:
+    tx = epi_jax.isolate_from_options(tx, options, reset_on_release=config.epi.reset_on_release)
   if config.optimizer.skip_nonfinite:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)  # never give up
   return tx
-
-
-def _method_optimizer(config, layer_axes) -> optax.GradientTransformation:
-  inner = _adamw(config, layer_axes)
-  if not tracks_importance(config):
-    return inner
-  return epi_jax.isolate_from_options(inner, epi_options(config, layer_axes),
-                                      reset_on_release=config.epi.reset_on_release)

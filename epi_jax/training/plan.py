@@ -444,7 +444,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   from epi_jax.model.config import train_flops_per_token  # pylint: disable=g-import-not-at-top
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
   from epi_jax import sharding  # pylint: disable=g-import-not-at-top
-  from epi_jax.training import optim, trainer  # pylint: disable=g-import-not-at-top
+  from epi_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from epi_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = cfg_lib.validate(config)
@@ -455,12 +455,12 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   params_b = _bytes_of(pairs(abstract["params"], shardings["params"]))
   opt_b = _bytes_of(pairs(abstract["opt_state"], shardings["opt_state"]))
   epi_b = (_bytes_of(pairs(epi_state(abstract["opt_state"]), epi_state(shardings["opt_state"])))
-           if optim.is_epi(config) else 0)
+           if ts.method.is_epi else 0)
   step_b = _bytes_of(pairs(abstract["step"], shardings["step"]))
   batch = abstract_batch(config, mesh)
   batch_b = _bytes_of([(a, a.sharding) for a in batch.values()])
 
-  step = step_lib.make_train_step(config, ts.spec, ts.tx, mesh, shardings)
+  step = step_lib.make_train_step(config, ts.spec, ts.method, mesh, shardings)
   t0 = time.perf_counter()
   with no_persistent_cache():
     compiled = step.lower(ts.target, batch).compile()

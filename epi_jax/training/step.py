@@ -51,35 +51,38 @@ _STEP_CACHE: collections.OrderedDict[tuple, Callable] = collections.OrderedDict(
 _STEP_CACHE_SIZE = 8
 
 
-def cached_train_step(config, spec, tx: optax.GradientTransformation, mesh,
+def cached_train_step(config, spec, method: optim.Method, mesh,
                       state_shardings) -> Callable[[Any, Any], tuple[Any, dict]]:
   """:func:`make_train_step`, reused for a config equal to an earlier one but for its seed.
 
   The key is the whole config but ``seed`` (and, for static/EPI,
   ``epi.track_importance``) and ``epi.save_top_sets``, the mesh and the registered tasks:
-  ``spec``, ``tx`` and ``state_shardings`` are functions of those
+  ``spec``, ``method`` and ``state_shardings`` are functions of those
   (``trainer.setup``), so the kept step is the one this call would build.
   The last ``_STEP_CACHE_SIZE`` are kept.
   """
   plain = config.to_dict()
   plain.pop("seed", None)
-  if optim.is_epi(config):  # their state holds the importance either way; the
+  if method.is_epi:  # their state holds the importance either way; the
     plain["epi"].pop("track_importance", None)  # drift tracker is host-side
   plain["epi"].pop("save_top_sets", None)  # host-side too
   key = (json.dumps(plain, sort_keys=True, default=list), mesh, tuple(ALL_CONFIGS))
   if key in _STEP_CACHE:
     _STEP_CACHE.move_to_end(key)
     return _STEP_CACHE[key]
-  step = make_train_step(config, spec, tx, mesh, state_shardings)
+  step = make_train_step(config, spec, method, mesh, state_shardings)
   _STEP_CACHE[key] = step
   while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
     _STEP_CACHE.popitem(last=False)
   return step
 
 
-def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
+def make_train_step(config, spec, method: optim.Method, mesh,
                     state_shardings) -> Callable[[Any, Any], tuple[Any, dict]]:
   """``train_step(state, batch) -> (state, metrics)``, jitted with donated state.
+
+  ``method``: ``trainer.setup``'s (``optim.method``): its ``tx`` updates the
+  state, and ``is_epi`` adds EPI's metrics.
 
   ``metrics`` holds device scalars: ``loss`` (token mean), ``task_loss_sum`` and
   ``task_tokens`` (per task, for windowed per-task means), ``tokens``,
@@ -94,7 +97,7 @@ def make_train_step(config, spec, tx: optax.GradientTransformation, mesh,
   skip = bool(config.optimizer.skip_nonfinite)
   accum = int(config.optimizer.grad_accum_steps)
   lr_fn = optim.schedule(config)
-  use_epi = optim.is_epi(config)
+  tx, use_epi = method.tx, method.is_epi
   packed = bool(config.data.packing)
 
   def grads_and_sums(params, batch, denom):

@@ -95,20 +95,29 @@ class TrainSetup:
 
   Attributes:
     spec: the model's ``ModelSpec`` (flat param names, shapes, logical axes).
-    tx: the method's optimizer (``optim.make_optimizer``).
-    layer_axes: each param's layer axis, for EPI (``sharding.layer_axes``).
+    method: what the method is (``optim.method``: its optimizer, EPI options,
+      clip scope, what is recorded), handed to the step and the logs.
     param_shardings: ``{path: NamedSharding}`` of the params.
     abstract: the state as ``jax.ShapeDtypeStruct`` (nothing allocated).
     shardings: the state's shardings (``abstract``'s tree).
     init: params -> the step-0 state (pure: jit it, or call ``init_state``).
   """
   spec: model_setup.ModelSpec
-  tx: Any
-  layer_axes: dict[str, int | None]
+  method: optim.Method
   param_shardings: dict[str, jax.sharding.NamedSharding]
   abstract: dict[str, Any]
   shardings: dict[str, Any]
   init: Callable[[dict[str, jax.Array]], dict[str, Any]]
+
+  @property
+  def tx(self) -> Any:
+    """The method's optimizer."""
+    return self.method.tx
+
+  @property
+  def layer_axes(self) -> dict[str, int | None]:
+    """Each param's layer axis, for EPI (``sharding.layer_axes``)."""
+    return self.method.layer_axes
 
   @property
   def target(self) -> dict[str, Any]:
@@ -150,8 +159,8 @@ def setup(config, mesh, spec: model_setup.ModelSpec | None = None) -> TrainSetup
       raise ValueError(f"config.model.init={config.model.init!r}: the model's shapes come "
                        "from its weights; pass the spec of model_setup.build to setup")
     spec = model_setup.spec_for(model_config)
-  layer_axes = sharding.layer_axes(spec.axes)
-  tx = optim.make_optimizer(config, layer_axes)
+  method = optim.method(config, sharding.layer_axes(spec.axes))
+  tx = method.tx
   param_shardings = sharding.param_shardings(mesh, spec.shapes, spec.axes)
 
   def init(params):
@@ -159,7 +168,7 @@ def setup(config, mesh, spec: model_setup.ModelSpec | None = None) -> TrainSetup
 
   abstract = jax.eval_shape(init, spec.shapes)
   shardings = sharding.state_shardings(abstract, spec.shapes, param_shardings, mesh)
-  return TrainSetup(spec=spec, tx=tx, layer_axes=layer_axes, param_shardings=param_shardings,
+  return TrainSetup(spec=spec, method=method, param_shardings=param_shardings,
                     abstract=abstract, shardings=shardings, init=init)
 
 
@@ -250,17 +259,17 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
     start, state = 0, ts.init_state(params)
 
   # --- The step, and what is written beside it.
-  train_step = step_lib.cached_train_step(config, spec, ts.tx, mesh, ts.shardings)
+  train_step = step_lib.cached_train_step(config, spec, ts.method, mesh, ts.shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start,
                                      total_steps=total, progress_bar=config.progress_bar)
-  refreshes = metrics_lib.RefreshLog(config, ts.layer_axes, state["opt_state"], writer)
+  refreshes = metrics_lib.RefreshLog(ts.method, state["opt_state"], writer)
   if config.epi.get("save_top_sets", False) and jax.process_count() > 1:
     raise ValueError("config.epi.save_top_sets=True: saving top-p sets is for "
                      "single-process runs only (the sets are read whole on one host)")
   drift = (importance_drift.ImportanceDrift(
-      config, layer_axes=ts.layer_axes, resumed=restored is not None,
+      ts.method, resumed=restored is not None,
       save_to=workdir if is_main and config.epi.get("save_top_sets", False) else None)
-           if importance_drift.records_drift(config) else None)
+           if ts.method.records_drift else None)
   window = metrics_lib.Window(config, train_flops_per_token(spec.config, config.data.seq_len))
   unchecked = []  # (step, metrics) not yet checked for non-finite values
 
