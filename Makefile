@@ -84,7 +84,7 @@ demo: install
 # configs/study.py's PAIR (tests/test_study.py checks it), the pair that
 # `make study-screen` (full SFT's drop on the first task of every ordered pair) picks.
 STUDY_DIR ?= runs/study
-STUDY_TASKS := gsm8k,chat
+STUDY_TASKS := gsm8k,alpaca
 STUDY_SEEDS := 3
 NICE ?= nice -n 10
 study: export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(STUDY_DIR))/jax_cache
