@@ -20,6 +20,7 @@ from epi_jax.method.inspection import unpacked_mask
 from epi_jax.model import Llama, generate, get_config, init_cache
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
+from epi_jax.training import metrics as metrics_lib
 from epi_jax import sharding
 from epi_jax.model import setup as model_setup
 from epi_jax.training import trainer
@@ -155,7 +156,7 @@ def _train(method, scan, mesh_shape, params0):
   mask = per_layer = None
   if ts.method.is_epi:
     mask = jax.device_get(unpacked_mask(state.opt_state))
-    per_layer = jax.device_get(step_lib.per_layer_isolated(
+    per_layer = jax.device_get(metrics_lib.per_layer_isolated(
         state.opt_state, sharding.layer_axes(spec.axes)))
   if scan:
     out = model_setup.unstack_layers(out)

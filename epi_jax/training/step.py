@@ -25,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 from epi_jax import sharding
 from epi_jax.data import ALL_CONFIGS  # live: follows the task registry
 from epi_jax.method import all_finite, epi_metrics, unpacked_mask
-from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.model import attention as attention_lib
 from epi_jax.model import setup as model_setup
 from epi_jax.training import optim
@@ -227,8 +226,3 @@ def make_train_step(config, spec, method: optim.Method, mesh, state_shardings: T
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=out_shardings, donate_argnums=0)
 
-
-def per_layer_isolated(opt_state, layer_axes=None) -> dict[str, jax.Array]:
-  """``{param path: isolated fraction}`` of the current EPI mask; a stacked
-  leaf's layers are named as in the unscanned layout (``model_setup.layer_name``)."""
-  return {model_setup.layer_name(k): v for k, v in _per_layer(opt_state, layer_axes).items()}
