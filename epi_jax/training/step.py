@@ -216,8 +216,8 @@ def make_train_step(config, spec, method: optim.Method, mesh, state_shardings: T
 
   ``state_shardings``: the state's (``trainer.setup``'s), kept in and out.
   """
-  step = functools.partial(train_step,
-                           settings=StepSettings.from_config(config, spec, method, mesh, state_shardings))
+  settings = StepSettings.from_config(config, spec, method, mesh, state_shardings)
+  step = functools.partial(train_step, settings=settings)
   out_shardings = (state_shardings, sharding.replicated(mesh))
   if sharding.has_explicit_axes(mesh):
     # The model's ops are placed by the partitioner (Auto), as on an Auto
