@@ -130,7 +130,7 @@ def optimizer_compile_seconds(variant: str, layers: int, scan: bool) -> dict:
   config = _variant_config(name, scan)
   spec = model_setup.spec_for(get_config("smollm2-135m", num_layers=layers, scan_layers=scan))
   ts = trainer.setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), spec)
-  tx, params, opt_state = ts.tx, dict(spec.shapes), ts.abstract["opt_state"]
+  tx, params, opt_state = ts.tx, dict(spec.shapes), ts.abstract.opt_state
 
   def update(grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)

@@ -91,11 +91,11 @@ def run(args) -> dict:
               for b in args.betas for h in parts}
   options = EPIOptions(isolation_ratio=e.isolation_ratio, update_interval=args.every, **kw)
   select = jax.jit(lambda imp, p: select_mask(imp, options, p)[0])
-  tstates = {k: tx.init(state["params"]) for k, tx in trackers.items()}
+  tstates = {k: tx.init(state.params) for k, tx in trackers.items()}
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(state, tstates, batch):
-    params = state["params"]
+    params = state.params
     denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
     def grads_of(rows):
@@ -106,15 +106,15 @@ def run(args) -> dict:
     (la, ga) = grads_of(jax.tree.map(lambda x: x[0::2], batch))
     (lb, gb) = grads_of(jax.tree.map(lambda x: x[1::2], batch))
     grads = {"A": ga, "B": gb, "AB": jax.tree.map(jnp.add, ga, gb)}
-    updates, opt_state = ts.tx.update(grads["AB"], state["opt_state"], params)
+    updates, opt_state = ts.tx.update(grads["AB"], state.opt_state, params)
     tstates = {k: trackers[k].update(grads[k[1]], s, params)[1] for k, s in tstates.items()}
-    new = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
-               opt_state=opt_state)
+    new = state._replace(step=state.step + 1, params=optax.apply_updates(params, updates),
+                        opt_state=opt_state)
     return new, tstates, la + lb
 
   def top_set(k):
     imp = epi_jax.epi_importance(tstates[k])
-    return [np.asarray(x) for x in jax.tree.leaves(select(imp, state["params"]))]
+    return [np.asarray(x) for x in jax.tree.leaves(select(imp, state.params))]
 
   records, prev = [], {}
   t0 = time.time()

@@ -62,7 +62,7 @@ def _run(args, t: int) -> list[dict]:
   kw = dict(eligible=optim.eligible_fn(config), layer_axes=ts.layer_axes)
   trackers = {"ema b2": epi_jax.epi_transform(args.ratio, t, b2, **kw),
               "ema 0.99": epi_jax.epi_transform(args.ratio, t, 0.99, **kw)}
-  tstates = {k: tx.init(state["params"]) for k, tx in trackers.items()}
+  tstates = {k: tx.init(state.params) for k, tx in trackers.items()}
   packed = bool(config.data.packing)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -70,10 +70,10 @@ def _run(args, t: int) -> list[dict]:
     def loss(p):
       s, _ = step_lib.loss_sums(spec, p, batch, packed)
       return s / jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    value, grads = jax.value_and_grad(loss)(state["params"])
-    updates, opt_state = ts.tx.update(grads, state["opt_state"], state["params"])
-    tstates = {k: trackers[k].update(grads, s, state["params"])[1] for k, s in tstates.items()}
-    new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state)
+    value, grads = jax.value_and_grad(loss)(state.params)
+    updates, opt_state = ts.tx.update(grads, state.opt_state, state.params)
+    tstates = {k: trackers[k].update(grads, s, state.params)[1] for k, s in tstates.items()}
+    new = state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     return new, tstates, value
 
   rows = []
@@ -82,14 +82,14 @@ def _run(args, t: int) -> list[dict]:
     state, tstates, value = step(state, tstates, batch)
     if s % t:
       continue
-    ref = jax.tree.leaves(epi_jax.unpacked_mask(state["opt_state"]))
+    ref = jax.tree.leaves(epi_jax.unpacked_mask(state.opt_state))
     row = {"step": s, "loss": float(value),
            "jaccard_ema_b2": jaccard(ref, jax.tree.leaves(epi_jax.unpacked_mask(
                tstates["ema b2"]))),
            "jaccard_ema_0.99": jaccard(ref, jax.tree.leaves(epi_jax.unpacked_mask(
                tstates["ema 0.99"]))),
-           "jaccard_prev": float(epi_jax.epi_state(state["opt_state"]).jaccard_prev),
-           "isolated_fraction": float(epi_jax.epi_state(state["opt_state"]).isolated_fraction)}
+           "jaccard_prev": float(epi_jax.epi_state(state.opt_state).jaccard_prev),
+           "isolated_fraction": float(epi_jax.epi_state(state.opt_state).isolated_fraction)}
     rows.append(row)
     print(f"T={t} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()), flush=True)

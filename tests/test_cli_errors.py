@@ -21,6 +21,7 @@ import pytest
 
 from epi_jax import cli
 from epi_jax.training import checkpoint as ckpt_lib
+from epi_jax.training.step import TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny.py")
@@ -211,15 +212,14 @@ def test_generate_from_a_run_dir_and_a_prompt_past_the_context(run_dir):
 def test_fresh_checkpointer_restores_without_warnings_and_checks_the_layout(tmp_path, caplog):
   """What a resume does: a new manager (no save yet) reads the checkpoint's metadata."""
   params = {"layers.0.w": jnp.ones((2, 3)), "layers.1.w": jnp.zeros((2, 3))}
-  state = {"step": jnp.int32(1), "rng": jnp.zeros(2, jnp.uint32), "params": params,
-           "opt_state": (jnp.ones(3),)}
+  state = TrainState(step=jnp.int32(1), params=params, opt_state=(jnp.ones(3),))
   saver = ckpt_lib.Checkpointer(tmp_path, 2, async_save=False)
   saver.save(1, state, {"step": 1})
   saver.close()
   abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
   with caplog.at_level(logging.WARNING):
     fresh = ckpt_lib.Checkpointer(tmp_path, 2, async_save=False)
-    stacked = dict(state, params={"layers.w": jnp.ones((2, 2, 3))})
+    stacked = state._replace(params={"layers.w": jnp.ones((2, 2, 3))})
     with pytest.raises(ValueError, match="param layout"):  # refused, not quarantined
       fresh.restore_latest(abstract(stacked))
     _, _, step = fresh.restore_latest(abstract(state))
@@ -232,7 +232,7 @@ def test_checkpoint_with_the_retired_rng_restores_verified(tmp_path, monkeypatch
   """A checkpoint written while the train state still held its (unused) ``rng``
   restores: the rng is read with the rest, its checksums verify, and it is dropped."""
   params = {"layers.0.w": jnp.arange(6.0).reshape(2, 3)}
-  state = {"step": jnp.int32(3), "params": params, "opt_state": (jnp.ones(3),)}
+  state = TrainState(step=jnp.int32(3), params=params, opt_state=(jnp.ones(3),))
   current = ckpt_lib.to_storable
   monkeypatch.setattr(ckpt_lib, "to_storable",  # the layout before the rng was removed
                       lambda s: {**current(s), "rng": jnp.array([0, 42], jnp.uint32)})
@@ -244,7 +244,7 @@ def test_checkpoint_with_the_retired_rng_restores_verified(tmp_path, monkeypatch
   fresh = ckpt_lib.Checkpointer(tmp_path, 2, async_save=False)
   restored, data, step = fresh.restore_latest(abstract)
   fresh.close()
-  assert step == 3 and data == {"step": 3} and set(restored) == {"step", "params", "opt_state"}
-  np.testing.assert_array_equal(restored["params"]["layers.0.w"], params["layers.0.w"])
+  assert step == 3 and data == {"step": 3} and isinstance(restored, TrainState)
+  np.testing.assert_array_equal(restored.params["layers.0.w"], params["layers.0.w"])
   assert not (tmp_path / "checkpoints_corrupt").exists()
   assert "damaged" not in capfd.readouterr().err

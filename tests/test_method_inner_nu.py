@@ -233,10 +233,10 @@ def test_trainer_inner_nu_equals_the_ema_with_beta_b2(tmp_path):
   runs = {name: train(config(**epi), tmp_path / name) for name, epi in
           [("ema", {"ema_decay": B2}), ("nu", {"importance": "inner_nu", "ema_decay": None})]}
   assert losses(tmp_path / "ema") == losses(tmp_path / "nu")
-  states = {k: epi_jax.epi_state(r.state["opt_state"]) for k, r in runs.items()}
+  states = {k: epi_jax.epi_state(r.state.opt_state) for k, r in runs.items()}
   assert int(states["nu"].num_refreshes) == 2
   assert jax.tree.leaves(states["nu"].importance) == []
-  masks = [epi_jax.unpacked_mask(r.state["opt_state"]) for r in runs.values()]
+  masks = [epi_jax.unpacked_mask(r.state.opt_state) for r in runs.values()]
   chex.assert_trees_all_equal(*masks)
   chex.assert_trees_all_equal(*(r.params for r in runs.values()))
 

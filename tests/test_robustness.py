@@ -95,9 +95,8 @@ def test_restored_nonfinite_params_are_refused(reference_run, tmp_path, capfd):
   ckpt = ckpt_lib.Checkpointer(workdir, 3, async_save=False)
   state, data_state, step = ckpt.restore_latest(target)
   assert step == STEPS
-  state["params"] = dict(state["params"])
   k = "layers/0/mlp/down/kernel"
-  state["params"][k] = state["params"][k].at[0, 0].set(np.inf)
+  state = state._replace(params={**state.params, k: state.params[k].at[0, 0].set(np.inf)})
   ckpt.save(STEPS + 1, state, data_state)
   ckpt.wait()
   _, _, step = ckpt.restore_latest(target)
@@ -223,7 +222,7 @@ def test_nan_loss_mid_run_stops_with_exit_4_and_a_finite_checkpoint(tmp_path, mo
   assert not trainer.is_finished(tmp_path)
   config = cfg_lib.validate(trainer.load_config(tmp_path))
   state, _, step = ckpt_lib.Checkpointer(tmp_path, 2).restore_latest(_target(config))
-  assert step == 2 and all(np.isfinite(np.asarray(v)).all() for v in state["params"].values())
+  assert step == 2 and all(np.isfinite(np.asarray(v)).all() for v in state.params.values())
 
 
 def test_skip_nonfinite_skips_the_step(tmp_path, monkeypatch):

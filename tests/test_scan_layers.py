@@ -20,6 +20,7 @@ from epi_jax.method.inspection import unpacked_mask
 from epi_jax.model import Llama, generate, get_config, init_cache
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
+from epi_jax.training import metrics as metrics_lib
 from epi_jax import sharding
 from epi_jax.model import setup as model_setup
 from epi_jax.training import trainer
@@ -151,12 +152,12 @@ def _train(method, scan, mesh_shape, params0):
     b = jax.device_put(_batch(i), sharding.batch_sharding(mesh))
     state, m = train_step(state, b)
     losses.append(float(m["loss"]))
-  out = jax.device_get(state["params"])
+  out = jax.device_get(state.params)
   mask = per_layer = None
   if ts.method.is_epi:
-    mask = jax.device_get(unpacked_mask(state["opt_state"]))
-    per_layer = jax.device_get(step_lib.per_layer_isolated(
-        state["opt_state"], sharding.layer_axes(spec.axes)))
+    mask = jax.device_get(unpacked_mask(state.opt_state))
+    per_layer = jax.device_get(metrics_lib.per_layer_isolated(
+        state.opt_state, sharding.layer_axes(spec.axes)))
   if scan:
     out = model_setup.unstack_layers(out)
     mask = model_setup.unstack_layers(mask) if mask is not None else None
@@ -202,18 +203,17 @@ def test_scanned_training_equals_unscanned(params0, method, mesh_shape):
 
 def test_checkpoint_of_the_other_layout_is_refused(tmp_path, params0):
   ckpt = ckpt_lib.Checkpointer(tmp_path, 2, async_save=False)
-  state = {"step": jnp.int32(1), "rng": jnp.zeros(2, jnp.uint32), "params": params0,
-           "opt_state": (jnp.ones(3),)}
+  state = step_lib.TrainState(step=jnp.int32(1), params=params0, opt_state=(jnp.ones(3),))
   ckpt.save(1, state, {"step": 1})
   ckpt.wait()
-  stacked = dict(state, params=model_setup.stack_layers(params0))
+  stacked = state._replace(params=model_setup.stack_layers(params0))
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), stacked)
   with pytest.raises(ValueError, match=r"scan_layers=False .* this model has scan_layers=True"):
     ckpt.restore_latest(target)
   assert ckpt.all_steps() == [1]  # refused, not quarantined
   same = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
   restored, _, step = ckpt.restore_latest(same)
-  assert step == 1 and set(restored["params"]) == set(params0)
+  assert step == 1 and set(restored.params) == set(params0)
   ckpt.close()
 
 

@@ -116,7 +116,7 @@ def test_trainable_grad_norm_is_over_the_entries_the_update_trained():
   step = step_lib.make_train_step(config, spec, ts.method, mesh, ts.shardings)
   state, m = step(ts.init_state(params), gb)  # the first step refreshes
   assert float(m["isolated_fraction"]) > 0.4
-  trained = jax.tree.map(jnp.logical_not, unpacked_mask(state["opt_state"]))
+  trained = jax.tree.map(jnp.logical_not, unpacked_mask(state.opt_state))
   expected = float(optim.trainable_norm(grads, trained))
   assert expected < 0.9 * float(m["grad_norm"])
   np.testing.assert_allclose(float(m["trainable_grad_norm"]), expected, rtol=1e-5)

@@ -88,15 +88,15 @@ def test_sharded_equals_single_device(sharded_run, single_run):
 
 
 def test_every_state_leaf_sharded_like_its_param(sharded_run):
-  params = sharded_run.state["params"]
+  params = sharded_run.state.params
   specs = {k: v.sharding.spec for k, v in params.items()}
   assert specs["embed/embedding"] == jax.sharding.PartitionSpec("tensor", "fsdp")
   assert specs["layers/0/mlp/down/kernel"] == jax.sharding.PartitionSpec("tensor", "fsdp")
-  e = epi_state(sharded_run.state["opt_state"])
+  e = epi_state(sharded_run.state.opt_state)
   for field in (e.importance, e.mask, e.first_mask):
     for k, p in params.items():
       assert field[k].sharding.is_equivalent_to(p.sharding, p.ndim), k
-  adam = [s for s in jax.tree.leaves(sharded_run.state["opt_state"],
+  adam = [s for s in jax.tree.leaves(sharded_run.state.opt_state,
                                      is_leaf=lambda x: hasattr(x, "mu"))
           if hasattr(s, "mu")]
   assert adam
@@ -112,7 +112,7 @@ def test_explicit_mesh_equals_auto(sharded_run, tmp_path):
   config.mesh.axis_types = "explicit"
   result = train(config, tmp_path)
   assert losses(tmp_path) == losses(sharded_run.workdir)
-  got, ref = (epi_state(r.state["opt_state"]) for r in (result, sharded_run))
+  got, ref = (epi_state(r.state.opt_state) for r in (result, sharded_run))
   assert int(got.num_refreshes) == 3
   for k, v in ref.mask.items():
     np.testing.assert_array_equal(np.asarray(got.mask[k]), np.asarray(v), err_msg=k)
@@ -251,7 +251,7 @@ def test_compact_state_and_variants_train_sharded(tmp_path):
   config.epi.reset_on_release = True
   result = train(config, tmp_path / "run")
   assert np.all(np.isfinite(losses(result.workdir)))
-  e = epi_state(result.state["opt_state"])
+  e = epi_state(result.state.opt_state)
   assert {str(m.dtype) for m in jax.tree.leaves(e.mask)} == {"uint8"}
   assert {str(i.dtype) for i in jax.tree.leaves(e.importance)} == {"bfloat16"}
   assert int(e.num_refreshes) == 2 and jax.tree.leaves(e.out_streak)

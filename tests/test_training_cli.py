@@ -73,7 +73,7 @@ def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   state, data_state, step = ckpt_lib.Checkpointer(tmp_path, 2).restore_latest(target)
-  assert step == steps[0] == int(state["step"]) == data_state["step"]
+  assert step == steps[0] == int(state.step) == data_state["step"]
   assert not trainer.is_finished(tmp_path)
 
 
@@ -82,12 +82,12 @@ def test_large_configs_abstract_state_and_shardings(name, expect_billion):
   config = load_config(name)
   mesh = sharding.make_mesh(config.mesh)  # 8 fake devices
   abstract, shardings = trainer.abstract_state(config, mesh)
-  params = abstract["params"]
+  params = abstract.params
   n = sum(math.prod(p.shape) for p in params.values())
   assert abs(n / 1e9 - expect_billion) < 0.01
-  e = epi_state(abstract["opt_state"])
-  e_shard = epi_state(shardings["opt_state"])
-  p_shard = shardings["params"]
+  e = epi_state(abstract.opt_state)
+  e_shard = epi_state(shardings.opt_state)
+  p_shard = shardings.params
   per_device = 0
   for k, p in params.items():
     for field in (e_shard.importance, e_shard.mask, e_shard.first_mask):

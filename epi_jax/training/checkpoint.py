@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from epi_jax.method import all_finite
+from epi_jax.training.step import TrainState
 from epi_jax.utils import files
 
 INTEGRITY_VERSION = 1
@@ -55,24 +56,29 @@ def _pkey(k: str) -> str:
   return k.replace("/", ".")
 
 
-def to_storable(state: dict[str, Any]) -> dict[str, Any]:
-  """The train state as nested dicts of arrays with plain string keys."""
-  opt_leaves = jax.tree.leaves(state["opt_state"])
-  return {"step": state["step"],
-          "params": {_pkey(k): v for k, v in state["params"].items()},
+def to_storable(state: TrainState) -> dict[str, Any]:
+  """The train state as the stored tree: nested dicts of arrays with plain string keys.
+
+  A dict, not the ``TrainState``, so that the layout on disk stays the one
+  checkpoints always had (:func:`from_storable` reads it back).
+  """
+  opt_leaves = jax.tree.leaves(state.opt_state)
+  return {"step": state.step,
+          "params": {_pkey(k): v for k, v in state.params.items()},
           "opt_state": {f"{i:05d}": v for i, v in enumerate(opt_leaves)}}
 
 
-def from_storable(stored: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
-  """Inverse of :func:`to_storable`, with the structure of ``like``."""
-  treedef = jax.tree.structure(like["opt_state"])
+def from_storable(stored: dict[str, Any], like: TrainState) -> TrainState:
+  """Inverse of :func:`to_storable`, with the structure of ``like`` (leaves of
+  ``RETIRED_KEYS`` in ``stored`` are dropped)."""
+  treedef = jax.tree.structure(like.opt_state)
   n = treedef.num_leaves
   if len(stored["opt_state"]) != n:
     raise ValueError(f"checkpoint has {len(stored['opt_state'])} optimizer leaves, "
                      f"this optimizer has {n} (different method or options?)")
   opt = jax.tree.unflatten(treedef, [stored["opt_state"][f"{i:05d}"] for i in range(n)])
-  return {"step": stored["step"], "opt_state": opt,
-          "params": {k: stored["params"][_pkey(k)] for k in like["params"]}}
+  return TrainState(step=stored["step"], opt_state=opt,
+                    params={k: stored["params"][_pkey(k)] for k in like.params})
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -205,7 +211,7 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
-  def save(self, step: int, state, data_state: dict[str, Any]) -> None:
+  def save(self, step: int, state: TrainState, data_state: dict[str, Any]) -> None:
     """Saves (asynchronously when enabled); a failed save raises, nothing is deleted."""
     if step in self._mngr.all_steps():
       return
@@ -219,14 +225,15 @@ class Checkpointer:
   def wait(self) -> None:
     self._mngr.wait_until_finished()
 
-  def restore_latest(self, abstract_state) -> tuple[Any, dict[str, Any], int] | None:
+  def restore_latest(self, abstract_state: TrainState
+                     ) -> tuple[TrainState, dict[str, Any], int] | None:
     """``(state, data_state, step)`` of the newest restorable checkpoint, or None.
 
     ``abstract_state``: the train state as ``jax.ShapeDtypeStruct`` with shardings.
     """
     for step in sorted(self._mngr.all_steps(), reverse=True):
       target = {**to_storable(abstract_state),
-                **self._retired_leaves(step, abstract_state["step"].sharding)}
+                **self._retired_leaves(step, abstract_state.step.sharding)}
       self._check_layer_layout(step, target["params"])
       has_sums = all_processes_agree((self.directory / str(step) / "integrity").exists())
       items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}

@@ -24,6 +24,8 @@ import tqdm
 
 from epi_jax.method import METRICS, epi_state, is_refresh_step
 from epi_jax.method import lock_in
+from epi_jax.method import per_layer_isolated as _per_layer
+from epi_jax.model import setup as model_setup
 from epi_jax.training import step as step_lib
 from epi_jax.utils import files
 
@@ -203,6 +205,13 @@ def epi_record(metrics: dict[str, Any]) -> dict[str, float | int]:
           for k in METRICS if k != "threshold"}
 
 
+def per_layer_isolated(opt_state, layer_axes=None) -> dict[str, jax.Array]:
+  """``{param path: isolated fraction}`` of the current EPI mask; a stacked
+  leaf's layers are named as in the unscanned layout (``model_setup.layer_name``),
+  as ``importance_drift`` names its ``per_layer``."""
+  return {model_setup.layer_name(k): v for k, v in _per_layer(opt_state, layer_axes).items()}
+
+
 class RefreshLog:
   """``refreshes.jsonl``: a record at each EPI mask refresh, with each layer's isolated
   fraction and the refresh's ``lock_in`` counts (``epi_jax.method.lock_in``:
@@ -219,7 +228,7 @@ class RefreshLog:
     if self._opts is None:
       return
     self._count = int(epi_state(opt_state).num_refreshes)  # a resumed run's refreshes
-    self._per_layer = jax.jit(functools.partial(step_lib.per_layer_isolated,
+    self._per_layer = jax.jit(functools.partial(per_layer_isolated,
                                                 layer_axes=method.layer_axes))
     self._counts = jax.jit(functools.partial(lock_in.state_counts, options=self._opts))
     self._copy = jax.jit(lock_in.stored_mask_copy)

@@ -415,11 +415,11 @@ def _update_alone(ts):
     return optax.apply_updates(params, updates), opt_state
 
   sh = ts.shardings
-  fn = jax.jit(update, in_shardings=(sh["params"], sh["opt_state"], sh["params"]),
-               out_shardings=(sh["params"], sh["opt_state"]), donate_argnums=(0, 1))
+  fn = jax.jit(update, in_shardings=(sh.params, sh.opt_state, sh.params),
+               out_shardings=(sh.params, sh.opt_state), donate_argnums=(0, 1))
   target = ts.target
   with no_persistent_cache():
-    compiled = fn.lower(target["params"], target["opt_state"], target["params"]).compile()
+    compiled = fn.lower(target.params, target.opt_state, target.params).compile()
   return (int(compiled.memory_analysis().temp_size_in_bytes),
           count_collectives(compiled.as_text()))
 
@@ -452,11 +452,11 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   ts = trainer.setup(config, mesh)
   abstract, shardings = ts.abstract, ts.shardings
   pairs = lambda tree, shard: list(zip(jax.tree.leaves(tree), jax.tree.leaves(shard)))
-  params_b = _bytes_of(pairs(abstract["params"], shardings["params"]))
-  opt_b = _bytes_of(pairs(abstract["opt_state"], shardings["opt_state"]))
-  epi_b = (_bytes_of(pairs(epi_state(abstract["opt_state"]), epi_state(shardings["opt_state"])))
+  params_b = _bytes_of(pairs(abstract.params, shardings.params))
+  opt_b = _bytes_of(pairs(abstract.opt_state, shardings.opt_state))
+  epi_b = (_bytes_of(pairs(epi_state(abstract.opt_state), epi_state(shardings.opt_state)))
            if ts.method.is_epi else 0)
-  step_b = _bytes_of(pairs(abstract["step"], shardings["step"]))
+  step_b = _bytes_of(pairs(abstract.step, shardings.step))
   batch = abstract_batch(config, mesh)
   batch_b = _bytes_of([(a, a.sharding) for a in batch.values()])
 
@@ -512,7 +512,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
       mesh=dict(zip(sharding.MESH_AXES, (int(mesh.shape[a]) for a in sharding.MESH_AXES))),
       batch_size=config.data.batch_size, seq_len=config.data.seq_len,
       grad_accum_steps=config.optimizer.grad_accum_steps,
-      num_params=sum(math.prod(p.shape) for p in jax.tree.leaves(abstract["params"])),
+      num_params=sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params)),
       bytes={**parts, "step": step_b, "total": total,
              "compiled_arguments": int(mem.argument_size_in_bytes),
              "compiled_outputs": int(mem.output_size_in_bytes),

@@ -1,7 +1,8 @@
 """The jit-compiled train step (one optimizer update per call).
 
-The train state is a dict ``{'step', 'params', 'opt_state'}`` (donated:
-updated in place). The loss is the token-level cross-entropy in float32,
+:func:`train_step` is a pure function of a :class:`TrainState` and a batch;
+:func:`make_train_step` binds a run's :class:`StepSettings` and jits it
+(state donated: updated in place). The loss is the token-level cross-entropy in float32,
 averaged over the loss-masked (assistant) tokens of the *global* batch; with
 gradient accumulation the batch is split into micro-batches whose summed
 losses are divided by the global token count, so accumulating gives the
@@ -11,21 +12,68 @@ same gradient as one big batch (up to float rounding).
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import json
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from epi_jax import sharding
 from epi_jax.data import ALL_CONFIGS  # live: follows the task registry
 from epi_jax.method import all_finite, epi_metrics, unpacked_mask
-from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.model import attention as attention_lib
 from epi_jax.model import setup as model_setup
 from epi_jax.training import optim
+
+
+class TrainState(NamedTuple):
+  """What the train step carries from one update to the next (donated: updated in place).
+
+  Checkpoints store it as the dict ``{'step', 'params', 'opt_state'}``
+  (``checkpoint.to_storable``), the layout they always had.
+  """
+  step: jax.Array  # int32: the updates applied so far
+  params: dict[str, jax.Array]  # flat ``{path: array}`` (``model_setup.ModelSpec``)
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What :func:`train_step` is traced for: fixed for a run, closed over by ``jit``.
+
+  Attributes:
+    spec: the model's ``ModelSpec``.
+    method: ``trainer.setup``'s (``optim.method``): its ``tx`` updates the
+      state, and ``is_epi`` adds EPI's metrics.
+    mesh: the device mesh.
+    grad_specs: ``{path: PartitionSpec}`` of the params, which the gradients take.
+    lr: the learning-rate schedule (``optim.schedule``), for the ``lr`` metric.
+    grad_accum_steps: micro-batches per step (``optimizer.grad_accum_steps``).
+    skip_nonfinite: ``optimizer.skip_nonfinite`` (``tx`` is ``apply_if_finite``).
+    packed: rows may hold several segments (``data.packing``).
+  """
+  spec: model_setup.ModelSpec
+  method: optim.Method
+  mesh: jax.sharding.Mesh
+  grad_specs: dict[str, P]
+  lr: optax.Schedule
+  grad_accum_steps: int = 1
+  skip_nonfinite: bool = False
+  packed: bool = True
+
+  @classmethod
+  def from_config(cls, config, spec, method: optim.Method, mesh, state_shardings: TrainState):
+    """The settings of ``config`` (``state_shardings``: ``trainer.setup``'s)."""
+    return cls(spec=spec, method=method, mesh=mesh,
+               grad_specs=jax.tree.map(lambda s: s.spec, state_shardings.params),
+               lr=optim.schedule(config),
+               grad_accum_steps=int(config.optimizer.grad_accum_steps),
+               skip_nonfinite=bool(config.optimizer.skip_nonfinite),
+               packed=bool(config.data.packing))
 
 
 def loss_sums(spec, params, batch, packed: bool = True):
@@ -51,8 +99,8 @@ _STEP_CACHE: collections.OrderedDict[tuple, Callable] = collections.OrderedDict(
 _STEP_CACHE_SIZE = 8
 
 
-def cached_train_step(config, spec, method: optim.Method, mesh,
-                      state_shardings) -> Callable[[Any, Any], tuple[Any, dict]]:
+def cached_train_step(config, spec, method: optim.Method, mesh, state_shardings: TrainState
+                      ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """:func:`make_train_step`, reused for a config equal to an earlier one but for its seed.
 
   The key is the whole config but ``seed`` (and, for static/EPI,
@@ -77,12 +125,51 @@ def cached_train_step(config, spec, method: optim.Method, mesh,
   return step
 
 
-def make_train_step(config, spec, method: optim.Method, mesh,
-                    state_shardings) -> Callable[[Any, Any], tuple[Any, dict]]:
-  """``train_step(state, batch) -> (state, metrics)``, jitted with donated state.
+def gradients(params, batch, settings: StepSettings):
+  """``(grads, loss_sum, task_loss_sum, task_tokens, denom)`` of the global batch.
 
-  ``method``: ``trainer.setup``'s (``optim.method``): its ``tx`` updates the
-  state, and ``is_epi`` adds EPI's metrics.
+  The gradients are of the mean over the batch's ``denom`` loss tokens,
+  summed over ``settings.grad_accum_steps`` micro-batches.
+  """
+  s = settings
+  denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+  def grads_and_sums(b):
+    def f(p):
+      total, aux = loss_sums(s.spec, p, b, s.packed)
+      return total / denom, (total, aux)
+    return jax.grad(f, has_aux=True)(params)
+
+  accum = s.grad_accum_steps
+  if accum == 1:
+    grads, (loss_sum, (tl, tt)) = grads_and_sums(batch)
+  else:
+    # Micro-batch j takes rows j, j+A, ...: every device keeps its share.
+    def split(x):
+      b = x.shape[0]
+      x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+      return sharding.constrain(x, P(None, sharding.BATCH_AXES, *[None] * (x.ndim - 2)), s.mesh)
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+      g, (loss, (tl, tt)) = grads_and_sums(mb)
+      acc_g, acc_s, acc_tl, acc_tt = carry
+      return (jax.tree.map(jnp.add, acc_g, g), acc_s + loss, acc_tl + tl, acc_tt + tt), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    num_tasks = len(ALL_CONFIGS)
+    init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([num_tasks], jnp.float32),
+            jnp.zeros([num_tasks], jnp.float32))
+    (grads, loss_sum, tl, tt), _ = jax.lax.scan(body, init, micro)
+  # Gradients laid out like their params: with scan_layers the stacked
+  # gradients are otherwise free to be replicated (a full copy per device).
+  grads = sharding.constrain(grads, s.grad_specs, s.mesh)
+  return grads, loss_sum, tl, tt, denom
+
+
+def train_step(state: TrainState, batch, *,
+               settings: StepSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update: ``(state, batch) -> (new state, metrics)`` (pure).
 
   ``metrics`` holds device scalars: ``loss`` (token mean), ``task_loss_sum`` and
   ``task_tokens`` (per task, for windowed per-task means), ``tokens``,
@@ -94,84 +181,48 @@ def make_train_step(config, spec, method: optim.Method, mesh,
   step's update trained, not isolated after it: what ``clip_scope='trainable'``
   clips by, except at a refresh step, where the clip uses the previous mask).
   """
-  skip = bool(config.optimizer.skip_nonfinite)
-  accum = int(config.optimizer.grad_accum_steps)
-  lr_fn = optim.schedule(config)
-  tx, use_epi = method.tx, method.is_epi
-  packed = bool(config.data.packing)
+  s, params = settings, state.params
+  # Traced for the mesh's devices: their platform picks the kernels (the
+  # splash Mosaic kernel for TPUs, also when compiled on a CPU host).
+  with attention_lib.on_mesh(s.mesh):
+    grads, loss_sum, tl, tt, denom = gradients(params, batch, s)
+  grad_norm = optax.tree.norm(grads)
+  # isolate hands its inner clip the mask in force before this step (``trainable``).
+  updates, opt_state = s.method.tx.update(grads, state.opt_state, params)
+  if s.method.is_epi:
+    # Read from the new mask: a read of the old one beside the update that
+    # overwrites it in place would cost XLA a copy of every mask leaf per step.
+    trainable_grad_norm = optim.trainable_norm(
+        grads, jax.tree.map(jnp.logical_not, unpacked_mask(opt_state)))
+  new_params = optax.apply_updates(params, updates)
+  new_state = TrainState(step=state.step + 1, params=new_params, opt_state=opt_state)
+  loss = loss_sum / denom
+  finite = all_finite(new_params)
+  if not s.skip_nonfinite:
+    finite &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = {"loss": loss, "task_loss_sum": tl, "task_tokens": tt,
+             "tokens": jnp.sum(batch["loss_mask"] > 0), "grad_norm": grad_norm,
+             "lr": s.lr(state.step), "finite": finite}
+  if s.skip_nonfinite:  # optax.apply_if_finite's state is the outermost
+    metrics["skipped_steps"] = opt_state.total_notfinite
+  if s.method.is_epi:
+    metrics.update(epi_metrics(opt_state), trainable_grad_norm=trainable_grad_norm)
+  return new_state, metrics
 
-  def grads_and_sums(params, batch, denom):
-    def f(p, b):
-      s, aux = loss_sums(spec, p, b, packed)
-      return s / denom, (s, aux)
-    return jax.grad(f, has_aux=True)(params, batch)
 
-  def train_step(state, batch):
-    # Traced for the mesh's devices: their platform picks the kernels (the
-    # splash Mosaic kernel for TPUs, also when compiled on a CPU host).
-    with attention_lib.on_mesh(mesh):
-      return _train_step(state, batch)
+def make_train_step(config, spec, method: optim.Method, mesh, state_shardings: TrainState
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """:func:`train_step` for ``config``, jitted on ``mesh`` with the state donated.
 
-  def _train_step(state, batch):
-    params = state["params"]
-    denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    if accum == 1:
-      grads, (loss_sum, (tl, tt)) = grads_and_sums(params, batch, denom)
-    else:
-      # Micro-batch j takes rows j, j+A, ...: every device keeps its share.
-      def split(x):
-        b = x.shape[0]
-        x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-        return sharding.constrain(x, P(None, sharding.BATCH_AXES, *[None] * (x.ndim - 2)), mesh)
-      micro = jax.tree.map(split, batch)
-
-      def body(carry, mb):
-        g, (s, (tl, tt)) = grads_and_sums(params, mb, denom)
-        acc_g, acc_s, acc_tl, acc_tt = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_s + s, acc_tl + tl, acc_tt + tt), None
-
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      num_tasks = len(ALL_CONFIGS)
-      init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([num_tasks], jnp.float32),
-              jnp.zeros([num_tasks], jnp.float32))
-      (grads, loss_sum, tl, tt), _ = jax.lax.scan(body, init, micro)
-    # Gradients laid out like their params: with scan_layers the stacked
-    # gradients are otherwise free to be replicated (a full copy per device).
-    grads = sharding.constrain(grads, jax.tree.map(lambda s: s.spec, state_shardings["params"]),
-                               mesh)
-    grad_norm = optax.tree.norm(grads)
-    # isolate hands its inner clip the mask in force before this step (``trainable``).
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    if use_epi:
-      # Read from the new mask: a read of the old one beside the update that
-      # overwrites it in place would cost XLA a copy of every mask leaf per step.
-      trainable_grad_norm = optim.trainable_norm(
-          grads, jax.tree.map(jnp.logical_not, unpacked_mask(opt_state)))
-    new_params = optax.apply_updates(params, updates)
-    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
-    loss = loss_sum / denom
-    finite = all_finite(new_params)
-    if not skip:
-      finite &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    metrics = {"loss": loss, "task_loss_sum": tl, "task_tokens": tt,
-               "tokens": jnp.sum(batch["loss_mask"] > 0), "grad_norm": grad_norm,
-               "lr": lr_fn(state["step"]), "finite": finite}
-    if skip:  # optax.apply_if_finite's state is the outermost
-      metrics["skipped_steps"] = opt_state.total_notfinite
-    if use_epi:
-      metrics.update(epi_metrics(opt_state), trainable_grad_norm=trainable_grad_norm)
-    return new_state, metrics
-
+  ``state_shardings``: the state's (``trainer.setup``'s), kept in and out.
+  """
+  settings = StepSettings.from_config(config, spec, method, mesh, state_shardings)
+  step = functools.partial(train_step, settings=settings)
   out_shardings = (state_shardings, sharding.replicated(mesh))
   if sharding.has_explicit_axes(mesh):
     # The model's ops are placed by the partitioner (Auto), as on an Auto
     # mesh; the state keeps its Explicit shardings in and out.
-    train_step = jax.sharding.auto_axes(train_step, out_sharding=out_shardings)
-  return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+    step = jax.sharding.auto_axes(step, out_sharding=out_shardings)
+  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=out_shardings, donate_argnums=0)
 
-
-def per_layer_isolated(opt_state, layer_axes=None) -> dict[str, jax.Array]:
-  """``{param path: isolated fraction}`` of the current EPI mask; a stacked
-  leaf's layers are named as in the unscanned layout (``model_setup.layer_name``)."""
-  return {model_setup.layer_name(k): v for k, v in _per_layer(opt_state, layer_axes).items()}

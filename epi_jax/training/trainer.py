@@ -71,7 +71,7 @@ class TrainResult:
     workdir: the run directory.
     interrupted: stopped early (signal or ``stop_after``) with a checkpoint.
     params: the flat params ``{path: array}`` behind ``model``.
-    state: the full train state ``{'step', 'params', 'opt_state'}``.
+    state: the full train state (``step.TrainState``).
   """
   model: Any
   tokenizer: Any
@@ -91,7 +91,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-  """The train state ``{'step', 'params', 'opt_state'}`` of one config on one mesh.
+  """The train state (``step.TrainState``) of one config on one mesh.
 
   Attributes:
     spec: the model's ``ModelSpec`` (flat param names, shapes, logical axes).
@@ -105,9 +105,9 @@ class TrainSetup:
   spec: model_setup.ModelSpec
   method: optim.Method
   param_shardings: dict[str, jax.sharding.NamedSharding]
-  abstract: dict[str, Any]
-  shardings: dict[str, Any]
-  init: Callable[[dict[str, jax.Array]], dict[str, Any]]
+  abstract: step_lib.TrainState
+  shardings: step_lib.TrainState
+  init: Callable[[dict[str, jax.Array]], step_lib.TrainState]
 
   @property
   def tx(self) -> Any:
@@ -120,12 +120,12 @@ class TrainSetup:
     return self.method.layer_axes
 
   @property
-  def target(self) -> dict[str, Any]:
+  def target(self) -> step_lib.TrainState:
     """``abstract`` with its shardings: a restore target, or arguments to ``jit.lower``."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract, self.shardings)
 
-  def init_state(self, params: dict[str, jax.Array]) -> dict[str, Any]:
+  def init_state(self, params: dict[str, jax.Array]) -> step_lib.TrainState:
     """The step-0 state on the mesh; ``params`` (placed by ``param_shardings``) are donated.
 
     Raises:
@@ -164,7 +164,8 @@ def setup(config, mesh, spec: model_setup.ModelSpec | None = None) -> TrainSetup
   param_shardings = sharding.param_shardings(mesh, spec.shapes, spec.axes)
 
   def init(params):
-    return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return step_lib.TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                               opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, spec.shapes)
   shardings = sharding.state_shardings(abstract, spec.shapes, param_shardings, mesh)
@@ -262,7 +263,7 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
   train_step = step_lib.cached_train_step(config, spec, ts.method, mesh, ts.shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start,
                                      total_steps=total, progress_bar=config.progress_bar)
-  refreshes = metrics_lib.RefreshLog(ts.method, state["opt_state"], writer)
+  refreshes = metrics_lib.RefreshLog(ts.method, state.opt_state, writer)
   if config.epi.get("save_top_sets", False) and jax.process_count() > 1:
     raise ValueError("config.epi.save_top_sets=True: saving top-p sets is for "
                      "single-process runs only (the sets are read whole on one host)")
@@ -298,9 +299,9 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
         state, m = train_step(state, inputs.to_global(batch, mesh, config.data.batch_size))
         window.add(m)
         unchecked.append((step, m))
-        refreshes.after_step(step, m, state["opt_state"])
+        refreshes.after_step(step, m, state.opt_state)
         if drift is not None and drift.due(step):
-          writer.importance(drift.record(step, state["opt_state"]))
+          writer.importance(drift.record(step, state.opt_state))
         at_checkpoint = saves_checkpoints and (step % config.checkpoint_every == 0
                                                or step == total)
         at_log = step % config.log_every == 0 or step == total
@@ -310,7 +311,7 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
           window.log(writer, step)
         writer.advance()
         if step in config.snapshot_steps and step != total:
-          ckpt_lib.save_snapshot(workdir, step, state["params"])
+          ckpt_lib.save_snapshot(workdir, step, state.params)
         if at_checkpoint:
           ckpt.save(step, state, it.get_state())
         if stop.should_stop(sync_point=at_checkpoint or at_log):
@@ -322,15 +323,15 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
     if saves_checkpoints:
       ckpt.save(step, state, it.get_state())
     if not interrupted:
-      ckpt_lib.save_snapshot(workdir, step, state["params"])
+      ckpt_lib.save_snapshot(workdir, step, state.params)
     ckpt.wait()
   finally:
     writer.close()
     ckpt.close()
   if not interrupted and is_main:
     files.write_json_atomic(workdir / "DONE", {"step": step, "wall_time_s": time.time() - t_start})
-  return TrainResult(model=spec.bind(state["params"]), tokenizer=tokenizer, step=step,
-                     workdir=workdir, interrupted=interrupted, params=state["params"],
+  return TrainResult(model=spec.bind(state.params), tokenizer=tokenizer, step=step,
+                     workdir=workdir, interrupted=interrupted, params=state.params,
                      state=state)
 
 
