@@ -244,3 +244,14 @@ def test_saved_top_sets_round_trip_and_their_jaccard(tmp_path):
       pytest.approx(drift.jaccard(a, b)), None]
   with pytest.raises(ValueError, match="packed sets of different sizes"):
     sets.packed_jaccard(pa, pa[:2])
+
+
+def test_lock_in_plot_leaves_out_runs_without_refreshes(tmp_path):
+  epi = {"step": [10, 20, 30], "release_fraction": [None, 0.3, 0.25],
+         "importance_ratio": [None, 80.0, 70.0], "jaccard_vs_full": [1.0, 0.9, None]}
+  static = {"step": [60], "release_fraction": [None], "importance_ratio": [None],
+            "jaccard_vs_full": [None]}
+  assert plots.plot_lock_in({"static": static}, tmp_path / "none.png") is None
+  assert not (tmp_path / "none.png").exists()
+  path = plots.plot_lock_in({"epi": epi, "static": static}, tmp_path / "p" / "lock_in.png")
+  assert path.stat().st_size > 1000

@@ -60,6 +60,31 @@ def plot_drift(curves: Mapping[str, Mapping[str, Any]], path, *,
   return save(plt, fig, path)
 
 
+def plot_lock_in(curves: Mapping[str, Mapping[str, Any]], path) -> pathlib.Path | None:
+  """Per refresh: the share of the isolated entries released, the importance of
+  the isolated entries over the trainable ones, the Jaccard of the mask vs full
+  SFT's top-p set; one line per run (``lock_in_summary`` curves with ``step``).
+  Runs with fewer than two refreshes (a static mask) are left out."""
+  curves = {k: c for k, c in curves.items() if len(c.get("step", ())) > 1}
+  if not curves:
+    return None
+  plt = pyplot()
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  panels = (("release_fraction", "share of the isolated entries released"),
+            ("importance_ratio", "importance isolated / trainable"),
+            ("jaccard_vs_full", "Jaccard of the mask vs full SFT's top-p set"))
+  for ax, (key, title) in zip(axes, panels):
+    for label, c in curves.items():
+      ax.plot(c["step"], _nan(c.get(key) or [None] * len(c["step"])), marker=".", label=label)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("refresh step")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylim(0, 1.02)
+  axes[2].set_ylim(0, 1.02)
+  axes[0].legend(fontsize=8)
+  return save(plt, fig, path)
+
+
 def save(plt, fig, path) -> pathlib.Path:
   """Writes ``fig`` to ``path`` (creating its folder) and closes it."""
   fig.tight_layout()

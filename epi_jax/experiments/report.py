@@ -414,8 +414,8 @@ def _write_json_and_markdown(workdir: pathlib.Path, results: Mapping[str, Any],
   files.write_text_atomic(workdir / "results.md", table)
 
 
-def _run_label(method: str, run: Mapping[str, Any]) -> str:
-  return f"{method}/{pathlib.Path(run['run_dir']).name}"
+def _run_label(method: str, run_dir) -> str:
+  return f"{method}/{pathlib.Path(run_dir).name}"
 
 
 def write_results(workdir, results: Mapping[str, Any],
@@ -435,13 +435,13 @@ def write_results(workdir, results: Mapping[str, Any],
   for m, runs in per_run.items():
     for r in runs:
       if r.get("drift"):
-        curves[_run_label(m, r)] = r["drift"]
+        curves[_run_label(m, r["run_dir"])] = r["drift"]
         first_refreshes.setdefault(m, r["run_dir"])
   plots.plot_drift(curves, out / "drift.png")
   for m, run_dir in first_refreshes.items():
     plots.plot_layer_heatmap(drift_lib.load_refreshes(run_dir), out / f"layer_heatmap_{m}.png",
                              title=f"{m}: isolated fraction per block", sizes=sizes)
-  imp_curves = {_run_label(m, r): r["importance_drift"]
+  imp_curves = {_run_label(m, r["run_dir"]): r["importance_drift"]
                 for m, runs in per_run.items() for r in runs if r.get("importance_drift")}
   plots.plot_drift(imp_curves, out / "importance_drift.png", what="top-p importance set")
   for m, runs in per_run.items():
@@ -456,9 +456,29 @@ def write_results(workdir, results: Mapping[str, Any],
 
 def write_sequential_results(workdir, results: Mapping[str, Any],
                              log: Callable[[str], None] = print) -> None:
-  """The sequential protocol's ``results.json`` and ``results.md``."""
+  """The sequential protocol's ``results.json``, ``results.md`` and, per order,
+  ``plots/<order>_*.png``: the lock-in curves of each method's first run, the
+  mask's and the importance set's drift of every run that has them, and the
+  layer heatmap of each method's first run with refreshes."""
   workdir = pathlib.Path(workdir)
   table = sequential_markdown(results)
   _write_json_and_markdown(workdir, results, table)
+  out = workdir / "plots"
+  for name, order in results["orders"].items():
+    plots.plot_lock_in({m: agg["first_run"] for m, agg in order.get("lock_in", {}).items()},
+                       out / f"{name}_lock_in.png")
+    refreshes = {_run_label(m, d): drift_lib.load_refreshes(d)
+                 for m, dirs in order["runs"].items() for d in dirs}
+    plots.plot_drift({k: drift_lib.drift_summary(r) for k, r in refreshes.items() if r},
+                     out / f"{name}_drift.png")
+    top_sets = {_run_label(m, d): drift_lib.load_importance_drift(d)
+                for m, dirs in order["runs"].items() for d in dirs}
+    plots.plot_drift({k: drift_lib.drift_summary(r) for k, r in top_sets.items() if r},
+                     out / f"{name}_importance_drift.png", what="top-p importance set")
+    for m, dirs in order["runs"].items():
+      first = refreshes[_run_label(m, dirs[0])] if dirs else []
+      if len(first) > 1:
+        plots.plot_layer_heatmap(first, out / f"{name}_layer_heatmap_{m}.png",
+                                 title=f"{m}: isolated fraction per block ({name})")
   log("\n" + table)
-  log(f"wrote {workdir / 'results.json'} and {workdir / 'results.md'}")
+  log(f"wrote {workdir / 'results.json'}, {workdir / 'results.md'} and {out}/*.png")
