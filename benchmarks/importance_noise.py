@@ -47,11 +47,10 @@ import epi_jax
 from epi_jax import sharding
 from epi_jax.method.inspection import select_mask
 from epi_jax.method.options import EPIOptions
-from epi_jax.model import setup as model_setup
 from epi_jax.scoring.drift import jaccard
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import inputs, optim, step as step_lib
-from epi_jax.training.trainer import setup
+from epi_jax.training.trainer import fresh_start
 from epi_jax.utils import files
 
 
@@ -74,11 +73,8 @@ def run(args) -> dict:
     raise SystemExit(f"importance_noise: the batch ({config.data.batch_size} rows) must split "
                      "into two equal halves")
   mesh = sharding.make_mesh(config.mesh)
-  data_kwargs = inputs.ensure_data(config)
-  spec, params, tokenizer = model_setup.build(config.model, config.seed, mesh)
-  ts = setup(config, mesh, spec)
-  state = ts.init_state(params)
-  it = inputs.make_iterator(config, tokenizer, data_kwargs, mesh)
+  ts, state, it = fresh_start(config, mesh)
+  spec = ts.spec
   packed = bool(config.data.packing)
   e = config.epi
 

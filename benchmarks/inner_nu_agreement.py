@@ -27,16 +27,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import epi_jax
 from epi_jax import sharding
-from epi_jax.model import setup as model_setup
 from epi_jax.scoring.drift import jaccard
 from epi_jax.training import config as cfg_lib
 from epi_jax.training import inputs, optim, step as step_lib
-from epi_jax.training.trainer import setup
+from epi_jax.training.trainer import fresh_start
 
 
 def _run(args, t: int) -> list[dict]:
@@ -52,11 +50,8 @@ def _run(args, t: int) -> list[dict]:
     config.data.mixture = {"gsm8k": 1.0, "code_alpaca": 1.0, "alpaca": 1.0, "chat": 1.0}
   config = cfg_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  data_kwargs = inputs.ensure_data(config)
-  spec, params, tokenizer = model_setup.build(config.model, config.seed, mesh)
-  ts = setup(config, mesh, spec)
-  state = ts.init_state(params)
-  it = inputs.make_iterator(config, tokenizer, data_kwargs, mesh)
+  ts, state, it = fresh_start(config, mesh)
+  spec = ts.spec
 
   b2 = float(config.optimizer.b2)
   kw = dict(eligible=optim.eligible_fn(config), layer_axes=ts.layer_axes)

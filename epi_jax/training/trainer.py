@@ -141,6 +141,20 @@ class TrainSetup:
                    out_shardings=self.shardings, donate_argnums=0)(params)
 
 
+def fresh_start(config, mesh=None) -> tuple[TrainSetup, step_lib.TrainState, Any]:
+  """``(setup, step-0 state, data iterator)`` of ``config``, for scripts that
+  drive their own loop (``train`` also resumes, checkpoints and logs).
+
+  Prepares the data, builds the model (``config.model``, ``config.seed``) and
+  lays out its state on ``mesh`` (default: ``sharding.make_mesh(config.mesh)``).
+  """
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  data_kwargs = inputs.ensure_data(config)
+  spec, params, tokenizer = model_setup.build(config.model, config.seed, mesh)
+  ts = setup(config, mesh, spec)
+  return ts, ts.init_state(params), inputs.make_iterator(config, tokenizer, data_kwargs, mesh)
+
+
 def setup(config, mesh, spec: model_setup.ModelSpec | None = None) -> TrainSetup:
   """The one place that lays out the train state of ``config`` on ``mesh``.
 
