@@ -2,7 +2,8 @@
 
 SmolLM2-135M's shape with ``--layers`` blocks, one CPU device, abstract state
 and batch (nothing allocated): the seconds to lower and compile the real
-train step (``epi_jax.training.step.make_train_step``) for each method.
+train step (``epi_jax.training.step.make_train_step``) for each method, and
+the kernels XLA:CPU generated for its fusions (``plan.distinct_fusions``).
 Usage::
 
   python benchmarks/compile_time.py --layers 2,8,30 --methods full,epi
@@ -37,6 +38,7 @@ from epi_jax.training import config as cfg_lib
 from epi_jax import sharding
 from epi_jax.model import setup as model_setup
 from epi_jax.training import trainer
+from epi_jax.training import plan
 from epi_jax.training import step as step_lib
 
 
@@ -58,10 +60,11 @@ def compile_seconds(method: str, layers: int, scan: bool, batch: int, seq: int) 
   t0 = time.perf_counter()
   lowered = step.lower(ts.target, batch_abs)
   t1 = time.perf_counter()
-  lowered.compile()
+  compiled = lowered.compile()
   t2 = time.perf_counter()
   return {"method": method, "layers": layers, "scan_layers": scan,
-          "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+          "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
+          "kernels": plan.distinct_fusions(compiled.as_text())}
 
 
 # ---------------------------------------------------------------------------
@@ -197,11 +200,11 @@ def main(argv=None):
         r = compile_seconds(method, n, scan, args.batch, args.seq)
         rows.append(r)
         print(json.dumps(r), flush=True)
-  print("| method | layers | scan_layers | lower s | compile s |")
-  print("|---|---|---|---|---|")
+  print("| method | layers | scan_layers | lower s | compile s | kernels |")
+  print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['method']} | {r['layers']} | {r['scan_layers']} | {r['lower_s']} | "
-          f"{r['compile_s']} |")
+          f"{r['compile_s']} | {r['kernels']} |")
   return rows
 
 

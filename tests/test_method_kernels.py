@@ -2,12 +2,11 @@
 fusions must not differ between leaves of one shape, or its compile time grows
 with the number of layers."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 
 import epi_jax
+from epi_jax.training import plan
 
 
 def _distinct_kernels(n_blocks: int) -> int:
@@ -18,13 +17,7 @@ def _distinct_kernels(n_blocks: int) -> int:
   tx = epi_jax.epi_adamw(1e-3, isolation_ratio=0.1, update_interval=2)
   state = tx.init(params)
   text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
-  bodies = set()
-  for comp in re.split(r"\n(?=\S)", text):
-    if comp.startswith("%fused") or comp.startswith("fused"):
-      body = comp[comp.index("{") + 1:]
-      body = re.sub(r"metadata=\{[^}]*\}", "", re.sub(r"%[\w.\-]+", "%x", body))
-      bodies.add(re.sub(r", backend_config=\S+", "", body))
-  return len(bodies)
+  return plan.distinct_fusions(text)
 
 
 def test_equal_shape_leaves_share_their_kernels():
@@ -33,3 +26,15 @@ def test_equal_shape_leaves_share_their_kernels():
   # of one shape (e.g. by a slice offset baked in), or compile time grows
   # with the number of layers.
   assert _distinct_kernels(8) == _distinct_kernels(3)
+
+
+def _fusion(name: str, op: str) -> str:
+  return (f"%{name} (p: f32[8]) -> f32[8] {{\n"
+          f"  %p.{name} = f32[8]{{0}} parameter(0), metadata={{op_name=\"{name}\"}}\n"
+          f"  ROOT %r.{name} = f32[8]{{0}} {op}(%p.{name})\n}}\n")
+
+
+def test_distinct_fusions_ignores_names_and_metadata():
+  same = "".join(_fusion(f"fused_computation.{i}", "negate") for i in range(3))
+  assert plan.distinct_fusions(same) == 1
+  assert plan.distinct_fusions(same + _fusion("fused_computation.9", "exponential")) == 2

@@ -190,6 +190,20 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return {k: int(counts.get(k, 0)) for k in COLLECTIVES}
 
 
+def distinct_fusions(hlo_text: str) -> int:
+  """Distinct fused computations in a compiled module's text, names and metadata
+  left out: XLA:CPU generates code once per distinct body, so this is the
+  number of kernels it compiles for the fusions (leaves of one shape whose
+  fusions differ, e.g. by a baked-in slice offset, each cost a kernel)."""
+  bodies = set()
+  for comp in re.split(r"\n(?=\S)", hlo_text):
+    if comp.startswith(("%fused", "fused")):
+      body = comp[comp.index("{") + 1:]
+      body = re.sub(r"metadata=\{[^}]*\}", "", re.sub(r"%[\w.\-]+", "%x", body))
+      bodies.add(re.sub(r", backend_config=\S+", "", body))
+  return len(bodies)
+
+
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]"
                     r"(?:\{([\d,]*)(?::([^}]*))?\})?")
 _BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
