@@ -3,8 +3,11 @@
 
 ``Window`` turns the steps between two logs into one ``metrics.jsonl`` record
 (``window_record``: loss, per-task losses, lr, grad norm, timing, EPI's
-statistics); ``RefreshLog`` writes a ``refreshes.jsonl`` record at each EPI
-mask refresh; ``MetricsWriter`` writes them. Only process 0 writes. On
+statistics); ``RefreshRecords`` records what happens on the refresh
+schedule: a ``refreshes.jsonl`` record at each EPI mask refresh
+(``RefreshLog``) and, with ``epi.track_importance``, an
+``importance_drift.jsonl`` record of the top-p importance set
+(``importance_drift.ImportanceDrift``); ``MetricsWriter`` writes them. Only process 0 writes. On
 resume, records after the restored step (logged by the interrupted run after
 its last checkpoint) are dropped, so each step appears once.
 """
@@ -26,6 +29,7 @@ from epi_jax.method import METRICS, epi_state, is_refresh_step
 from epi_jax.method import lock_in
 from epi_jax.method import per_layer_isolated as _per_layer
 from epi_jax.model import setup as model_setup
+from epi_jax.training import importance_drift
 from epi_jax.training import step as step_lib
 from epi_jax.utils import files
 
@@ -249,3 +253,29 @@ class RefreshLog:
     self._writer.refresh({"step": step, **epi_record(m),
                           "per_layer": {k: float(v) for k, v in layers.items()},
                           "lock_in": {k: counts[k] for k in lock_in.COUNT_KEYS}})
+
+
+class RefreshRecords:
+  """Everything a run records on EPI's refresh schedule, decided once from its
+  :class:`~epi_jax.training.optim.Method`: the mask's refreshes
+  (``refreshes.jsonl``, for static and EPI) and the drift of the top-p
+  importance set (``importance_drift.jsonl``, ``method.records_drift``; with
+  ``save_top_sets_to``, each set under that workdir's ``top_sets/``).
+
+  ``resumed``: the run restored a checkpoint (the drift tracker's first and
+  previous sets are gone with the process that had them).
+  """
+
+  def __init__(self, method, opt_state, writer: MetricsWriter, *, resumed: bool = False,
+               save_top_sets_to=None):
+    self._writer = writer
+    self._refreshes = RefreshLog(method, opt_state, writer)
+    self._drift = (importance_drift.ImportanceDrift(method, resumed=resumed,
+                                                    save_to=save_top_sets_to)
+                   if method.records_drift else None)
+
+  def after_step(self, step: int, m: dict[str, jax.Array], opt_state) -> None:
+    """Writes what is due after step ``step`` (its metrics ``m``, the new ``opt_state``)."""
+    self._refreshes.after_step(step, m, opt_state)
+    if self._drift is not None and self._drift.due(step):
+      self._writer.importance(self._drift.record(step, opt_state))

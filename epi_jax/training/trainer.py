@@ -51,7 +51,6 @@ from epi_jax.model import setup as model_setup
 from epi_jax.model.config import train_flops_per_token
 from epi_jax.training import checkpoint as ckpt_lib
 from epi_jax.training import config as cfg_lib
-from epi_jax.training import importance_drift
 from epi_jax.training import inputs
 from epi_jax.training import metrics as metrics_lib
 from epi_jax.training import optim
@@ -277,14 +276,12 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
   train_step = step_lib.cached_train_step(config, spec, ts.method, mesh, ts.shardings)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start,
                                      total_steps=total, progress_bar=config.progress_bar)
-  refreshes = metrics_lib.RefreshLog(ts.method, state.opt_state, writer)
   if config.epi.get("save_top_sets", False) and jax.process_count() > 1:
     raise ValueError("config.epi.save_top_sets=True: saving top-p sets is for "
                      "single-process runs only (the sets are read whole on one host)")
-  drift = (importance_drift.ImportanceDrift(
-      ts.method, resumed=restored is not None,
-      save_to=workdir if is_main and config.epi.get("save_top_sets", False) else None)
-           if ts.method.records_drift else None)
+  records = metrics_lib.RefreshRecords(
+      ts.method, state.opt_state, writer, resumed=restored is not None,
+      save_top_sets_to=workdir if is_main and config.epi.get("save_top_sets", False) else None)
   window = metrics_lib.Window(config, train_flops_per_token(spec.config, config.data.seq_len))
   unchecked = []  # (step, metrics) not yet checked for non-finite values
 
@@ -313,9 +310,7 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
         state, m = train_step(state, inputs.to_global(batch, mesh, config.data.batch_size))
         window.add(m)
         unchecked.append((step, m))
-        refreshes.after_step(step, m, state.opt_state)
-        if drift is not None and drift.due(step):
-          writer.importance(drift.record(step, state.opt_state))
+        records.after_step(step, m, state.opt_state)
         at_checkpoint = saves_checkpoints and (step % config.checkpoint_every == 0
                                                or step == total)
         at_log = step % config.log_every == 0 or step == total
