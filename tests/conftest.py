@@ -44,7 +44,7 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 # Refresh after adding tests: `make test PYTEST_ARGS=--store-durations`.
 DURATIONS = pathlib.Path(__file__).with_name("durations.json")
 # At 10 s the fast tier summed 507 s here and took 256 s idle (2 workers); at 4.5 s
-# it sums 287 s: about 155 s idle, an estimate scaled from that run, not measured.
+# it sums about 290 s: about 155 s idle, an estimate scaled from that run, not measured.
 FAST_TEST_BUDGET_S = 4.5
 _UNKNOWN_FILE_S = 30.0  # a file not measured yet: scheduled like a mid-sized one
 
