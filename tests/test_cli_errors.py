@@ -1,12 +1,13 @@
 """The command line's rule: ``--help``/``-h`` for every subcommand, and every bad flag,
 value or path one line on stderr naming it, exit 2 (no traceback, no usage dump).
 
-The cheap commands run as concurrent subprocesses (each one starts Python and imports
-JAX: seconds); one tiny training run (stopped, then resumed) gives the run directory
-that ``generate --model RUN_DIR`` takes.
+The cheap commands of a test run one after the other in one fresh subprocess (starting
+Python and importing JAX takes seconds), each with its own stdout and stderr; one tiny
+training run (stopped, then resumed) gives the run directory that ``generate --model
+RUN_DIR`` takes.
 """
 
-import concurrent.futures
+import json
 import logging
 import os
 import pathlib
@@ -57,11 +58,44 @@ def _main(argv) -> int:
     return e.code
 
 
+# Runs each command of a JSON {name: argv} through epi_jax.cli.main with fds 1 and 2 on
+# files of its own: what a start-up prints lands in the first command that imports it.
+_CHILD = """
+import json, os, sys, tempfile
+from epi_jax import cli
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+  with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    saved = os.dup(1), os.dup(2)
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    try:
+      try:
+        code = cli.main(argv)
+      except SystemExit as e:
+        code = e.code
+      sys.stdout.flush()
+      sys.stderr.flush()
+    finally:
+      os.dup2(saved[0], 1)
+      os.dup2(saved[1], 2)
+    out.seek(0)
+    err.seek(0)
+    results[name] = (code, out.read(), err.read())
+print(json.dumps(results))
+"""
+
+
 def _run_all(cases: dict) -> dict:
-  """``{name: CompletedProcess}`` of ``{name: argv}``, a few at a time."""
-  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-    futures = {name: pool.submit(_cli, *argv) for name, argv in cases.items()}
-    return {name: f.result() for name, f in futures.items()}
+  """``{name: CompletedProcess}`` of ``{name: argv}``, all in one fresh process."""
+  argv = {name: [str(a) for a in args] for name, args in cases.items()}
+  proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(argv)], env=_env(), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not _lines(proc.stderr), proc.stderr[-3000:]  # nothing printed between commands
+  results = json.loads(proc.stdout.splitlines()[-1])
+  return {name: subprocess.CompletedProcess(argv[name], 0 if code is None else code, out, err)
+          for name, (code, out, err) in results.items()}
 
 
 # ----------------------------------------------------------------------------- --help

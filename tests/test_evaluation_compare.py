@@ -76,12 +76,16 @@ def test_interrupted_run_stops_the_comparison_with_a_clear_error(tmp_path, monke
 
 # Training rows of 128 tokens, not tiny.py's 512 (LogiQA's passages need those, so it is
 # left out of the training stages; every task is still evaluated, at eval.seq_len=128).
+# One device, not conftest's 8 fake ones: the comparison is not about sharding
+# (test_training checks sharded == single device), and each method's step compiles
+# and runs several times faster unpartitioned.
 _SMALL_TINY = """
 import runpy
 def get_config():
   c = runpy.run_path({tiny!r})["get_config"]()
   c.total_steps = 12
   c.data.seq_len = 128
+  c.mesh.data = 1
   c.data.mixture.logiqa = 0.0
   c.data.stages = [{{"mixture": {{"gsm8k": 1.0, "alpaca": 1.0}}, "steps": 6}},
                    {{"mixture": {{"code_alpaca": 1.0, "chat": 1.0}}, "steps": 6}}]

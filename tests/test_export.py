@@ -52,6 +52,9 @@ def _config(model_name=None):
   c.async_checkpointing = False
   c.data.seq_len = 128
   c.data.mixture = {"gsm8k": 1.0, "code_alpaca": 1.0, "alpaca": 1.0}
+  # One device, not conftest's 8 fake ones: a data-parallel run's params are
+  # replicated, its checkpoint the same; the step compiles several times faster.
+  c.mesh.data = 1
   c.optimizer.warmup_steps = 1
   c.epi.update_interval = 2
   c.epi.isolation_ratio = 0.1

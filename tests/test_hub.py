@@ -43,13 +43,17 @@ def test_hub_id_pattern():
   assert not is_hub_id("smollm2-135m-instruct")
 
 
+def _offline_here(monkeypatch, hf_home):
+  # huggingface_hub reads HF_HOME / HF_HUB_OFFLINE at import: set its constants here
+  # (the train subprocess below sets the environment itself).
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.mark.parametrize("spec", [REPO, f"{REPO}@{REV}", f"{REPO}@main"])
 def test_offline_hub_id_loads_equal_to_the_directory(hub, monkeypatch, spec):
   hf_home, source = hub
-  # huggingface_hub reads HF_HOME / HF_HUB_OFFLINE at import: set its constants here
-  # (the subprocess test below sets the environment itself).
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  _offline_here(monkeypatch, hf_home)
   model, tok, config = load_pretrained(spec)
   want, want_tok, want_config = load_pretrained(str(source))
   assert config == want_config
@@ -59,13 +63,16 @@ def test_offline_hub_id_loads_equal_to_the_directory(hub, monkeypatch, spec):
   assert tok.encode("hi <|im_end|>") == want_tok.encode("hi <|im_end|>")
 
 
-def test_cli_generate_and_train_by_hub_id_offline(hub, tmp_path):
+def test_cli_generate_and_train_by_hub_id_offline(hub, tmp_path, monkeypatch, capsys):
+  """Training in a fresh process, whose environment (HF_HOME, HF_HUB_OFFLINE) alone
+  finds the cached model; generate and export run the same CLI in this process
+  (one Python and JAX start each less)."""
+  from epi_jax import cli
   hf_home, _ = hub
   env = _env(hf_home)
-  gen = subprocess.run([sys.executable, "-m", "epi_jax.cli", "generate", "--model",
-                        f"{REPO}@{REV}", "--prompt", "hi", "--max_new_tokens", "2"],
-                       env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert gen.returncode == 0, gen.stderr[-3000:]
+  _offline_here(monkeypatch, hf_home)
+  assert cli.main(["generate", "--model", f"{REPO}@{REV}", "--prompt", "hi",
+                   "--max_new_tokens", "2"]) == 0, capsys.readouterr().err[-3000:]
   run = tmp_path / "run"
   train = subprocess.run(
       [sys.executable, "-m", "epi_jax.cli", "train", "--config", str(ROOT / "configs/tiny.py"),
@@ -78,16 +85,15 @@ def test_cli_generate_and_train_by_hub_id_offline(hub, tmp_path):
   assert train.returncode == 0, train.stderr[-3000:]
   assert '"name": "tiny-org/tiny-llama"' in (run / "config.json").read_text()
   out = tmp_path / "exported"
-  export = subprocess.run([sys.executable, "-m", "epi_jax.cli", "export", "--workdir", str(run),
-                           "--format", "hf", "--out", str(out)],
-                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert export.returncode == 0, export.stderr[-3000:]
+  capsys.readouterr()
+  assert cli.main(["export", "--workdir", str(run), "--format", "hf", "--out", str(out)]) == 0, \
+      capsys.readouterr().err[-3000:]
   # The tokenizer files come from the Hub snapshot the run started from.
   assert (out / "tokenizer_config.json").read_bytes() == (
       hub[1] / "tokenizer_config.json").read_bytes()
-  missing = subprocess.run([sys.executable, "-m", "epi_jax.cli", "generate", "--model",
-                            "tiny-org/not-cached", "--prompt", "hi"],
-                           env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert missing.returncode == 2
-  assert "tiny-org/not-cached" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
-  assert "Traceback" not in missing.stderr
+  capsys.readouterr()
+  # A clear one-line error, exit 2 (an exception would fail the test here).
+  assert cli.main(["generate", "--model", "tiny-org/not-cached", "--prompt", "hi"]) == 2
+  err = capsys.readouterr().err
+  assert "tiny-org/not-cached" in err and "HF_HUB_OFFLINE" in err
+  assert "Traceback" not in err

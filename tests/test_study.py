@@ -78,10 +78,15 @@ def test_screen_rejects_bad_tasks(capsys):
   assert "expected two or more different tasks" in capsys.readouterr().err
 
 
+# 128-token rows, not tiny.py's 512 (those are for LogiQA's passages, left out; gsm8k
+# and chat fit), on one device, not conftest's 8 fake ones (nothing here is about sharding).
 _TINY = """
 import runpy
 def get_config():
   c = runpy.run_path({tiny!r})["get_config"]()
+  c.data.seq_len = 128
+  c.data.mixture.logiqa = 0.0
+  c.mesh.data = 1
   c.snapshot_steps = ()
   c.optimizer.warmup_steps = 1
   c.progress_bar = False
@@ -118,7 +123,9 @@ NOISE = runpy.run_path(str(REPO / "benchmarks" / "importance_noise.py"))
 def test_importance_noise_end_to_end_tiny(tmp_path):
   """Split-half and consecutive Jaccards of the top-p set, per beta, per task half."""
   out = tmp_path / "noise.json"
-  assert NOISE["main"](["--config", str(REPO / "configs" / "tiny.py"), "--tasks", "gsm8k,chat",
+  config = tmp_path / "tiny_noise.py"
+  config.write_text(_TINY.format(tiny=str(REPO / "configs" / "tiny.py")))
+  assert NOISE["main"](["--config", str(config), "--tasks", "gsm8k,chat",
                         "--steps", "4", "--every", "2", "--betas", "0,0.9",
                         "--out", str(out)]) == 0
   res = json.loads(out.read_text())
