@@ -124,8 +124,9 @@ def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params, nu) ->
   old_mask = treedef.flatten_up_to(state.mask)
   old_first = treedef.flatten_up_to(state.first_mask) if options.track_first_mask else None
   old_streak = treedef.flatten_up_to(state.out_streak) if options.release_after > 1 else ()
-  old_stats = refresh.RefreshStats(state.num_refreshes, state.isolated_fraction, state.num_flipped,
-                           state.jaccard_prev, state.jaccard_first, state.threshold)
+  old_stats = refresh.RefreshStats(state.num_refreshes, state.isolated_fraction,
+                                   state.num_flipped, state.jaccard_prev, state.jaccard_first,
+                                   state.threshold)
   shapes = [leaf.shape for leaf in layout]
 
   # Only small arrays cross the cond: the refresh branch finds the cuts and
@@ -138,8 +139,8 @@ def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params, nu) ->
     ranked, old_mask, old_first, old_streak = operands
     cuts, threshold = refresh.find_cuts(options, layout, ranked)
     old = [refresh.as_bool(m, s) for m, s in zip(old_mask, shapes)]
-    mask, _ = refresh.with_hysteresis(options.release_after, refresh.top_masks(layout, ranked, *cuts), old,
-                               old_streak)
+    top = refresh.top_masks(layout, ranked, *cuts)
+    mask, _ = refresh.with_hysteresis(options.release_after, top, old, old_streak)
     first = None
     if options.track_first_mask:
       first = [jnp.where(state.num_refreshes == 0, m, refresh.as_bool(o, s))
