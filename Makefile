@@ -41,10 +41,11 @@ test: install tunix
 	-$(VENV)/bin/epi-jax data prepare
 	$(PY) -m pytest $(PYTEST_XDIST) -q $(PYTEST_ARGS)
 
-# The per-commit check (target 3 min idle on 2 cores; at a 4.5 s per-test budget
-# about 155 s, estimated from tests/durations.json, not measured): every test file's
-# cheap tests, in parallel like `make test`; the slow ones (marked, or over the
-# per-test budget in tests/durations.json: tests/conftest.py) are left to `make test`.
+# The per-commit check (target 3 min idle on 2 cores; measured idle 2026-12-07: 167 s
+# and 170 s, `make test` 863 s and 849 s): every test file's cheap tests, in parallel
+# like `make test`; the slow ones (marked, over the per-test budget in
+# tests/durations.json, or using a fixture that trains a run: tests/conftest.py) are
+# left to `make test`.
 test-fast: install tunix
 	-$(VENV)/bin/epi-jax data prepare
 	$(PY) -m pytest $(PYTEST_XDIST) -q -m "not slow" $(PYTEST_ARGS)
