@@ -109,6 +109,11 @@ def test_sequential_end_to_end_tiny(tmp_path):
   assert all(0.0 <= j <= 1.0 for j in epi["jaccard_vs_full"])
   assert locks["static"]["first_run"]["ongoing_spell_share"] == 1.0  # one mask, never released
   assert "Lock-in of the mask" in md
+  # EPI's curves plotted (static's single refresh is not a curve; no heatmap for it).
+  plots = {p.name for p in (workdir / "plots").iterdir()}
+  assert {"gsm8k_then_chat_lock_in.png", "gsm8k_then_chat_drift.png",
+          "gsm8k_then_chat_layer_heatmap_epi.png"} <= plots
+  assert "gsm8k_then_chat_layer_heatmap_static.png" not in plots
 
 
 def test_staged_config_validation():

@@ -30,6 +30,26 @@ def pyplot():
   return plt
 
 
+def _panels(curves: Mapping[str, Mapping[str, Any]], panels, path, *, xlabel: str,
+            fractions: Sequence[int]) -> pathlib.Path:
+  """One figure, a panel per ``(title, values of a curve)`` of ``panels``, a line
+  per curve over its ``step``; the panels at ``fractions`` span [0, 1]."""
+  plt = pyplot()
+  fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))
+  for ax, (title, values) in zip(axes, panels):
+    for label, c in curves.items():
+      ys = values(c)
+      if ys:
+        ax.plot(c["step"], _nan(ys), marker=".", label=label)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+  for i in fractions:
+    axes[i].set_ylim(0, 1.02)
+  axes[0].legend(fontsize=8)
+  return save(plt, fig, path)
+
+
 def plot_drift(curves: Mapping[str, Mapping[str, Any]], path, *,
                what: str = "mask") -> pathlib.Path | None:
   """Jaccard vs first and vs previous set over refresh steps, one line per run.
@@ -40,24 +60,12 @@ def plot_drift(curves: Mapping[str, Mapping[str, Any]], path, *,
   curves = {k: v for k, v in curves.items() if drift_lib.meaningful(v)}
   if not curves:
     return None
-  plt = pyplot()
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-  for label, c in curves.items():
-    axes[0].plot(c["step"], _nan(c["jaccard_first"]), marker=".", label=label)
-    axes[1].plot(c["step"], _nan(c["jaccard_prev"]), marker=".", label=label)
-    mig = _nan(c.get("migration", []))
-    if mig:
-      axes[2].plot(c["step"], mig, marker=".", label=label)
   entries = "isolated entries" if what == "mask" else "top-p entries"
-  for ax, title in zip(axes, (f"Jaccard vs first {what}", f"Jaccard vs previous {what}",
-                              f"{entries} migrating across layers")):
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylim(0, 1.02)
-  axes[1].set_ylim(0, 1.02)
-  axes[0].legend(fontsize=8)
-  return save(plt, fig, path)
+  return _panels(curves, ((f"Jaccard vs first {what}", lambda c: c["jaccard_first"]),
+                          (f"Jaccard vs previous {what}", lambda c: c["jaccard_prev"]),
+                          (f"{entries} migrating across layers",
+                           lambda c: c.get("migration") or [])),
+                 path, xlabel="step", fractions=(0, 1))
 
 
 def plot_lock_in(curves: Mapping[str, Mapping[str, Any]], path) -> pathlib.Path | None:
@@ -68,21 +76,12 @@ def plot_lock_in(curves: Mapping[str, Mapping[str, Any]], path) -> pathlib.Path 
   curves = {k: c for k, c in curves.items() if len(c.get("step", ())) > 1}
   if not curves:
     return None
-  plt = pyplot()
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-  panels = (("release_fraction", "share of the isolated entries released"),
-            ("importance_ratio", "importance isolated / trainable"),
-            ("jaccard_vs_full", "Jaccard of the mask vs full SFT's top-p set"))
-  for ax, (key, title) in zip(axes, panels):
-    for label, c in curves.items():
-      ax.plot(c["step"], _nan(c.get(key) or [None] * len(c["step"])), marker=".", label=label)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("refresh step")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylim(0, 1.02)
-  axes[2].set_ylim(0, 1.02)
-  axes[0].legend(fontsize=8)
-  return save(plt, fig, path)
+  return _panels(curves, (("share of the isolated entries released",
+                           lambda c: c.get("release_fraction")),
+                          ("importance isolated / trainable", lambda c: c.get("importance_ratio")),
+                          ("Jaccard of the mask vs full SFT's top-p set",
+                           lambda c: c.get("jaccard_vs_full"))),
+                 path, xlabel="refresh step", fractions=(0, 2))
 
 
 def save(plt, fig, path) -> pathlib.Path:
