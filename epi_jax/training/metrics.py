@@ -7,8 +7,8 @@ statistics); ``RefreshRecords`` records what happens on the refresh
 schedule: a ``refreshes.jsonl`` record at each EPI mask refresh
 (``RefreshLog``) and, with ``epi.track_importance``, an
 ``importance_drift.jsonl`` record of the top-p importance set
-(``importance_drift.ImportanceDrift``); ``MetricsWriter`` writes them. Only process 0 writes. On
-resume, records after the restored step (logged by the interrupted run after
+(``importance_drift.ImportanceDrift``); ``MetricsWriter`` writes them. Only
+process 0 writes. On resume, records after the restored step (logged by the interrupted run after
 its last checkpoint) are dropped, so each step appears once.
 """
 

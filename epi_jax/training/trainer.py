@@ -148,10 +148,17 @@ def fresh_start(config, mesh=None) -> tuple[TrainSetup, step_lib.TrainState, Any
   lays out its state on ``mesh`` (default: ``sharding.make_mesh(config.mesh)``).
   """
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  ts, params, _, it = _build(config, mesh)
+  return ts, ts.init_state(params), it
+
+
+def _build(config, mesh):
+  """``(setup, params, tokenizer, data iterator)``: the data prepared, the model
+  built, its state laid out on ``mesh`` (the start of ``train`` and ``fresh_start``)."""
   data_kwargs = inputs.ensure_data(config)
   spec, params, tokenizer = model_setup.build(config.model, config.seed, mesh)
   ts = setup(config, mesh, spec)
-  return ts, ts.init_state(params), inputs.make_iterator(config, tokenizer, data_kwargs, mesh)
+  return ts, params, tokenizer, inputs.make_iterator(config, tokenizer, data_kwargs, mesh)
 
 
 def setup(config, mesh, spec: model_setup.ModelSpec | None = None) -> TrainSetup:
@@ -251,11 +258,9 @@ def _train(config, workdir, mesh, changes, stop_after, t_start) -> TrainResult:
       print("[epi_jax] resuming with config changes: " + "; ".join(
           f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)
     files.write_text_atomic(workdir / "config.json", cfg_lib.to_json(config))
-  data_kwargs = inputs.ensure_data(config)
-  spec, params, tokenizer = model_setup.build(config.model, config.seed, mesh)
-  ts = setup(config, mesh, spec)
+  ts, params, tokenizer, it = _build(config, mesh)
+  spec = ts.spec
   ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpointing)
-  it = inputs.make_iterator(config, tokenizer, data_kwargs, mesh)
 
   # --- Resume from the newest checkpoint, or start at step 0.
   restored = None
