@@ -7,7 +7,9 @@ configs/tpu_llama3_8b.py, the model replaced by ``--models``, the mesh all FSDP
 per chip, for ``--methods``. Each cell's records go to ``OUT/<model>_<seq>_<topology>.json``;
 a cell whose file exists is skipped, so a rerun resumes. Then ``OUT/plan_table.md``
 tabulates every finished cell: per chip HBM and fit, EPI's extra HBM over full
-SFT's (and its state's share), bytes per step against full's, the estimated step
+SFT's (and its state's share), bytes per step against full's (a plain step, a
+refreshing one, and their average over the schedule at the config's T; and the
+floor: full's plus what EPI must read and write), the estimated step
 time and MFU (a roofline estimate, labelled so), collectives, compile time.
 
   python benchmarks/plan_table.py --out docs/plan \\
@@ -41,27 +43,39 @@ def plan_command(config: str, model: str, seq_len: int, topology: str, chips: in
           "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1"]
 
 
+def _bytes_vs_full(r, full) -> tuple[str, str]:
+  """(plain step / refreshing step / amortized over the schedule, each against
+  full SFT's step; the floor: full's plus the least EPI must add)."""
+  if not full or not full.get("bytes_per_step"):
+    return "–", "–"
+  base = full.get("bytes_per_plain_step", full["bytes_per_step"])
+  parts = [r.get(k) for k in ("bytes_per_plain_step", "bytes_per_refresh_step")]
+  ratios = [f"{b / base:.2f}x" for b in parts if b] + [f"{r['bytes_per_step'] / base:.2f}x"]
+  floor = r.get("bytes_epi_floor")
+  return " / ".join(ratios), (f"{(base + floor) / base:.2f}x" if floor else "–")
+
+
 def table(cells: dict[str, list[dict]]) -> str:
   """Markdown rows, one per (cell, method), EPI's extras against the cell's full SFT."""
   lines = ["| model | seq | slice | method | total / HBM GiB | fits | EPI state GiB | "
-           "extra over full GiB | temp GiB | bytes/step vs full | est. step s | est. MFU | "
-           "update-alone temp GiB | step collectives | compile s |",
-           "|---" * 15 + "|"]
+           "extra over full GiB | temp GiB | bytes/step vs full: plain / refresh / at T | "
+           "EPI floor | est. step s | est. MFU | update-alone temp GiB | step collectives | "
+           "compile s |",
+           "|---" * 16 + "|"]
   for name, records in cells.items():
     model, seq, topo = name.rsplit("_", 2)
     full = next((r for r in records if r["method_name"] == "full"), None)
     for r in records:
       h = r["hbm_gib"]
       extra = f"{h['total'] - full['hbm_gib']['total']:+.2f}" if full and r is not full else "–"
-      ratio = (f"{r['bytes_per_step'] / full['bytes_per_step']:.2f}x"
-               if full and full.get("bytes_per_step") else "–")
+      ratio, floor = _bytes_vs_full(r, full)
       upd = r.get("epi_update") or {}
       coll = ", ".join(f"{k} {v}" for k, v in sorted(r.get("collectives", {}).items()) if v)
       lines.append(
           f"| {model} | {seq} | {topo} | {r['method_name']} | {h['total']:.1f} / "
           f"{h['capacity']:g} | {'yes' if r['fits'] else '**no**'} | {h.get('epi', 0):.2f} | "
-          f"{extra} | {h['temp']:.1f} | {ratio} | {r.get('est_step_s', float('nan')):.3g} | "
-          f"{r.get('est_mfu', float('nan')):.0%} | "
+          f"{extra} | {h['temp']:.1f} | {ratio} | {floor} | "
+          f"{r.get('est_step_s', float('nan')):.3g} | {r.get('est_mfu', float('nan')):.0%} | "
           f"{upd.get('temp_gib', 0.0):.3g} | {coll} | {r.get('compile_s', float('nan')):.0f} |")
   return "\n".join(lines) + "\n"
 

@@ -92,6 +92,48 @@ def test_plan_full_and_epi_on_v5e_4(v5e4, tmp_path, capsys):
     # tiny's attention is "auto": splash for a TPU mesh, as the Mosaic kernel.
     assert r["attention_kernel"] == "splash (Mosaic kernel)"
   assert records["full"]["hbm_gib"]["epi"] == 0 and records["epi"]["hbm_gib"]["epi"] > 0
+  # Bytes: full SFT has no refresh; EPI's plain step leaves the refresh branch out, and
+  # adds at least what it must read and write to full's; the run averages the two.
+  full, epi = records["full"], records["epi"]
+  assert (full["bytes_per_plain_step"] == full["bytes_per_refresh_step"]
+          == full["bytes_per_step"] == full["bytes_both_branches"])
+  assert full["refresh_share"] == 0 and full["bytes_epi_floor"] == 0
+  assert epi["bytes_per_plain_step"] < epi["bytes_per_refresh_step"] <= epi["bytes_both_branches"]
+  assert epi["bytes_per_plain_step"] - full["bytes_per_plain_step"] >= epi["bytes_epi_floor"] > 0
+  tiny = cfg_lib.load_config_file(TINY)  # refreshes at T, 2T, ... of its total_steps
+  assert epi["refresh_share"] == (tiny.total_steps // tiny.epi.update_interval) / tiny.total_steps
+  assert epi["bytes_per_step"] == pytest.approx(
+      epi["bytes_per_plain_step"] + epi["refresh_share"] * (
+          epi["bytes_per_refresh_step"] - epi["bytes_per_plain_step"]))
+
+
+def test_bytes_of_a_refresh_cond_count_the_branch_taken(v5e4):
+  """XLA's cost analysis counts every branch of a cond (and a loop's body once); the
+  plan counts the branch that a plain or a refreshing step takes: here a refresh
+  branch of ten passes over x (each reads and writes it) against an identity."""
+  from epi_jax.method.transforms import REFRESH_SCOPE  # pylint: disable=g-import-not-at-top
+  _, devices = v5e4
+  mesh = jax.sharding.Mesh(devices[:1], ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  n = 1 << 20
+  passes = lambda x: jax.lax.fori_loop(0, 10, lambda i, a: a + jnp.sin(a) * i, x)
+
+  def step(refresh, x, scope):
+    with jax.named_scope(scope):
+      return 2 * jax.lax.cond(refresh, passes, lambda a: a, x)
+
+  pick = plan.refresh_branch(REFRESH_SCOPE)
+  args = (jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep),
+          jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rep))
+  for scope in (REFRESH_SCOPE, "another_cond"):
+    compiled = jax.jit(step, static_argnums=2).lower(*args, scope).compile()
+    hlo, counted = compiled.as_text(), plan._cost(compiled)["bytes accessed"]
+    plain, refresh, both = (counted + plan.loop_extra_bytes(hlo, p)[0]
+                            for p in (pick(False), pick(True), None))
+    if scope == REFRESH_SCOPE:
+      assert refresh == both and refresh - plain == pytest.approx(10 * 8 * n, rel=0.05)
+    else:  # not EPI's refresh: both branches, as XLA counts them
+      assert plain == refresh == both
 
 
 def test_flops_scanned_and_unscanned_agree(v5e4):

@@ -33,6 +33,10 @@ from epi_jax.method.layout import can_isolate, leaf_layout
 from epi_jax.method.options import (INNER_NU, EPIOptions, Eligible, LayerAxes, OptionError,
                                     is_refresh_step, numeric_option)
 
+# The named scope of the refresh's ``lax.cond``: its ops carry it in the
+# compiled program's metadata.
+REFRESH_SCOPE = "epi_refresh"
+
 
 # ---------------------------------------------------------------------------
 # The update both forms share.
@@ -151,8 +155,11 @@ def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params, nu) ->
     del operands
     return refresh.no_cuts(options, layout), old_stats
 
-  cuts, stats = jax.lax.cond(do_refresh, refresh_branch, keep_branch,
-                             (ranked, old_mask, old_first, old_streak))
+  # The scope names the cond in the compiled program, so that a plan can count
+  # a plain step and a refreshing step apart (``training/plan.py``).
+  with jax.named_scope(REFRESH_SCOPE):
+    cuts, stats = jax.lax.cond(do_refresh, refresh_branch, keep_branch,
+                               (ranked, old_mask, old_first, old_streak))
   new, streak = refresh.with_hysteresis(
       options.release_after, refresh.top_masks(layout, ranked, *cuts),
       old_mask, old_streak)

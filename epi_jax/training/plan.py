@@ -30,8 +30,15 @@ a table row and, with ``--json``, one record (per chip):
   them (every op of the body reads its operands and writes its result; a
   fusion reads only the slices of an operand it only slices, e.g. one layer
   of the stacked params; a dynamic-update-slice writes only its update).
-  Both branches of a ``lax.cond`` (EPI's refresh) count, as in
-  ``cost_analysis()``.
+  ``cost_analysis()`` counts every branch of a ``lax.cond``; EPI's refresh
+  (the cond named :data:`~epi_jax.method.transforms.REFRESH_SCOPE`) runs one
+  of its two: ``bytes_per_plain_step`` leaves the refresh branch out,
+  ``bytes_per_refresh_step`` the other, and ``bytes_per_step`` is their
+  average over the run's schedule (``refresh_share``: the share of
+  ``total_steps`` that refresh, 1/T for evolving EPI).
+  ``bytes_both_branches``: the compiler's way, both branches counted.
+  ``bytes_epi_floor``: the least a plain step of EPI can add to full SFT's
+  (read and write the importance, read the mask; the gradient is read anyway).
 * ``est_step_s``, ``est_mfu``: a roofline ESTIMATE, ``max(executed FLOPs /
   peak bf16 FLOP/s, bytes / HBM bandwidth)`` from the chip's published figures
   (:data:`CHIPS`), the executed FLOPs being ``flops_per_step`` plus a third
@@ -336,36 +343,75 @@ def _body_bytes(lines, comps) -> float:
   return total
 
 
-def loop_extra_bytes(hlo_text: str) -> tuple[float, list[int]]:
-  """Bytes that ``cost_analysis()`` leaves out by counting each ``while`` body
-  once: ``sum((trips - 1) x one iteration's bytes)`` over the loops whose trip
-  count is known (nested loops multiply), and those trip counts."""
-  comps = _computations(hlo_text)
-  found: list[int] = []
+def _branches(line: str) -> list[str]:
+  """A ``conditional``'s branch computations by index (a predicate's: false, true)."""
+  listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+  if listed:
+    return re.findall(r"%?([\w.\-]+)", listed.group(1))
+  pair = [re.search(name + r"=%?([\w.\-]+)", line) for name in ("false_computation",
+                                                                  "true_computation")]
+  return [m.group(1) for m in pair if m]
 
-  def walk(lines, mult: int, depth: int) -> float:
-    extra = 0.0
-    for line in lines:
-      m = _INSTR.match(line)
-      if not m or depth > 8:
-        continue
-      if m.group(3) == "while":
-        body = re.search(r"body=%?([\w.\-]+)", line)
-        n = _trip_count(line, comps)
-        if body and body.group(1) in comps and n:
+
+def _run_bytes(name, comps, *, loops: bool, pick, found: list | None, depth: int = 0) -> float:
+  """HBM bytes of one run of computation ``name``: its own ops (:func:`_body_bytes`)
+  and what its loops, conditionals and calls run. ``loops``: a loop's body counts
+  its trip count times (else once, as ``cost_analysis()`` counts it); a
+  conditional counts every branch (as ``cost_analysis()`` does) unless
+  ``pick(line)`` names the one taken."""
+  lines = comps.get(name, [])
+  total = _body_bytes(lines, comps)
+  if depth > 8:
+    return total
+  run = lambda callee, n=1: n * _run_bytes(callee, comps, loops=loops, pick=pick,  # pylint: disable=unnecessary-lambda-assignment
+                                           found=found, depth=depth + 1)
+  for line in lines:
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    if m.group(3) == "while":
+      body = re.search(r"body=%?([\w.\-]+)", line)
+      n = _trip_count(line, comps)
+      if body and body.group(1) in comps:
+        if n and found is not None:
           found.append(n)
-          lines_b = comps[body.group(1)]
-          extra += (mult * n - mult) * _body_bytes(lines_b, comps)
-          extra += walk(lines_b, mult * n, depth + 1)
-      elif m.group(3) in ("conditional", "call"):
-        for callee in re.findall(r"(?:branch_computations=\{|true_computation=|"
-                                 r"false_computation=|to_apply=)([^}]*)", line):
-          for name in re.findall(r"%?([\w.\-]+)", callee):
-            if name in comps:
-              extra += walk(comps[name], mult, depth + 1)
-    return extra
+        total += run(body.group(1), n if (loops and n) else 1)
+    elif m.group(3) == "conditional":
+      taken = pick(line) if pick else None
+      total += sum(run(b) for i, b in enumerate(_branches(line)) if taken in (None, i))
+    elif m.group(3) == "call":
+      callee = re.search(r"to_apply=%?([\w.\-]+)", line)
+      if callee:
+        total += run(callee.group(1))
+  return total
 
-  return (walk(comps["__entry__"], 1, 0) if "__entry__" in comps else 0.0), found
+
+def loop_extra_bytes(hlo_text: str, pick=None) -> tuple[float, list[int]]:
+  """What to add to ``cost_analysis()``'s bytes for the bytes a step runs:
+  ``cost_analysis()`` counts each ``while`` body once and every branch of a
+  conditional; a run executes a body its trip count times (nested loops
+  multiply) and, with ``pick(conditional's line) -> branch index or None``,
+  only the branch taken. Returns that difference (estimated from the compiled
+  HLO, :func:`_body_bytes`) and the loops' known trip counts."""
+  comps = _computations(hlo_text)
+  if "__entry__" not in comps:
+    return 0.0, []
+  found: list[int] = []
+  ran = _run_bytes("__entry__", comps, loops=True, pick=pick, found=found)
+  counted = _run_bytes("__entry__", comps, loops=False, pick=None, found=None)
+  return ran - counted, found
+
+
+def refresh_branch(scope: str):
+  """``pick`` for :func:`loop_extra_bytes`: ``pick(refresh)(line)`` is the branch
+  index that ``refresh`` (bool) takes in a conditional that the named scope
+  ``scope`` wraps (a ``lax.cond``: 0 false, 1 true), None for other lines."""
+  pattern = re.compile(r'op_name="[^"]*\b' + re.escape(scope) + r'/cond"')
+
+  def for_step(refresh: bool):
+    return lambda line: (int(refresh) if " conditional(" in line and pattern.search(line)
+                         else None)
+  return for_step
 
 
 def _cost(compiled) -> dict:
@@ -419,6 +465,16 @@ def abstract_batch(config, mesh):
       ("segment_ids", "int32"), ("positions", "int32"), ("task_ids", "int32"))}
 
 
+def _refresh_share(config, method) -> float:
+  """The share of the run's ``total_steps`` that refresh the mask (``1 / T``
+  for evolving EPI, once for static, 0 without EPI's schedule)."""
+  from epi_jax.method.options import is_refresh_step  # pylint: disable=g-import-not-at-top
+  options, n = method.epi_options, max(1, int(config.total_steps))
+  if options is None or not method.is_epi:
+    return 0.0
+  return sum(bool(is_refresh_step(s, options)) for s in range(1, n + 1)) / n
+
+
 def _update_alone(ts):
   """The optimizer update compiled alone: (temp bytes, collectives)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -454,6 +510,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   """
   import jax  # pylint: disable=g-import-not-at-top
   from epi_jax.method.inspection import epi_state  # pylint: disable=g-import-not-at-top
+  from epi_jax.method.transforms import REFRESH_SCOPE  # pylint: disable=g-import-not-at-top
   from epi_jax.model import attention as attention_lib  # pylint: disable=g-import-not-at-top
   from epi_jax.model.config import train_flops_per_token  # pylint: disable=g-import-not-at-top
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
@@ -468,8 +525,13 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   pairs = lambda tree, shard: list(zip(jax.tree.leaves(tree), jax.tree.leaves(shard)))
   params_b = _bytes_of(pairs(abstract.params, shardings.params))
   opt_b = _bytes_of(pairs(abstract.opt_state, shardings.opt_state))
-  epi_b = (_bytes_of(pairs(epi_state(abstract.opt_state), epi_state(shardings.opt_state)))
-           if ts.method.is_epi else 0)
+  epi_b = floor_b = 0
+  if ts.method.is_epi:
+    es, esh = epi_state(abstract.opt_state), epi_state(shardings.opt_state)
+    epi_b = _bytes_of(pairs(es, esh))
+    # A plain step must read and write the importance and read the mask.
+    floor_b = (2 * _bytes_of(pairs(es.importance, esh.importance))
+               + _bytes_of(pairs(es.mask, esh.mask)))
   step_b = _bytes_of(pairs(abstract.step, shardings.step))
   batch = abstract_batch(config, mesh)
   batch_b = _bytes_of([(a, a.sharding) for a in batch.values()])
@@ -493,8 +555,13 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   chips = int(mesh.size)
   tokens = config.data.batch_size * config.data.seq_len
   flops = train_flops_per_token(ts.spec.config, config.data.seq_len) * tokens / chips
-  extra_b, trips = loop_extra_bytes(hlo)
-  bytes_step = float(cost.get("bytes accessed", 0.0)) + extra_b
+  counted = float(cost.get("bytes accessed", 0.0))
+  both_b, trips = loop_extra_bytes(hlo)
+  pick = refresh_branch(REFRESH_SCOPE)
+  plain_b = counted + loop_extra_bytes(hlo, pick(False))[0]
+  refresh_b = counted + loop_extra_bytes(hlo, pick(True))[0]
+  refreshes = _refresh_share(config, ts.method)
+  bytes_step = plain_b + refreshes * (refresh_b - plain_b)
   impl = attention_lib.resolve(config.model.attention, attention_lib.platform(mesh))
   record = {
       "chips": chips, "method": config.method,
@@ -504,6 +571,11 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
       "flops_per_step": flops,
       "compiler_flops": float(cost.get("flops", 0.0)),
       "bytes_per_step": bytes_step,
+      "bytes_per_plain_step": plain_b,
+      "bytes_per_refresh_step": refresh_b,
+      "bytes_both_branches": counted + both_b,
+      "refresh_share": refreshes,
+      "bytes_epi_floor": floor_b,
       "loop_trip_counts": trips,
       "est_step_s": None, "est_mfu": None,
       "collectives": count_collectives(hlo),
@@ -558,7 +630,8 @@ def _row(r) -> str:
           f"{g['batch']:.3g} | {g['padding']:.3g} | {g['temp']:.3g} | "
           f"{g['total']:.3g} / {g['capacity']:g} | "
           f"{'yes' if r['fits'] else 'NO'} | {r['flops_per_step']:.3g} | "
-          f"{r['bytes_per_step']:.3g} | {r['est_step_s']:.3g} | {r['est_mfu']:.0%} | {coll} | "
+          f"{r['bytes_per_plain_step']:.3g} / {r['bytes_per_refresh_step']:.3g} | "
+          f"{r['est_step_s']:.3g} | {r['est_mfu']:.0%} | {coll} | "
           f"{upd.get('temp_gib', 0):.3g} | {r['attention_kernel']} | {r['compile_s']} |")
 
 
@@ -597,7 +670,7 @@ def plan_main(argv=None) -> int:
         f"{topo.chip.hbm_gib:g} GiB HBM each; per chip; est_* are a roofline estimate "
         "(peak bf16 FLOP/s, HBM bandwidth), not a measurement", file=sys.stderr)
   print("| method | params GiB | optimizer GiB | EPI GiB | batch GiB | padding GiB | temp GiB | "
-        "total / HBM GiB | fits | FLOPs/step | bytes/step | est. step s | est. MFU | "
+        "total / HBM GiB | fits | FLOPs/step | bytes/step plain / refresh | est. step s | est. MFU | "
         "collectives | update-alone temp GiB | attention | compile s |")
   print("|---" * 17 + "|")
   for name in methods:
