@@ -49,10 +49,12 @@ def _bytes_vs_full(r, full) -> tuple[str, str]:
   if not full or not full.get("bytes_per_step"):
     return "–", "–"
   base = full.get("bytes_per_plain_step", full["bytes_per_step"])
-  parts = [r.get(k) for k in ("bytes_per_plain_step", "bytes_per_refresh_step")]
-  ratios = [f"{b / base:.2f}x" for b in parts if b] + [f"{r['bytes_per_step'] / base:.2f}x"]
+  if "bytes_per_plain_step" not in r:  # a plan from before the split: both branches counted
+    return f"{r['bytes_per_step'] / base:.2f}x (both branches)", "–"
+  parts = [r[k] for k in ("bytes_per_plain_step", "bytes_per_refresh_step", "bytes_per_step")]
   floor = r.get("bytes_epi_floor")
-  return " / ".join(ratios), (f"{(base + floor) / base:.2f}x" if floor else "–")
+  return (" / ".join(f"{b / base:.2f}x" for b in parts),
+          f"{(base + floor) / base:.2f}x" if floor else "–")
 
 
 def table(cells: dict[str, list[dict]]) -> str:

@@ -31,3 +31,10 @@ def test_finished_cells_are_tabulated_without_compiling(tmp_path):
   assert "| +11.30 |" in rows[3] and "| 1.05x / 2.05x / 1.06x | 1.04x |" in rows[3] and "all-reduce 3" in rows[3]
   assert "all-gather" not in rows[3]  # zero counts are left out
   assert "| **no** |" in rows[4]
+
+
+def test_a_plan_from_before_the_split_says_both_branches():
+  full, epi = _record("full", 37.2), _record("epi", 48.5, epi=11.2, bytes_=1.2e11)
+  del epi["bytes_per_plain_step"], epi["bytes_per_refresh_step"]
+  row = TABLE["table"]({"llama-3-8b_2048_v5p-8": [full, epi]}).splitlines()[3]
+  assert "| 1.20x (both branches) | – |" in row
