@@ -166,8 +166,7 @@ class Cuts(NamedTuple):
   slice): its normalization factor and its bit threshold, per slice for a
   stacked leaf, shaped to broadcast against the leaf.
 
-  Only these small arrays leave the refresh: the masks are rebuilt from them
-  elementwise, leaf by leaf (``top_masks``).
+  The masks are built from them elementwise, leaf by leaf (``top_masks``).
   """
   scales: list[Optional[jax.Array]]  # float32 [] or [slices] broadcast
   thrs: list[Optional[jax.Array]]    # int32: a scalar (global selection), else like the scales

@@ -133,48 +133,38 @@ def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params, nu) ->
                                    state.threshold)
   shapes = [leaf.shape for leaf in layout]
 
-  # Only small arrays cross the cond: the refresh branch finds the cuts and
-  # the statistics of the new mask, every count a fused read of the leaves it
-  # counts (no mask or score is materialized in the branch); the mask itself
-  # is then rebuilt elementwise outside, leaf by leaf, fused with the update
-  # that it masks. Big arrays returned through a cond's branches cost copies
-  # on every step.
+  # The masks change only at a refresh: a plain step passes them through the
+  # cond untouched (no read of the scores, no write of a mask). The refresh
+  # branch finds the cuts (every count a fused read of the leaves it counts),
+  # builds the new masks from them and counts their statistics.
   def refresh_branch(operands):
     ranked, old_mask, old_first, old_streak = operands
     cuts, threshold = refresh.find_cuts(options, layout, ranked)
     old = [refresh.as_bool(m, s) for m, s in zip(old_mask, shapes)]
-    top = refresh.top_masks(layout, ranked, *cuts)
-    mask, _ = refresh.with_hysteresis(options.release_after, top, old, old_streak)
-    first = None
+    mask, streak = refresh.with_hysteresis(
+        options.release_after, refresh.top_masks(layout, ranked, *cuts), old, old_streak)
+    first = old_first
     if options.track_first_mask:
       first = [jnp.where(state.num_refreshes == 0, m, refresh.as_bool(o, s))
                for m, o, s in zip(mask, old_first, shapes)]
-    return cuts, refresh.refresh_stats(options, layout, mask, old, first, old_stats, threshold)
+    stats = refresh.refresh_stats(options, layout, mask, old, first, old_stats, threshold)
+    mask = [refresh.store_mask(options, m) for m in mask]
+    if options.track_first_mask:  # the first refresh's mask, as stored
+      first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, old_first)]
+    return mask, first, streak, stats
 
   def keep_branch(operands):
-    del operands
-    return refresh.no_cuts(options, layout), old_stats
+    _, old_mask, old_first, old_streak = operands
+    return old_mask, old_first, old_streak, old_stats
 
   # The scope names the cond in the compiled program, so that a plan can count
   # a plain step and a refreshing step apart (``training/plan.py``).
   with jax.named_scope(REFRESH_SCOPE):
-    cuts, stats = jax.lax.cond(do_refresh, refresh_branch, keep_branch,
-                               (ranked, old_mask, old_first, old_streak))
-  new, streak = refresh.with_hysteresis(
-      options.release_after, refresh.top_masks(layout, ranked, *cuts),
-      old_mask, old_streak)
-  new = [refresh.store_mask(options, m) for m in new]
-  pick = lambda n, o: jnp.where(do_refresh, n, o)  # pylint: disable=unnecessary-lambda-assignment
-  mask = [pick(n, o) for n, o in zip(new, old_mask)]
-  first_mask = state.first_mask
-  if options.track_first_mask:
-    is_first = do_refresh & (state.num_refreshes == 0)
-    # From the mask just stored (equal to ``new`` when ``is_first``): a select
-    # of two masks, not a second rebuild of the new one from the importance.
-    first_mask = jax.tree.unflatten(treedef, [jnp.where(is_first, m, o)
-                                              for m, o in zip(mask, old_first)])
+    mask, first, streak, stats = jax.lax.cond(do_refresh, refresh_branch, keep_branch,
+                                              (ranked, old_mask, old_first, old_streak))
+  first_mask = jax.tree.unflatten(treedef, first) if options.track_first_mask else state.first_mask
   if options.release_after > 1:
-    streak = jax.tree.unflatten(treedef, [pick(n, o) for n, o in zip(streak, old_streak)])
+    streak = jax.tree.unflatten(treedef, streak)
   return new_state._replace(mask=jax.tree.unflatten(treedef, mask), first_mask=first_mask,
                             out_streak=streak, **stats._asdict())
 
