@@ -2,7 +2,7 @@
 
 What ``transforms`` composes into a step: the importance EMA (``ema``), the
 values a refresh ranks (``ranked_values``), its per-leaf cuts (``find_cuts``:
-normalization factors and top-k thresholds), the masks rebuilt from them
+normalization factors and top-k thresholds), the masks built from them
 (``top_masks``), hysteresis and the refresh's statistics. Functions of lists of
 leaves and ``EPIOptions``; the optimizer state lives in ``transforms``.
 """
