@@ -128,9 +128,14 @@ def _xla(q, k, v, mask):
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
 
 
-def _cudnn(q, k, v, segment_ids):
+def _cudnn(q, k, v, segment_ids, *, mesh=None):
   lengths = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
   k, v = k.astype(q.dtype), v.astype(q.dtype)
+  sharded = _qkv_sharding(mesh, q, k)
+  if sharded is not None:  # cuDNN's partitioner needs q, k and v sharded alike
+    on, qkv = sharded
+    q, k, v = (jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(on, qkv))
+               for x in (q, k, v))
   return jax.nn.dot_product_attention(
       q, k, v, is_causal=True, query_seq_lengths=lengths,
       key_value_seq_lengths=lengths, implementation="cudnn")
@@ -155,12 +160,12 @@ def _splash_local(q, k, v, segment_ids, *, interpret: bool):
   return to_heads(out)
 
 
-def _splash(q, k, v, segment_ids, *, interpret: bool, mesh=None):
-  """Splash attention; on a multi-device ``mesh`` one kernel per shard (shard_map)
-  over the batch axes and, where the heads divide it, the ``tensor`` axis."""
-  local = functools.partial(_splash_local, interpret=interpret)
+def _qkv_sharding(mesh, q, k):
+  """``(mesh, spec)`` of ``[B, L, H, D]`` q, k and v on a multi-device ``mesh``:
+  the batch over its batch axes and, where the heads divide it, the heads over
+  ``tensor``; None on one device or when neither divides."""
   if mesh is None or mesh.size == 1:
-    return local(q, k, v, segment_ids)
+    return None
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   context = jax.sharding.get_abstract_mesh()  # inside auto_axes: its Auto view
   on = mesh if context.empty else context
@@ -170,11 +175,19 @@ def _splash(q, k, v, segment_ids, *, interpret: bool, mesh=None):
     batch = None
   t = names.get("tensor", 1)
   heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
-  if batch is None and heads is None:
+  return None if batch is None and heads is None else (on, P(batch, None, heads, None))
+
+
+def _splash(q, k, v, segment_ids, *, interpret: bool, mesh=None):
+  """Splash attention; on a multi-device ``mesh`` one kernel per shard (shard_map)
+  over the batch axes and, where the heads divide it, the ``tensor`` axis."""
+  local = functools.partial(_splash_local, interpret=interpret)
+  sharded = _qkv_sharding(mesh, q, k)
+  if sharded is None:
     return local(q, k, v, segment_ids)
-  qkv = P(batch, None, heads, None)
-  return jax.shard_map(local, mesh=on, in_specs=(qkv, qkv, qkv, P(batch, None)),
-                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
+  on, qkv = sharded
+  return jax.shard_map(local, mesh=on, in_specs=(qkv, qkv, qkv, jax.sharding.PartitionSpec(
+      qkv[0], None)), out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids=None, q_offset=0,
@@ -206,7 +219,7 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids=None, q_offset=0,
   if impl == "cudnn":
     if target != "gpu":
       raise ValueError("attention='cudnn' needs a GPU backend; use 'auto' or 'xla'")
-    return _cudnn(q, k, v, q_segment_ids)
+    return _cudnn(q, k, v, q_segment_ids, mesh=target_mesh())
   if impl == "splash":
     return _splash(q, k, v, q_segment_ids, interpret=target != "tpu", mesh=target_mesh())
   mask = _mask(q_segment_ids, kv_segment_ids, q_offset)
