@@ -127,7 +127,7 @@ def state_shardings(abstract_state, param_shapes: Mapping[str, Any],
   A leaf is per-parameter when the last dict key on its path names a
   parameter and its shape equals that parameter's; it then gets the
   parameter's sharding. A leaf of the parameter's rank but another shape
-  (EPI's bit-packed masks: the last axis 8x shorter) keeps the parameter's
+  (EPI's bit-packed masks: the second-to-last axis 8x shorter) keeps the parameter's
   spec on every dimension it still divides. Everything else (counters,
   scalars) is replicated.
   """

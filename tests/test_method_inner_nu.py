@@ -107,8 +107,10 @@ def _nbytes(tree):
 
 
 def test_state_has_no_importance_and_packed_is_one_bit_per_parameter():
-  params = {"w": jnp.zeros((8, 64)), "b": jnp.zeros((3, 32))}
-  n = 8 * 64 + 3 * 32
+  # (Packed masks hold 8 rows per byte: exactly 1 bit per entry where rows are a
+  # multiple of 8, as in a model's weights.)
+  params = {"w": jnp.zeros((8, 64)), "b": jnp.zeros((16, 32))}
+  n = 8 * 64 + 16 * 32
   kw = dict(b2=B2, isolation_ratio=0.1, update_interval=2)
   per_param = {}
   for name, extra in [("default", {}),

@@ -105,6 +105,43 @@ def test_restored_nonfinite_params_are_refused(reference_run, tmp_path, capfd):
   assert step == STEPS and "params hold inf or nan" in err
 
 
+def test_packed_masks_of_the_earlier_layout_are_converted_on_restore(tmp_path, capfd):
+  """Checkpoints of ``epi.packed_mask`` runs written before the masks were packed by
+  rows (8 entries of the last axis per byte then, ``np.packbits(axis=-1)``) resume
+  with the same masks, converted, not quarantined as damaged."""
+  from epi_jax.method import compact  # pylint: disable=g-import-not-at-top
+  config = small_config()
+  config.epi.packed_mask = True
+  target = _target(config)
+  rng = np.random.default_rng(0)
+  masks, now, before = {}, [], []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target.opt_state)[0]:
+    name = next((k.key for k in reversed(path) if getattr(k, "key", None) in target.params), None)
+    value = rng.integers(0, 255, leaf.shape).astype(leaf.dtype)
+    if name is not None and leaf.dtype == np.uint8 and leaf.shape != target.params[name].shape:
+      m = masks.setdefault(name, rng.random(target.params[name].shape) < 0.3)
+      value = np.asarray(compact.pack(m))  # this version's layout
+      before.append(np.packbits(m, axis=-1, bitorder="little") if m.ndim else np.uint8([m]))
+    else:
+      before.append(value)
+    now.append(value)
+  assert len(masks) > 3
+  as_state = lambda leaves: target._replace(  # pylint: disable=unnecessary-lambda-assignment
+      params={k: np.zeros(v.shape, v.dtype) for k, v in target.params.items()},
+      step=np.int32(4), opt_state=jax.tree.unflatten(jax.tree.structure(target.opt_state),
+                                                     leaves))
+  ckpt = ckpt_lib.Checkpointer(tmp_path, 2, async_save=False)
+  ckpt.save(4, as_state(before), {"iterator": {}})
+  ckpt.wait()
+  state, _, step = ckpt.restore_latest(target)
+  ckpt.close()
+  assert step == 4 and "packed masks in the earlier last-axis layout: converted" in (
+      capfd.readouterr().err)
+  assert not (tmp_path / "checkpoints_corrupt").exists()
+  for got, want in zip(jax.tree.leaves(state.opt_state), now):
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 # ----------------------------------------------------------------------------- binding
 
 

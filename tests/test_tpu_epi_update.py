@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import epi_jax
 
+from epi_jax.method import compact
 from epi_jax.training import plan
 
 L, E = 4, 1024
@@ -44,10 +45,11 @@ def _compiled(tx, mesh, specs):
             for k, s in SHAPES.items()}
   state = jax.eval_shape(tx.init, params)
   # Every state leaf shaped like a param takes its sharding; scalars replicate.
+  # A packed mask keeps its param's spec where its bytes still divide (as the trainer).
   state_sh = jax.tree_util.tree_map_with_path(
       lambda path, x: NamedSharding(mesh, next(
-          (specs[getattr(p, "key", None)] for p in reversed(path)
-           if getattr(p, "key", None) in specs and x.shape == SHAPES[p.key]), P())), state)
+          (compact.fit_spec(specs[p.key], x.shape, mesh) for p in reversed(path)
+           if getattr(p, "key", None) in specs and x.ndim == len(SHAPES[p.key])), P())), state)
   params_sh = {k: v.sharding for k, v in params.items()}
 
   def update(p, s, g):
@@ -82,6 +84,31 @@ def test_epi_update_moves_only_counts_and_adds_no_big_temporaries(layout, select
   largest = max(np.prod(s) for s in SHAPES.values()) * 4 // 4
   extra = epi.memory_analysis().temp_size_in_bytes - adamw.memory_analysis().temp_size_in_bytes
   assert extra <= 2 * largest, (layout, selection, extra, largest)
+
+
+@pytest.mark.parametrize("layout", list(SPECS))
+def test_compact_masks_unpack_without_a_relayout(layout):
+  """bf16 importance and packed masks. Packed by rows, a mask keeps its param's
+  minor (lane) axis, so unpacking broadcasts along rows: no parameter-sized
+  array with a minor axis of 8 (packed along the last axis, every unpack made
+  ``(..., n/8, 8)`` arrays, which the TPU lays out 8 -> 128 wide and transposes:
+  16 GiB of temporaries per chip for Llama-3-8B on v5p-8, BENCHMARKS.md)."""
+  import re  # pylint: disable=g-import-not-at-top
+  mesh = _tpu_mesh()
+  specs = SPECS[layout]
+  adamw = _compiled(optax.adamw(1e-3), mesh, specs)
+  epi = _compiled(epi_jax.epi_adamw(1e-3, isolation_ratio=0.1, update_interval=10,
+                                    layer_axes=LAYER_AXES, importance_dtype=jnp.bfloat16,
+                                    packed_mask=True), mesh, specs)
+  minor_8 = [np.prod([int(d) for d in dims.split(",")])
+             for dims in re.findall(r"\b(?:u8|pred|u32|f32|bf16)\[([\d,]*,8)\]", epi.as_text())]
+  assert max(minor_8, default=0) <= 1024, (layout, max(minor_8))  # vectors only (1024 / 8 bytes)
+  # No all-gather. (A u32 shard of the bf16 rounding's hash is permuted between
+  # the equal-shape q and o, whose shardings differ: XLA computes it once.)
+  assert plan.count_collectives(epi.as_text())["all-gather"] == 0
+  largest = max(np.prod(s) for s in SHAPES.values()) * 4 // 4
+  extra = epi.memory_analysis().temp_size_in_bytes - adamw.memory_analysis().temp_size_in_bytes
+  assert extra <= 2 * largest, (layout, extra, largest)
 
 
 def test_counting_a_bool_leaf_is_one_fused_read_on_tpu():

@@ -1,11 +1,17 @@
 """Compact EPI state: bit-packed masks and a bf16 importance EMA.
 
-Packed masks hold 8 mask entries per ``uint8`` along the *last* axis: a
-``(..., n)`` leaf is stored as ``(..., ceil(n / 8))``, bit ``j`` of byte ``i``
-being entry ``8 i + j``; padding bits are 0. Leading axes keep their shape, so
-a leaf sharded over its leading axes stays sharded the same way, and a last
-axis sharded into pieces of a multiple of 8 entries packs shard by shard.
-Scalars are stored as ``(1,)``.
+Packed masks hold 8 mask entries per ``uint8`` along the *second-to-last*
+axis (8 rows per byte): a ``(..., m, n)`` leaf is stored as
+``(..., ceil(m / 8), n)``, bit ``j`` of byte ``[i, c]`` being entry
+``[8 i + j, c]``; padding bits are 0. The last (minor) axis keeps its width,
+so the packed mask has the parameter's layout on a TPU (its 128-wide lane
+axis: unpacking is a broadcast along rows, not a transpose), and the
+parameter's sharding on every axis but the packed one, which still splits
+where its bytes do (``fit_spec``). A vector ``(n,)`` packs its only axis
+into ``(ceil(n / 8),)``; scalars are stored as ``(1,)``.
+
+Checkpoints written before this layout packed the last axis
+(``(..., ceil(n / 8))``); :func:`unpack_last_axis` reads those.
 
 The bf16 EMA is updated in float32 and rounded back to bf16 *stochastically*:
 a round-to-nearest bf16 EMA (8 significant bits) would drop every increment
@@ -33,7 +39,9 @@ def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
   """Shape of the packed mask of a leaf of ``shape``."""
   if not shape:
     return (1,)
-  return tuple(shape[:-1]) + (-(-shape[-1] // BITS),)
+  if len(shape) == 1:
+    return (-(-shape[-1] // BITS),)
+  return tuple(shape[:-2]) + (-(-shape[-2] // BITS), shape[-1])
 
 
 def explicit_mesh():
@@ -53,7 +61,7 @@ def fit_spec(spec, shape, mesh) -> P:
 def _on_auto_axes(fn, x, out_shape, out_spec=None):
   """``fn(x)``; under Explicit mesh axes, run with them Auto and the result
   sharded as ``out_spec`` (default: ``x``'s spec where it divides
-  ``out_shape``). Packing reshapes the last axis, which Explicit sharding
+  ``out_shape``). Packing reshapes the packed axis, which Explicit sharding
   types reject for a sharded axis; the bytes of a shard are its own either way.
   """
   mesh = explicit_mesh()
@@ -65,25 +73,32 @@ def _on_auto_axes(fn, x, out_shape, out_spec=None):
 
 
 def pack(mask: jax.Array) -> jax.Array:
-  """Bool mask ``(..., n)`` -> uint8 ``(..., ceil(n/8))``, little-endian bits."""
+  """Bool mask ``(..., m, n)`` -> uint8 ``(..., ceil(m/8), n)``, little-endian bits."""
   return _on_auto_axes(_pack, mask, packed_shape(mask.shape))
 
 
 def _pack(mask: jax.Array) -> jax.Array:
   if mask.ndim == 0:
     mask = mask[None]
-  n = mask.shape[-1]
+  axis = -1 if mask.ndim == 1 else -2
+  n = mask.shape[axis]
   pad = (-n) % BITS
   if pad:
-    mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)])
-  m = mask.reshape(mask.shape[:-1] + (-1, BITS)).astype(jnp.uint8)
-  weights = jnp.left_shift(jnp.uint8(1), jnp.arange(BITS, dtype=jnp.uint8))
+    widths = [(0, 0)] * mask.ndim
+    widths[axis] = (0, pad)
+    mask = jnp.pad(mask, widths)
+  if axis == -1:
+    m = mask.reshape((-1, BITS)).astype(jnp.uint8)
+    weights = jnp.left_shift(jnp.uint8(1), jnp.arange(BITS, dtype=jnp.uint8))
+    return jnp.sum(m * weights, axis=-1, dtype=jnp.uint8)
+  m = mask.reshape(mask.shape[:-2] + (-1, BITS, mask.shape[-1])).astype(jnp.uint8)
+  weights = jnp.left_shift(jnp.uint8(1), jnp.arange(BITS, dtype=jnp.uint8))[:, None]
   # Distinct bits: the sum is an OR, and stays below 256.
-  return jnp.sum(m * weights, axis=-1, dtype=jnp.uint8)
+  return jnp.sum(m * weights, axis=-2, dtype=jnp.uint8)
 
 
 def unpack(packed: jax.Array, shape: tuple[int, ...], out_spec=None) -> jax.Array:
-  """uint8 ``(..., ceil(n/8))`` -> bool mask of ``shape`` (inverse of ``pack``).
+  """uint8 ``(..., ceil(m/8), n)`` -> bool mask of ``shape`` (inverse of ``pack``).
 
   ``out_spec``: under Explicit mesh axes, the result's PartitionSpec (default:
   the packed mask's, where it divides ``shape``)."""
@@ -92,12 +107,32 @@ def unpack(packed: jax.Array, shape: tuple[int, ...], out_spec=None) -> jax.Arra
 
 def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   shifts = jnp.arange(BITS, dtype=jnp.uint8)
+  if len(shape) <= 1:
+    bits = jnp.right_shift(packed[..., None], shifts) & jnp.uint8(1)
+    flat = bits.reshape((packed.shape[-1] * BITS,))
+    n = shape[-1] if shape else 1
+    return flat[:n].reshape(shape).astype(jnp.bool_)
+  bits = jnp.right_shift(packed[..., None, :], shifts[:, None]) & jnp.uint8(1)
+  rows = bits.reshape(packed.shape[:-2] + (packed.shape[-2] * BITS, packed.shape[-1]))
+  if rows.shape[-2] != shape[-2]:
+    rows = rows[..., :shape[-2], :]
+  return rows.astype(jnp.bool_)
+
+
+def unpack_last_axis(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Bool mask of ``shape`` from the earlier layout, 8 entries per byte along
+  the last axis (``(..., ceil(n / 8))``, bit ``j`` of byte ``i`` = entry
+  ``8 i + j``): the packed masks of older checkpoints."""
+  shifts = jnp.arange(BITS, dtype=jnp.uint8)
   bits = jnp.right_shift(packed[..., None], shifts) & jnp.uint8(1)
   flat = bits.reshape(packed.shape[:-1] + (packed.shape[-1] * BITS,))
   n = shape[-1] if shape else 1
-  if flat.shape[-1] != n:
-    flat = flat[..., :n]
-  return flat.reshape(shape).astype(jnp.bool_)
+  return flat[..., :n].reshape(shape).astype(jnp.bool_)
+
+
+def legacy_packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of a leaf's packed mask in the earlier, last-axis layout."""
+  return (1,) if not shape else tuple(shape[:-1]) + (-(-shape[-1] // BITS),)
 
 
 def popcount(packed: jax.Array) -> jax.Array:

@@ -160,7 +160,8 @@ class EPIOptions:
       so increments smaller than bf16's resolution are kept on average. With
       ``optax.inject_hyperparams`` pass it as a string or in ``static_args``.
     packed_mask: store the mask (and ``first_mask``) as bits, 8 per uint8
-      along each leaf's last axis (1/8 byte per parameter instead of 1);
+      along each leaf's second-to-last axis (1/8 byte per parameter instead
+      of 1; the last axis keeps its width and sharding, see ``compact``);
       unpacked inside the masked update. ``state.mask`` then holds the
       packed bytes: read it with ``unpacked_mask(state)``.
     release_after: release hysteresis R, an unconfirmed variant of the paper

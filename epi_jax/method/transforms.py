@@ -190,7 +190,7 @@ class EPIState(NamedTuple):
       inner optimizer's ``nu``, see ``epi_importance``).
     mask: True where the parameter is isolated (frozen), per parameter: a
       bool array shaped like the parameter, or with ``packed_mask=True`` its
-      bits packed into uint8 along the last axis (see ``compact``); use
+      bits packed into uint8, 8 rows per byte (see ``compact``); use
       ``unpacked_mask(state)`` for a bool mask in either case.
     first_mask: the mask of the first refresh (only with
       ``track_first_mask=True``; an empty tuple otherwise). Packed like

@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from epi_jax.method import all_finite
+from epi_jax.method import all_finite, compact
 from epi_jax.training.step import TrainState
 from epi_jax.utils import files
 
@@ -79,6 +79,18 @@ def from_storable(stored: dict[str, Any], like: TrainState) -> TrainState:
   opt = jax.tree.unflatten(treedef, [stored["opt_state"][f"{i:05d}"] for i in range(n)])
   return TrainState(step=stored["step"], opt_state=opt,
                     params={k: stored["params"][_pkey(k)] for k in like.params})
+
+
+def _repack_legacy_masks(opt_state: dict[str, Any], legacy, target_shardings) -> None:
+  """Converts, in place, the packed masks of ``legacy`` (see
+  ``Checkpointer._legacy_packed_masks``) to this version's layout, on the
+  shardings of ``target_shardings`` (the stored tree of the abstract state)."""
+  shapes = {k: shape for k, (_, shape) in legacy.items()}
+  repack = jax.jit(
+      lambda masks: {k: compact.pack(compact.unpack_last_axis(m, shapes[k]))
+                     for k, m in masks.items()},
+      out_shardings={k: target_shardings[k].sharding for k in legacy})
+  opt_state.update(repack({k: opt_state[k] for k in legacy}))
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -235,6 +247,10 @@ class Checkpointer:
       target = {**to_storable(abstract_state),
                 **self._retired_leaves(step, abstract_state.step.sharding)}
       self._check_layer_layout(step, target["params"])
+      legacy = self._legacy_packed_masks(step, abstract_state)
+      for key, (stored_shape, _) in legacy.items():
+        target["opt_state"][key] = jax.ShapeDtypeStruct(
+            stored_shape, jnp.uint8, sharding=abstract_state.step.sharding)
       has_sums = all_processes_agree((self.directory / str(step) / "integrity").exists())
       items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
       if has_sums:
@@ -246,6 +262,13 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         problem = f"failed to restore ({type(e).__name__}: {str(e)[:300]})"
       if problem is None:
+        if legacy:
+          _repack_legacy_masks(out["state"]["opt_state"], legacy, target_shardings=to_storable(
+              abstract_state)["opt_state"])
+          if jax.process_index() == 0:
+            print(f"[epi_jax] checkpoint {self.directory / str(step)} stores {len(legacy)} "
+                  "packed masks in the earlier last-axis layout: converted to 8 rows per "
+                  "byte", file=sys.stderr)
         if not has_sums and jax.process_index() == 0:
           print(f"[epi_jax] checkpoint {self.directory / str(step)} has no checksums "
                 "(written by an older version): restored unverified", file=sys.stderr)
@@ -273,6 +296,28 @@ class Checkpointer:
       return {}  # unreadable metadata: restore will report and quarantine it
     return {k: jax.ShapeDtypeStruct(tuple(stored[k].shape), stored[k].dtype, sharding=sharding)
             for k in RETIRED_KEYS if k in stored}
+
+  def _legacy_packed_masks(self, step: int, abstract_state: TrainState
+                           ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{opt_state key: (stored shape, mask shape)}`` of the packed masks that a
+    checkpoint holds in the earlier last-axis layout (``compact.unpack_last_axis``)."""
+    try:
+      stored = self._mngr.item_metadata(step)["state"]["opt_state"]
+    except Exception:  # pylint: disable=broad-except
+      return {}  # unreadable metadata: restore will report and quarantine it
+    legacy = {}
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state.opt_state)[0]
+    for i, (path, leaf) in enumerate(leaves):
+      key, names = f"{i:05d}", [getattr(k, "key", None) for k in path]
+      param = next((abstract_state.params[n] for n in reversed(names)
+                    if isinstance(n, str) and n in abstract_state.params), None)
+      if key not in stored or param is None or leaf.dtype != jnp.uint8:
+        continue
+      have = tuple(stored[key].shape)
+      if (have != tuple(leaf.shape)
+          and have == compact.legacy_packed_shape(tuple(param.shape))):
+        legacy[key] = (have, tuple(param.shape))
+    return legacy
 
   def _check_layer_layout(self, step: int, params: dict[str, Any]) -> None:
     """Refuses (never quarantines) a checkpoint of the other ``model.scan_layers`` layout."""
