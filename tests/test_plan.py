@@ -205,3 +205,11 @@ def test_import_epi_jax_with_libtpu_installed_is_silent():
   assert proc.returncode == 0, proc.stderr
   assert proc.stderr == "", proc.stderr
   assert proc.stdout.strip() in ("cpu", "gpu")
+
+
+def test_attention_kernel_says_what_the_program_runs():
+  # cuDNN cannot mask packed rows: attention falls back to XLA, and the plan says so.
+  fused = 'custom-call(...), custom_call_target="__cudnn$fmhaSoftmax"'
+  assert plan.attention_kernel(fused, "cudnn").startswith("cudnn")
+  assert plan.attention_kernel("fusion(...)", "cudnn").startswith("xla")
+  assert plan.attention_kernel("tpu_custom_call", "splash") == "splash (Mosaic kernel)"

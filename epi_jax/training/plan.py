@@ -430,8 +430,10 @@ def attention_kernel(hlo_text: str, implementation: str) -> str:
     if "tpu_custom_call" in hlo_text:
       return "splash (Mosaic kernel)"
     return "splash (Pallas interpret mode: XLA ops)"
-  return {"xla": "xla (XLA fusions)", "einsum": "einsum (XLA fusions)",
-          "cudnn": "cudnn"}.get(implementation, implementation)
+  if implementation == "cudnn":  # packed rows fall back to XLA (attention.attention)
+    return "cudnn (fused kernel)" if "__cudnn$fmha" in hlo_text else "xla (XLA fusions)"
+  return {"xla": "xla (XLA fusions)", "einsum": "einsum (XLA fusions)"}.get(
+      implementation, implementation)
 
 
 @contextlib.contextmanager
