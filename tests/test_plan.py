@@ -122,14 +122,14 @@ def test_bytes_of_a_refresh_cond_count_the_branch_taken(v5e4):
     with jax.named_scope(scope):
       return 2 * jax.lax.cond(refresh, passes, lambda a: a, x)
 
-  pick = plan.refresh_branch(REFRESH_SCOPE)
+  picks = (plan.refresh_branch(REFRESH_SCOPE, False), plan.refresh_branch(REFRESH_SCOPE, True),
+           None)
   args = (jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep),
           jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rep))
   for scope in (REFRESH_SCOPE, "another_cond"):
     compiled = jax.jit(step, static_argnums=2).lower(*args, scope).compile()
     hlo, counted = compiled.as_text(), plan._cost(compiled)["bytes accessed"]
-    plain, refresh, both = (counted + plan.loop_extra_bytes(hlo, p)[0]
-                            for p in (pick(False), pick(True), None))
+    plain, refresh, both = (counted + e for e in plan.loop_extra_bytes(hlo, picks)[0])
     if scope == REFRESH_SCOPE:
       assert refresh == both and refresh - plain == pytest.approx(10 * 8 * n, rel=0.05)
     else:  # not EPI's refresh: both branches, as XLA counts them

@@ -106,12 +106,9 @@ def unpack(packed: jax.Array, shape: tuple[int, ...], out_spec=None) -> jax.Arra
 
 
 def _unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  if len(shape) <= 1:  # a vector packs its only (last) axis
+    return unpack_last_axis(packed, shape)
   shifts = jnp.arange(BITS, dtype=jnp.uint8)
-  if len(shape) <= 1:
-    bits = jnp.right_shift(packed[..., None], shifts) & jnp.uint8(1)
-    flat = bits.reshape((packed.shape[-1] * BITS,))
-    n = shape[-1] if shape else 1
-    return flat[:n].reshape(shape).astype(jnp.bool_)
   bits = jnp.right_shift(packed[..., None, :], shifts[:, None]) & jnp.uint8(1)
   rows = bits.reshape(packed.shape[:-2] + (packed.shape[-2] * BITS, packed.shape[-1]))
   if rows.shape[-2] != shape[-2]:

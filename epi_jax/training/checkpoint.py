@@ -243,11 +243,13 @@ class Checkpointer:
 
     ``abstract_state``: the train state as ``jax.ShapeDtypeStruct`` with shardings.
     """
+    want = to_storable(abstract_state)
     for step in sorted(self._mngr.all_steps(), reverse=True):
-      target = {**to_storable(abstract_state),
-                **self._retired_leaves(step, abstract_state.step.sharding)}
-      self._check_layer_layout(step, target["params"])
-      legacy = self._legacy_packed_masks(step, abstract_state)
+      stored = self._stored_state(step)  # None: unreadable, restore reports and quarantines
+      target = {**want, "opt_state": dict(want["opt_state"]),
+                **self._retired_leaves(stored, abstract_state.step.sharding)}
+      self._check_layer_layout(step, stored, target["params"])
+      legacy = self._legacy_packed_masks(stored, abstract_state)
       for key, (stored_shape, _) in legacy.items():
         target["opt_state"][key] = jax.ShapeDtypeStruct(
             stored_shape, jnp.uint8, sharding=abstract_state.step.sharding)
@@ -263,8 +265,7 @@ class Checkpointer:
         problem = f"failed to restore ({type(e).__name__}: {str(e)[:300]})"
       if problem is None:
         if legacy:
-          _repack_legacy_masks(out["state"]["opt_state"], legacy, target_shardings=to_storable(
-              abstract_state)["opt_state"])
+          _repack_legacy_masks(out["state"]["opt_state"], legacy, want["opt_state"])
           if jax.process_index() == 0:
             print(f"[epi_jax] checkpoint {self.directory / str(step)} stores {len(legacy)} "
                   "packed masks in the earlier last-axis layout: converted to 8 rows per "
@@ -285,26 +286,30 @@ class Checkpointer:
             file=sys.stderr)
     return None
 
-  def _retired_leaves(self, step: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  def _stored_state(self, step: int):
+    """The stored state's metadata (shapes and dtypes by key), or None when unreadable."""
+    try:
+      return self._mngr.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  @staticmethod
+  def _retired_leaves(stored, sharding) -> dict[str, jax.ShapeDtypeStruct]:
     """Targets for the leaves a checkpoint of an older layout holds beyond this one's:
     ``rng``, the train state's RNG until it was removed (never used). Restored (on
     ``sharding``, replicated) so that the checksums cover the whole checkpoint, then
     dropped by :func:`from_storable`."""
-    try:
-      stored = self._mngr.item_metadata(step)["state"]
-    except Exception:  # pylint: disable=broad-except
-      return {}  # unreadable metadata: restore will report and quarantine it
+    if stored is None:
+      return {}
     return {k: jax.ShapeDtypeStruct(tuple(stored[k].shape), stored[k].dtype, sharding=sharding)
             for k in RETIRED_KEYS if k in stored}
 
-  def _legacy_packed_masks(self, step: int, abstract_state: TrainState
+  @staticmethod
+  def _legacy_packed_masks(stored, abstract_state: TrainState
                            ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """``{opt_state key: (stored shape, mask shape)}`` of the packed masks that a
     checkpoint holds in the earlier last-axis layout (``compact.unpack_last_axis``)."""
-    try:
-      stored = self._mngr.item_metadata(step)["state"]["opt_state"]
-    except Exception:  # pylint: disable=broad-except
-      return {}  # unreadable metadata: restore will report and quarantine it
+    stored = stored["opt_state"] if stored is not None and "opt_state" in stored else {}
     legacy = {}
     leaves = jax.tree_util.tree_flatten_with_path(abstract_state.opt_state)[0]
     for i, (path, leaf) in enumerate(leaves):
@@ -319,12 +324,11 @@ class Checkpointer:
         legacy[key] = (have, tuple(param.shape))
     return legacy
 
-  def _check_layer_layout(self, step: int, params: dict[str, Any]) -> None:
+  def _check_layer_layout(self, step: int, stored, params: dict[str, Any]) -> None:
     """Refuses (never quarantines) a checkpoint of the other ``model.scan_layers`` layout."""
-    try:
-      stored = set(self._mngr.item_metadata(step)["state"]["params"].keys())
-    except Exception:  # pylint: disable=broad-except
-      return  # unreadable metadata: restore will report and quarantine it
+    if stored is None or "params" not in stored:
+      return
+    stored = set(stored["params"].keys())
     per_layer = lambda keys: any(_PER_LAYER_KEY.match(k) for k in keys)
     if stored != set(params) and per_layer(stored) != per_layer(params):
       have, want = [("scan_layers=False (layers.<i>.*)" if per_layer(k) else

@@ -386,32 +386,30 @@ def _run_bytes(name, comps, *, loops: bool, pick, found: list | None, depth: int
   return total
 
 
-def loop_extra_bytes(hlo_text: str, pick=None) -> tuple[float, list[int]]:
+def loop_extra_bytes(hlo_text: str, picks=(None,)) -> tuple[list[float], list[int]]:
   """What to add to ``cost_analysis()``'s bytes for the bytes a step runs:
   ``cost_analysis()`` counts each ``while`` body once and every branch of a
   conditional; a run executes a body its trip count times (nested loops
-  multiply) and, with ``pick(conditional's line) -> branch index or None``,
-  only the branch taken. Returns that difference (estimated from the compiled
-  HLO, :func:`_body_bytes`) and the loops' known trip counts."""
+  multiply) and, with a ``pick(conditional's line) -> branch index or None``,
+  only the branch taken. Returns that difference for each of ``picks`` (None:
+  every branch; estimated from the compiled HLO, parsed once, :func:`_body_bytes`)
+  and the loops' known trip counts."""
   comps = _computations(hlo_text)
   if "__entry__" not in comps:
-    return 0.0, []
+    return [0.0] * len(picks), []
   found: list[int] = []
-  ran = _run_bytes("__entry__", comps, loops=True, pick=pick, found=found)
   counted = _run_bytes("__entry__", comps, loops=False, pick=None, found=None)
-  return ran - counted, found
+  ran = [_run_bytes("__entry__", comps, loops=True, pick=pick, found=found if i == 0 else None)
+         for i, pick in enumerate(picks)]
+  return [r - counted for r in ran], found
 
 
-def refresh_branch(scope: str):
-  """``pick`` for :func:`loop_extra_bytes`: ``pick(refresh)(line)`` is the branch
-  index that ``refresh`` (bool) takes in a conditional that the named scope
-  ``scope`` wraps (a ``lax.cond``: 0 false, 1 true), None for other lines."""
+def refresh_branch(scope: str, refresh: bool):
+  """A ``pick`` for :func:`loop_extra_bytes`: the branch that a step takes
+  (``refresh``: 1, the true branch of a ``lax.cond``; else 0) in a conditional
+  that the named scope ``scope`` wraps; None (every branch) elsewhere."""
   pattern = re.compile(r'op_name="[^"]*\b' + re.escape(scope) + r'/cond"')
-
-  def for_step(refresh: bool):
-    return lambda line: (int(refresh) if " conditional(" in line and pattern.search(line)
-                         else None)
-  return for_step
+  return lambda line: int(refresh) if " conditional(" in line and pattern.search(line) else None
 
 
 def _cost(compiled) -> dict:
@@ -470,11 +468,12 @@ def abstract_batch(config, mesh):
 def _refresh_share(config, method) -> float:
   """The share of the run's ``total_steps`` that refresh the mask (``1 / T``
   for evolving EPI, once for static, 0 without EPI's schedule)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from epi_jax.method.options import is_refresh_step  # pylint: disable=g-import-not-at-top
-  options, n = method.epi_options, max(1, int(config.total_steps))
-  if options is None or not method.is_epi:
+  if method.epi_options is None or not method.is_epi:
     return 0.0
-  return sum(bool(is_refresh_step(s, options)) for s in range(1, n + 1)) / n
+  steps = np.arange(1, max(1, int(config.total_steps)) + 1)
+  return float(np.mean(is_refresh_step(steps, method.epi_options)))
 
 
 def _update_alone(ts):
@@ -558,10 +557,9 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
   tokens = config.data.batch_size * config.data.seq_len
   flops = train_flops_per_token(ts.spec.config, config.data.seq_len) * tokens / chips
   counted = float(cost.get("bytes accessed", 0.0))
-  both_b, trips = loop_extra_bytes(hlo)
-  pick = refresh_branch(REFRESH_SCOPE)
-  plain_b = counted + loop_extra_bytes(hlo, pick(False))[0]
-  refresh_b = counted + loop_extra_bytes(hlo, pick(True))[0]
+  extras, trips = loop_extra_bytes(hlo, (None, refresh_branch(REFRESH_SCOPE, False),
+                                         refresh_branch(REFRESH_SCOPE, True)))
+  both_b, plain_b, refresh_b = (counted + e for e in extras)
   refreshes = _refresh_share(config, ts.method)
   bytes_step = plain_b + refreshes * (refresh_b - plain_b)
   impl = attention_lib.resolve(config.model.attention, attention_lib.platform(mesh))
@@ -575,7 +573,7 @@ def compile_plan(config, devices, *, chip: Chip | None = None, update: bool = Tr
       "bytes_per_step": bytes_step,
       "bytes_per_plain_step": plain_b,
       "bytes_per_refresh_step": refresh_b,
-      "bytes_both_branches": counted + both_b,
+      "bytes_both_branches": both_b,
       "refresh_share": refreshes,
       "bytes_epi_floor": floor_b,
       "loop_trip_counts": trips,
