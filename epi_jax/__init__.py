@@ -9,7 +9,7 @@ The method lives in ``epi_jax.method`` and is re-exported here::
 
 from epi_jax.utils import platforms as _platforms
 
-_platforms.skip_absent_tpu()  # before any backend starts: see utils/platforms.py
+_platforms.skip_absent_accelerators()  # before any backend starts: see utils/platforms.py
 
 from epi_jax.method import (EPIOptions, EPIState, IsolateState, RefreshStats,  # noqa: E402
                             epi_adamw, epi_importance, epi_metrics, epi_state, epi_transform,

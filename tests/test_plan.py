@@ -46,12 +46,60 @@ def _tiny(**fields):
 
 
 def test_topology_names():
-  assert plan.topology("v5e-4").libtpu_name == "v5e:2x2"
-  assert plan.topology("v5p-8").libtpu_name == "v5p:2x2x1" and plan.topology("v5p-8").chips == 4
+  assert plan.topology("v5e-4").compiler_name == "v5e:2x2"
+  assert plan.topology("v5p-8").compiler_name == "v5p:2x2x1" and plan.topology("v5p-8").chips == 4
   assert plan.topology("v5e-256").chips == 256 and plan.topology("v5p-64").chips == 32
   assert plan.topology("v5e:2x2").chips == 4
   with pytest.raises(ValueError, match="v5e-4"):
     plan.topology("v9-3")
+
+
+def test_gpu_topology_names():
+  h100 = plan.topology("h100-8")
+  assert (h100.platform, h100.compiler_name, h100.chips) == ("cuda", "1x1x8", 8)
+  assert plan.topology("h100-16").compiler_name == "1x2x8"  # 8 GPUs per host
+  assert plan.topology("h100-2").compiler_name == "1x1x2"
+  with pytest.raises(ValueError, match="multiple of 8"):
+    plan.topology("h100-12")
+
+
+def test_plan_for_h100_without_a_gpu(tmp_path, capsys, monkeypatch):
+  """XLA's GPU compiler (the CUDA plugin, from the gpu-plan extra that dev includes)
+  compiles the step for 8 H100s on this CPU host: memory, and bytes from XLA's
+  cost analysis run with the CPU client (the deviceless executable has none)."""
+  topo = plan.topology("h100-8")
+  assert plan.missing_compiler(topo) is None, "pip install 'epi_jax[gpu-plan]'"
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  out = tmp_path / "plan.json"
+  assert plan.plan_main(["--config", TINY, "--topology", "h100-8", "--methods", "full,epi",
+                         "--json", str(out), *SMALL]) == 0
+  assert "| full |" in capsys.readouterr().out
+  records = {r["method_name"]: r for r in json.loads(out.read_text())}
+  for r in records.values():
+    g = r["hbm_gib"]
+    assert r["cuda_topology"] == "1x1x8" and r["chips"] == 8
+    assert g["capacity"] == pytest.approx(0.9 * 84929347584 / 2 ** 30)
+    assert r["fits"] and g["temp"] > 0
+    assert r["bytes"]["compiled_arguments"] == sum(r["bytes"][k] for k in (
+        "params", "optimizer", "epi", "batch", "padding"))
+    assert r["compiler_flops"] > 0 and r["bytes_per_step"] > 0 and 0 < r["est_mfu"] <= 1
+    assert sum(r["collectives"].values()) > 0
+    assert r["attention_kernel"].startswith(("xla", "cudnn"))
+  full, epi = records["full"], records["epi"]
+  assert full["flops_per_step"] == epi["flops_per_step"]
+  assert epi["hbm_gib"]["epi"] > 0 == full["hbm_gib"]["epi"]
+  assert epi["bytes_per_plain_step"] < epi["bytes_per_refresh_step"]
+  assert epi["bytes_per_plain_step"] - full["bytes_per_plain_step"] >= epi["bytes_epi_floor"] > 0
+
+
+def test_plan_for_gpu_without_the_cuda_plugin_says_how_to_install(monkeypatch, capsys):
+  for name in ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda13",
+               "jax_plugins.xla_cuda12"):
+    monkeypatch.setitem(sys.modules, name, None)  # its import fails
+  assert not platforms.cuda_plugin_available()
+  assert plan.plan_main(["--config", TINY, "--topology", "h100-8"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "pip install 'epi_jax[gpu-plan]'" in err
 
 
 def test_hosts_as_on_real_slices(v5e4):
@@ -190,17 +238,23 @@ def test_plan_without_libtpu_says_how_to_install(monkeypatch, capsys):
   monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
   assert not platforms.libtpu_available()
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-  assert platforms.skip_absent_tpu() is None  # import epi_jax changes nothing without it
+  assert platforms.skip_absent_accelerators() is None  # import epi_jax changes nothing without it
   assert plan.plan_main(["--config", TINY, "--topology", "v5e-4"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "pip install 'epi_jax[tpu]'" in err
 
 
-def test_import_epi_jax_with_libtpu_installed_is_silent():
-  """No TPU here: with JAX_PLATFORMS unset, JAX starts without libtpu's errors."""
-  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+@pytest.mark.parametrize("hidden", ["", "libtpu"])
+def test_import_epi_jax_with_the_compilers_installed_is_silent(hidden):
+  """No TPU and no GPU here: with JAX_PLATFORMS unset, JAX starts without libtpu's
+  errors and without the CUDA plugin's, with both installed and with only the
+  CUDA plugin (libtpu hidden)."""
+  assert platforms.libtpu_available() and platforms.cuda_plugin_available()
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_LIBRARY_PATH")}
+  hide = f"import sys; sys.modules[{hidden!r}] = None; " if hidden else ""
   proc = subprocess.run(
-      [sys.executable, "-c", "import epi_jax, jax; jax.devices(); print(jax.default_backend())"],
+      [sys.executable, "-c",
+       hide + "import epi_jax, jax; jax.devices(); print(jax.default_backend())"],
       env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
   assert proc.returncode == 0, proc.stderr
   assert proc.stderr == "", proc.stderr
@@ -213,3 +267,16 @@ def test_attention_kernel_says_what_the_program_runs():
   assert plan.attention_kernel(fused, "cudnn").startswith("cudnn")
   assert plan.attention_kernel("fusion(...)", "cudnn").startswith("xla")
   assert plan.attention_kernel("tpu_custom_call", "splash") == "splash (Mosaic kernel)"
+
+
+def test_plan_for_gpu_with_cudnn_attention(capsys):
+  """Unpacked rows on a GPU run cuDNN's fused attention: compiling it needs cuDNN,
+  which the gpu-plan extra leaves out (1.1 GB): the plan says so in one line, or,
+  where cuDNN is installed, runs the fused kernel."""
+  code = plan.plan_main(["--config", TINY, "--topology", "h100-8", "--methods", "full",
+                         *SMALL, "--config.data.packing=False", "--config.model.attention=cudnn"])
+  out, err = capsys.readouterr()
+  if platforms._importable("nvidia.cudnn"):  # pylint: disable=protected-access
+    assert code == 0 and "cudnn (fused kernel)" in out
+  else:
+    assert code == 2 and "pip install 'nvidia-cudnn-cu12" in err.strip().splitlines()[-1]

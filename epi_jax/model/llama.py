@@ -49,8 +49,15 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta as flax_meta
 
-from epi_jax.model.attention import attention
+from epi_jax import sharding
+from epi_jax.model.attention import attention, target_mesh
 from epi_jax.model.config import ModelConfig, _rope_type
+
+def _batch_sharded(x, last: str | None = None):
+  """``x`` with its rows kept over the batch axes of the mesh the step is traced
+  for (and its last dimension over ``last``): :func:`epi_jax.sharding.constrain_activation`."""
+  return sharding.constrain_activation(x, target_mesh(), last)
+
 
 def _param(value, axes: tuple[str, ...]) -> nnx.Param:
   """A Param annotated with logical ``axes``.
@@ -248,7 +255,8 @@ class MLP(nnx.Module):
     self.down = Dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
 
   def __call__(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+    return self.down(_batch_sharded(hidden, "tensor"))
 
 
 class Block(nnx.Module):
@@ -266,8 +274,8 @@ class Block(nnx.Module):
                packed=True):
     h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, inv_freq,
                           layer_cache, packed)
-    x = x + h
-    x = x + self.mlp(self.mlp_norm(x))
+    x = _batch_sharded(x + h)
+    x = _batch_sharded(x + self.mlp(self.mlp_norm(x)))
     return x, new_kv
 
 
@@ -329,7 +337,7 @@ class Llama(nnx.Module):
       start = 0 if cache is None else cache.end
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32) + start, (b, l))
     inv_freq = rope_frequencies(self.config)
-    x = self.embed(tokens)
+    x = _batch_sharded(self.embed(tokens))
     if cache is None:
       x = self._run_blocks(x, positions, segment_ids, inv_freq, packed)
       new_cache = None
@@ -345,7 +353,7 @@ class Llama(nnx.Module):
       logits = self.embed.attend(x)
     else:
       logits = self.lm_head(x)
-    logits = logits.astype(jnp.float32)
+    logits = _batch_sharded(logits.astype(jnp.float32), "tensor")
     return logits if cache is None else (logits, new_cache)
 
   def _run_blocks(self, x, positions, segment_ids, inv_freq, packed):

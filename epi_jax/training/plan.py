@@ -1,7 +1,8 @@
-"""``epi-jax plan``: compile the real train step for a TPU topology on any machine.
+"""``epi-jax plan``: compile the real train step for a TPU or GPU topology on any machine.
 
   epi-jax plan --config configs/tpu_llama3_8b.py --topology v5p-8 \\
       [--methods full,epi,epi_compact] [--json PATH] [--config.FIELD=VALUE ...]
+  epi-jax plan --config configs/gpu_qwen2_7b.py --topology h100-8
 
 Nothing is allocated and no weights are read: the train state and the batch
 are abstract (``jax.ShapeDtypeStruct`` with the trainer's shardings,
@@ -9,15 +10,20 @@ are abstract (``jax.ShapeDtypeStruct`` with the trainer's shardings,
 compile-only devices of the topology
 (``jax.experimental.topologies.get_topology_desc``), and the step that
 ``epi-jax train`` runs (``step.make_train_step``) is lowered and compiled by
-the TPU compiler (libtpu: ``pip install 'epi_jax[tpu]'``). Per method it prints
-a table row and, with ``--json``, one record (per chip):
+the TPU compiler (libtpu: ``pip install 'epi_jax[tpu]'``) or, for NVIDIA H100
+GPUs (``h100-N``), by XLA's GPU compiler through the CUDA plugin for a target
+description of the H100, without a GPU (``pip install 'epi_jax[gpu-plan]'``:
+the plugin and ``ptxas``, no CUDA libraries). Per method it prints a table row
+and, with ``--json``, one record (per chip; a GPU is a chip here):
 
 * ``hbm_gib``: ``params``, ``optimizer`` (its state, plus the step counter and
   RNG), ``epi`` (EPI's importance and masks), ``batch``, ``padding`` (what the
   device's tiled layouts add to those: the compiled step's argument size less
   their logical bytes), ``temp`` (the compiled step's temporaries,
   ``memory_analysis()``); ``total`` is their sum, and
-  ``capacity`` the chip's HBM; ``fits``: ``total <= capacity``.
+  ``capacity`` the chip's HBM (on a GPU the share of it that JAX's allocator
+  takes, ``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 unless set); ``fits``:
+  ``total <= capacity``.
 * ``flops_per_step``: the model's FLOPs of the step per chip, from
   ``train_flops_per_token`` (6N plus attention per token; the usual MFU
   accounting, no remat recompute), NOT the compiler's count: XLA's
@@ -39,6 +45,8 @@ a table row and, with ``--json``, one record (per chip):
   ``bytes_both_branches``: the compiler's way, both branches counted.
   ``bytes_epi_floor``: the least a plain step of EPI can add to full SFT's
   (read and write the importance, read the mask; the gradient is read anyway).
+  (A deviceless GPU executable has no ``cost_analysis()``: XLA's cost analysis
+  of its optimized HLO module is run with the CPU client instead.)
 * ``est_step_s``, ``est_mfu``: a roofline ESTIMATE, ``max(executed FLOPs /
   peak bf16 FLOP/s, bytes / HBM bandwidth)`` from the chip's published figures
   (:data:`CHIPS`), the executed FLOPs being ``flops_per_step`` plus a third
@@ -72,6 +80,7 @@ from epi_jax.utils.usage import ArgumentParser, fail
 
 PROG = "epi-jax plan"
 INSTALL = "pip install 'epi_jax[tpu]'"
+INSTALL_GPU = "pip install 'epi_jax[gpu-plan]'"
 METHODS = {
     "full": {"method": "full"},
     "epi": {"method": "epi"},
@@ -89,7 +98,8 @@ GIB = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """A TPU chip's published figures (Cloud TPU system architecture pages)."""
+  """An accelerator's published figures (Cloud TPU system architecture pages;
+  NVIDIA's H100 datasheet: dense bf16, HBM3 of the SXM part)."""
   name: str
   hbm_gib: float
   peak_bf16_flops: float    # FLOP/s
@@ -101,7 +111,26 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 16, 197e12, 819e9),
     "v5p": Chip("TPU v5p", 95, 459e12, 2765e9),
     "v6e": Chip("TPU v6e", 32, 918e12, 1640e9),
+    "h100": Chip("NVIDIA H100 SXM 80GB", 84929347584 / 2 ** 30, 989e12, 3.35e12),
 }
+# The H100 as XLA's GPU compiler sees it without one: the fields of XLA's
+# xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb (stream_executor.GpuTargetConfigProto),
+# plus the cuDNN version (9.8, the plugin's minimum) for cuDNN's fusions.
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+GPUS_PER_HOST = 8
 # chips -> the slice's shape in chips; v4/v5p names count TensorCores (2 per chip).
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
               256: "16x16"}
@@ -111,21 +140,28 @@ _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-  """A TPU slice as libtpu names it, and how to ask for it."""
+  """A TPU slice or a GPU cluster as its compiler's plugin names it, and how to ask for it."""
   name: str           # as the user gave it
-  libtpu_name: str    # e.g. v5e:2x2
+  compiler_name: str  # get_topology_desc's name: libtpu's v5e:2x2, CUDA's 1x1x8
   generation: str     # a CHIPS key
   chips: int
   options: tuple = ()  # get_topology_desc keyword arguments
+  platform: str = "tpu"
 
   @property
   def chip(self) -> Chip:
-    return CHIPS[self.generation]
+    """The chip's figures; a GPU's capacity is what JAX's allocator may take."""
+    chip = CHIPS[self.generation]
+    if self.platform == "cuda":
+      fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+      chip = dataclasses.replace(chip, hbm_gib=chip.hbm_gib * fraction)
+    return chip
 
 
 def topology(name: str) -> Topology:
   """``v5e-4``, ``v5e-256``, ``v5p-8`` (4 chips), ``v5p-64``, ``v4-8``, ``v6e-8``, ...,
-  or libtpu's own ``GEN:AxB[xC]`` (e.g. ``v5e:2x2``).
+  or libtpu's own ``GEN:AxB[xC]`` (e.g. ``v5e:2x2``); ``h100-N``: N H100
+  GPUs, 8 per host (N up to 8, or a multiple of 8).
 
   Hosts as on the real slices: v5e/v6e slices of up to 8 chips are one host
   (of 1, 4 or 8 chips), larger ones 4 chips per host; v4/v5p 4 chips per host
@@ -134,6 +170,15 @@ def topology(name: str) -> Topology:
   Raises:
     ValueError: a name this table does not know.
   """
+  m = re.fullmatch(r"h100-(\d+)", name.strip().lower())
+  if m:
+    n = int(m.group(1))
+    if n < 1 or (n > GPUS_PER_HOST and n % GPUS_PER_HOST):
+      raise ValueError(f"--topology {name}: h100-N is N GPUs, {GPUS_PER_HOST} per host: "
+                       f"N from 1 to {GPUS_PER_HOST}, or a multiple of {GPUS_PER_HOST}")
+    hosts, per_host = max(1, n // GPUS_PER_HOST), min(n, GPUS_PER_HOST)
+    return Topology(name, f"1x{hosts}x{per_host}", "h100", n,
+                    (("target_config", H100_TARGET_CONFIG),), platform="cuda")
   m = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name.strip().lower())
   if m:
     gen, n = m.group(1), int(m.group(2))
@@ -159,8 +204,8 @@ def topology(name: str) -> Topology:
     chips = math.prod(int(x) for x in m.group(2).split("x"))
     options = (("chip_config_name", "megacore"),) if gen in ("v4", "v5p") else ()
     return Topology(name, f"{gen}:{m.group(2)}", gen, chips, options)
-  raise ValueError(f"--topology {name!r}: not a TPU slice name this plan knows (e.g. v5e-4, "
-                   "v5e-256, v5p-8, v5p-64, v4-8, v6e-8, or libtpu's v5e:2x2)")
+  raise ValueError(f"--topology {name!r}: not a TPU slice or GPU name this plan knows (e.g. "
+                   "v5e-4, v5e-256, v5p-8, v5p-64, v4-8, v6e-8, libtpu's v5e:2x2, or h100-8)")
 
 
 def _quiet_libtpu_env(topo: Topology) -> None:
@@ -176,11 +221,27 @@ def _quiet_libtpu_env(topo: Topology) -> None:
     os.environ.setdefault(key, value)
 
 
+def missing_compiler(topo: Topology) -> str | None:
+  """What ``topo``'s compiler lacks on this machine, with the line that installs
+  it; None when it can compile."""
+  if topo.platform == "tpu" and not platforms.libtpu_available():
+    return f"compiling for TPU needs the TPU compiler (libtpu): {INSTALL}"
+  if topo.platform == "cuda" and not (platforms.cuda_plugin_available()
+                                      and platforms.ptxas_available()):
+    return f"compiling for GPU needs the CUDA plugin and ptxas: {INSTALL_GPU}"
+  return None
+
+
 def topology_devices(topo: Topology):
-  """The compile-only devices of ``topo`` (loads libtpu)."""
+  """The compile-only devices of ``topo`` (loads libtpu or the CUDA plugin)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if topo.platform == "cuda":
+    # The CUDA plugin reads the shape from its ``topology`` option, not the name.
+    desc = topologies.get_topology_desc(platform="cuda", topology=topo.compiler_name,
+                                        **dict(topo.options))
+    return list(desc.devices)
   _quiet_libtpu_env(topo)
-  desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.libtpu_name,
+  desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.compiler_name,
                                       **dict(topo.options))
   return list(desc.devices)
 
@@ -413,13 +474,24 @@ def refresh_branch(scope: str, refresh: bool):
 
 
 def _cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program. A deviceless GPU executable has
+  none (UNIMPLEMENTED): the same analysis of its optimized HLO module is run
+  with the CPU client."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
-    return {}
+    cost = None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return dict(cost or {})
+  if cost:
+    return dict(cost)
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    module = compiled.runtime_executable().hlo_modules()[0]
+    return dict(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
+  except Exception:  # pylint: disable=broad-except
+    return {}
 
 
 def attention_kernel(hlo_text: str, implementation: str) -> str:
@@ -628,7 +700,7 @@ def _row(r) -> str:
   upd = r.get("epi_update") or {}
   return (f"| {r['method_name']} | {g['params']:.3g} | {g['optimizer']:.3g} | {g['epi']:.3g} | "
           f"{g['batch']:.3g} | {g['padding']:.3g} | {g['temp']:.3g} | "
-          f"{g['total']:.3g} / {g['capacity']:g} | "
+          f"{g['total']:.3g} / {g['capacity']:.3g} | "
           f"{'yes' if r['fits'] else 'NO'} | {r['flops_per_step']:.3g} | "
           f"{r['bytes_per_plain_step']:.3g} / {r['bytes_per_refresh_step']:.3g} | "
           f"{r['est_step_s']:.3g} | {r['est_mfu']:.0%} | {coll} | "
@@ -641,7 +713,8 @@ def plan_main(argv=None) -> int:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="a trainer config file (configs/*.py)")
   p.add_argument("--topology", required=True,
-                 help="a TPU slice: v5e-4, v5e-256, v5p-8, v5p-64, v4-8, v6e-8, or v5e:2x2")
+                 help="a TPU slice (v5e-4, v5e-256, v5p-8, v5p-64, v4-8, v6e-8, or v5e:2x2) "
+                      "or NVIDIA H100 GPUs (h100-8: one host of 8)")
   p.add_argument("--methods", default=",".join(METHODS),
                  help=f"comma-separated subset of {list(METHODS)}")
   p.add_argument("--json", default=None, help="also write the records to this file")
@@ -655,20 +728,26 @@ def plan_main(argv=None) -> int:
     topo = topology(args.topology)
   except ValueError as e:
     return fail(PROG, e)
-  if not platforms.libtpu_available():
-    return fail(PROG, f"compiling for TPU needs the TPU compiler (libtpu): {INSTALL}")
+  missing = missing_compiler(topo)
+  if missing:
+    return fail(PROG, missing)
   if not os.path.isfile(args.config):
     return fail(PROG, f"--config {args.config}: no such file")
+  plugin = "libtpu" if topo.platform == "tpu" else "the CUDA plugin"
   try:
     devices = topology_devices(topo)
   except Exception as e:  # pylint: disable=broad-except
-    return fail(PROG, f"libtpu cannot make topology {topo.libtpu_name} ({e})")
+    return fail(PROG, f"{plugin} cannot make topology {topo.compiler_name} ({e})")
 
   from epi_jax.training import config as cfg_lib  # pylint: disable=g-import-not-at-top
   records = []
-  print(f"{PROG}: {topo.name} = {topo.libtpu_name}, {len(devices)} {topo.chip.name} chips, "
-        f"{topo.chip.hbm_gib:g} GiB HBM each; per chip; est_* are a roofline estimate "
-        "(peak bf16 FLOP/s, HBM bandwidth), not a measurement", file=sys.stderr)
+  capacity = f"{topo.chip.hbm_gib:.3g} GiB HBM each"
+  if topo.platform == "cuda":
+    capacity = (f"{CHIPS[topo.generation].hbm_gib:.3g} GiB HBM each, {topo.chip.hbm_gib:.3g} of "
+                "it JAX's (XLA_PYTHON_CLIENT_MEM_FRACTION)")
+  print(f"{PROG}: {topo.name} = {plugin} {topo.compiler_name}, {len(devices)} {topo.chip.name} "
+        f"chips, {capacity}; per chip; est_* are a roofline estimate (peak bf16 FLOP/s, HBM "
+        "bandwidth), not a measurement", file=sys.stderr)
   print("| method | params GiB | optimizer GiB | EPI GiB | batch GiB | padding GiB | temp GiB | "
         "total / HBM GiB | fits | FLOPs/step | bytes/step plain / refresh | est. step s | est. MFU | "
         "collectives | update-alone temp GiB | attention | compile s |")
@@ -679,12 +758,19 @@ def plan_main(argv=None) -> int:
       for key, value in [*overrides, *METHODS[name].items()]:
         try:
           cfg_lib.set_field(config, key, value)
-        except (KeyError, AttributeError, TypeError):
+        except (KeyError, AttributeError):
           return fail(PROG, f"unknown config field {key!r}")
+        except TypeError as e:  # ml_collections keeps a field's type (e.g. false for False)
+          return fail(PROG, f"--config.{key}={value!r}: {e}")
       record = compile_plan(config, devices, chip=topo.chip)
     except (ValueError, FileNotFoundError) as e:
       return fail(PROG, e)
-    record = {"topology": topo.name, "libtpu_topology": topo.libtpu_name,
+    except RuntimeError as e:
+      if "cuDNN not found" not in str(e):
+        raise
+      return fail(PROG, "cuDNN attention needs cuDNN to compile (pip install 'nvidia-cudnn-cu12>=9.8'), "
+                  "or plan --config.model.attention=xla")
+    record = {"topology": topo.name, f"{'libtpu' if topo.platform == 'tpu' else 'cuda'}_topology": topo.compiler_name,
               "method_name": name, **record}
     records.append(record)
     print(_row(record), flush=True)
