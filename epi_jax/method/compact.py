@@ -150,14 +150,21 @@ def _fmix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def _flat_index(shape: tuple[int, ...], skip_axis: int | None = None) -> jax.Array:
+def _flat_index(shape: tuple[int, ...], skip_axis: int | None = None,
+                zero: jax.Array | None = None) -> jax.Array:
   """Row-major element index (uint32, wrapping) built from per-axis iotas.
 
   With ``skip_axis`` the index is that within each slice along that axis (the
   axis is left out), so every layer of a stacked leaf gets the same indices as
   the same layer stored as a leaf of its own.
+
+  ``zero``: a uint32 scalar 0 that the compiler cannot prove is 0
+  (:func:`opaque_zero`), added so that leaves of one shape compute their
+  indices apart.
   """
   idx = jnp.zeros(shape, jnp.uint32)
+  if zero is not None:
+    idx = idx + zero
   stride = 1
   for axis in reversed(range(len(shape))):
     if axis == skip_axis:
@@ -167,19 +174,38 @@ def _flat_index(shape: tuple[int, ...], skip_axis: int | None = None) -> jax.Arr
   return idx
 
 
+def opaque_zero(count: jax.Array, leaf_id: int) -> jax.Array:
+  """uint32 0 for a non-negative ``count``, computed so that XLA cannot prove it
+  (nor merge it across ``leaf_id`` s).
+
+  Why: leaves of one shape but different shardings (a q kernel ``(embed,
+  heads)`` and an o kernel ``(heads, embed)``) would otherwise share one hash of
+  their element indices, which XLA computes once and moves between the two
+  shardings (a collective of a u32 per parameter at every step, found
+  compiling for TPU). Added to each leaf's index, it keeps the values (and so
+  the layout invariance) and makes XLA compute them per leaf, where they are
+  used. (An ``optimization_barrier`` of a constant is folded away.)
+  """
+  bound = jnp.int32(-1 - leaf_id)
+  return (jnp.minimum(count.astype(jnp.int32), bound) - bound).astype(jnp.uint32)
+
+
 def stochastic_round_bf16(x: jax.Array, count: jax.Array, salt: int = 0,
-                          skip_axis: int | None = None) -> jax.Array:
+                          skip_axis: int | None = None, leaf_id: int | None = None) -> jax.Array:
   """float32 -> bfloat16, rounding up with probability = the dropped fraction.
 
   For finite non-negative ``x`` (importance scores). ``count`` (int32 scalar),
   ``salt`` (a Python int) and the element's index (within its slice along
-  ``skip_axis``, see ``_flat_index``) select the random bits.
+  ``skip_axis``, see ``_flat_index``) select the random bits. ``leaf_id``
+  (the leaf's number) changes no bit: it makes XLA compute them per leaf
+  (:func:`opaque_zero`).
   """
   x = x.astype(jnp.float32)
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   seed = _fmix32(count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
                  + jnp.uint32((salt * 0x632BE5AB) % 2**32))
-  noise = _fmix32(_flat_index(x.shape, skip_axis) ^ seed) >> 16
+  zero = None if leaf_id is None else opaque_zero(count, leaf_id)
+  noise = _fmix32(_flat_index(x.shape, skip_axis, zero) ^ seed) >> 16
   rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
   rounded = jnp.where(jnp.isfinite(x), rounded, bits)  # inf/NaN: plain cast
   # Finite values have 16 low zero bits here: the cast to bf16 is exact.
@@ -201,6 +227,7 @@ def dequantize_with_tiebreak(imp: jax.Array, salt: int = 0,
   instead of dropping a whole group of equal values at the threshold.
   """
   bits = jax.lax.bitcast_convert_type(imp.astype(jnp.float32), jnp.uint32)
-  low = _fmix32(_flat_index(imp.shape, skip_axis) ^ jnp.uint32((salt * 0x27D4EB2F + 1) % 2**32)) >> 16
+  low = _fmix32(_flat_index(imp.shape, skip_axis)
+                ^ jnp.uint32((salt * 0x27D4EB2F + 1) % 2**32)) >> 16
   filled = jax.lax.bitcast_convert_type(bits | low, jnp.float32)
   return jnp.where(jnp.isfinite(filled) & (imp > 0), filled, imp.astype(jnp.float32))

@@ -109,7 +109,7 @@ def ema(options: EPIOptions, layout: list[Leaf], state, grads, params):
     # way: with beta = b2 the two are equal bit for bit (importance="inner_nu").
     new = (1.0 - decay) * _score(options.importance, g, p) + decay * imp.astype(jnp.float32)
     if imp.dtype == jnp.bfloat16:
-      new = compact.stochastic_round_bf16(new, state.count, skip_axis=leaf.axis)
+      new = compact.stochastic_round_bf16(new, state.count, skip_axis=leaf.axis, leaf_id=i)
     out[i] = jnp.where(finite, new.astype(imp.dtype), imp)
   return jax.tree.unflatten(treedef, out)
 
