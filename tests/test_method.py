@@ -1,6 +1,7 @@
 """EPI core: semantics against a numpy reference, both forms, optax/nnx interop."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -539,3 +540,68 @@ def test_jaccard_of_counts_on_host_and_traced():
   assert float(traced(jnp.float32(0), jnp.float32(0))) == 1.0
   with pytest.raises(ValueError, match="sizes"):
     jaccard(jnp.ones(3), jnp.ones(3))
+
+
+def _default_lowering(monkeypatch):
+  """Programs traced from here on take the branch of ``lax.platform_dependent``
+  that a platform other than CPU (TPU, GPU) compiles, and run on CPU."""
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default, **_: default(*args))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(track_first_mask=True, packed_mask=True, release_after=3),
+    dict(selection="layer", importance="taylor", importance_dtype=jnp.bfloat16,
+         normalization="layer_max", track_first_mask=True),
+    dict(mode="static", importance="grad_abs", release_after=2,
+         layer_axes={"a": None, "b": 0, "c": {"w": 0, "norm": None}}),
+    dict(importance="inner_nu", selection="layer", track_first_mask=True, packed_mask=True),
+    dict(form="chain", normalization="none", release_after=2, track_first_mask=True),
+], ids=["packed-hysteresis", "layer-taylor-bf16", "static-stacked", "inner_nu", "chain"])
+def test_cpu_and_default_lowerings_agree_bitwise(kwargs, monkeypatch):
+  """The CPU lowering rebuilds the masks every step outside the refresh's cond;
+  the default one (TPU) builds them in it and passes them through on a plain
+  step. Same state, bit for bit, at every step, refreshes included."""
+  params = make_params()
+  grads = [jax.tree.map(jnp.asarray, g) for g in grad_stream(10, shift_at=5)]
+  kw = dict(kwargs)
+  chain = kw.pop("form", None) == "chain"
+
+  def run():  # a fresh transformation: traced again, under the lowering in force
+    tx = (epi_jax.epi_transform(0.1, 2, 0.8, warmup_steps=3, **kw) if chain else
+          epi_jax.isolate(optax.adam(1e-2, b2=0.875), 0.1, 2, warmup_steps=3, **kw))
+    state, update, out = tx.init(params), jax.jit(tx.update), []
+    for g in grads:
+      u, state = update(g, state, params)
+      out.append((u, state))
+    return out
+
+  cpu = run()
+  _default_lowering(monkeypatch)
+  default = run()
+  for t, (got, want) in enumerate(zip(default, cpu)):
+    chex.assert_trees_all_equal(got, want, strict=True, custom_message=f"step {t + 1}")
+  s = epi_jax.epi_state(cpu[-1][1])
+  assert int(s.num_refreshes) == (1 if kw.get("mode") == "static" else 4)
+  assert float(s.isolated_fraction) > 0
+
+
+def test_cpu_plain_step_copies_no_mask(monkeypatch):
+  """XLA:CPU copies each bool mask that a cond passes through (outside its fused
+  loops: a slower plain step, BENCHMARKS.md); the CPU lowering selects the old
+  masks back elementwise instead, which XLA fuses."""
+  params = make_params()
+
+  def mask_copies():
+    tx = epi_jax.isolate(optax.adamw(1e-3), 0.1, 1000, track_first_mask=True)
+
+    def step(p, s, g):  # traced afresh: jit caches the trace of a function it saw
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, tx.init(params), params).compile().as_text()
+    return re.findall(r"pred\[[\d,]+\]\{[\d,]*\} copy\(", text)
+
+  assert not mask_copies()
+  _default_lowering(monkeypatch)  # what the CPU lowering avoids
+  assert mask_copies()

@@ -133,35 +133,78 @@ def _update_epi_auto(options: EPIOptions, grads, state: EPIState, params, nu) ->
                                    state.threshold)
   shapes = [leaf.shape for leaf in layout]
 
-  # The masks change only at a refresh: a plain step passes them through the
-  # cond untouched (no read of the scores, no write of a mask). The refresh
-  # branch finds the cuts (every count a fused read of the leaves it counts),
-  # builds the new masks from them and counts their statistics.
-  def refresh_branch(operands):
+  def refreshed(operands):
+    """A refresh's cuts, bool masks, out-streaks, first masks and statistics
+    (every count a fused read of the leaves it counts)."""
     ranked, old_mask, old_first, old_streak = operands
     cuts, threshold = refresh.find_cuts(options, layout, ranked)
     old = [refresh.as_bool(m, s) for m, s in zip(old_mask, shapes)]
     mask, streak = refresh.with_hysteresis(
         options.release_after, refresh.top_masks(layout, ranked, *cuts), old, old_streak)
-    first = old_first
+    first = None
     if options.track_first_mask:
       first = [jnp.where(state.num_refreshes == 0, m, refresh.as_bool(o, s))
                for m, o, s in zip(mask, old_first, shapes)]
     stats = refresh.refresh_stats(options, layout, mask, old, first, old_stats, threshold)
-    mask = [refresh.store_mask(options, m) for m in mask]
-    if options.track_first_mask:  # the first refresh's mask, as stored
-      first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, old_first)]
+    return cuts, mask, streak, stats
+
+  # Two lowerings of the same masks, bit for bit. The platform is the one the
+  # program is compiled for (``lax.platform_dependent``), not the host's.
+  # The scope names the cond in the compiled program in both, so that a plan
+  # can count a plain step and a refreshing step apart (``training/plan.py``).
+  def pass_through(operands):
+    """The masks change only at a refresh: a plain step passes them through
+    the cond untouched (no read of the scores, no write of a mask). The TPU
+    compiler reads fewer bytes so (BENCHMARKS.md); XLA:CPU copies every mask
+    on every plain step, outside its fused loops."""
+    def refresh_branch(operands):
+      _, mask, streak, stats = refreshed(operands)
+      mask = [refresh.store_mask(options, m) for m in mask]
+      first = operands[2]
+      if options.track_first_mask:  # the first refresh's mask, as stored
+        first = [jnp.where(state.num_refreshes == 0, m, o) for m, o in zip(mask, first)]
+      return mask, first, streak, stats
+
+    def keep_branch(operands):
+      _, old_mask, old_first, old_streak = operands
+      return old_mask, old_first, old_streak, old_stats
+
+    with jax.named_scope(REFRESH_SCOPE):
+      return jax.lax.cond(do_refresh, refresh_branch, keep_branch, operands)
+
+  def rebuild(operands):
+    """XLA:CPU: only small arrays cross the cond (the cuts and the
+    statistics); the masks are rebuilt elementwise outside it every step, the
+    old ones selected back on a plain step, which XLA:CPU fuses into its loops
+    (no copy of a mask)."""
+    def cuts_branch(operands):
+      cuts, _, _, stats = refreshed(operands)
+      return cuts, stats
+
+    def no_cuts_branch(operands):
+      del operands
+      return refresh.no_cuts(options, layout), old_stats
+
+    ranked, old_mask, old_first, old_streak = operands
+    with jax.named_scope(REFRESH_SCOPE):
+      cuts, stats = jax.lax.cond(do_refresh, cuts_branch, no_cuts_branch, operands)
+    new, streak = refresh.with_hysteresis(
+        options.release_after, refresh.top_masks(layout, ranked, *cuts), old_mask, old_streak)
+    new = [refresh.store_mask(options, m) for m in new]
+    pick = lambda n, o: jnp.where(do_refresh, n, o)  # pylint: disable=unnecessary-lambda-assignment
+    mask = [pick(n, o) for n, o in zip(new, old_mask)]
+    first = old_first
+    if options.track_first_mask:
+      is_first = do_refresh & (state.num_refreshes == 0)
+      # From the mask just stored (equal to ``new`` when ``is_first``): a
+      # select of two masks, not a second rebuild of the new one.
+      first = [jnp.where(is_first, m, o) for m, o in zip(mask, old_first)]
+    if options.release_after > 1:
+      streak = [pick(n, o) for n, o in zip(streak, old_streak)]
     return mask, first, streak, stats
 
-  def keep_branch(operands):
-    _, old_mask, old_first, old_streak = operands
-    return old_mask, old_first, old_streak, old_stats
-
-  # The scope names the cond in the compiled program, so that a plan can count
-  # a plain step and a refreshing step apart (``training/plan.py``).
-  with jax.named_scope(REFRESH_SCOPE):
-    mask, first, streak, stats = jax.lax.cond(do_refresh, refresh_branch, keep_branch,
-                                              (ranked, old_mask, old_first, old_streak))
+  mask, first, streak, stats = jax.lax.platform_dependent(
+      (ranked, old_mask, old_first, old_streak), cpu=rebuild, default=pass_through)
   first_mask = jax.tree.unflatten(treedef, first) if options.track_first_mask else state.first_mask
   if options.release_after > 1:
     streak = jax.tree.unflatten(treedef, streak)
