@@ -177,9 +177,11 @@ def train_step(state: TrainState, batch, *,
   finite: loss, gradients and new params all finite; with
   ``optimizer.skip_nonfinite`` only the new params, and ``skipped_steps`` counts
   the updates skipped so far), and for EPI methods the EPI state's statistics
-  and ``trainable_grad_norm`` (the norm of the gradients of the entries this
-  step's update trained, not isolated after it: what ``clip_scope='trainable'``
-  clips by, except at a refresh step, where the clip uses the previous mask).
+  and ``trainable_grad_norm`` (the norm of the gradients of the entries not
+  isolated: by the mask in force before this step, what
+  ``clip_scope='trainable'`` clips by; in a program compiled for CPU by the
+  mask after it, the entries this step's update trained; the two differ only
+  at a refresh step).
   """
   s, params = settings, state.params
   # Traced for the mesh's devices: their platform picks the kernels (the
@@ -190,10 +192,15 @@ def train_step(state: TrainState, batch, *,
   # isolate hands its inner clip the mask in force before this step (``trainable``).
   updates, opt_state = s.method.tx.update(grads, state.opt_state, params)
   if s.method.is_epi:
-    # Read from the new mask: a read of the old one beside the update that
-    # overwrites it in place would cost XLA a copy of every mask leaf per step.
-    trainable_grad_norm = optim.trainable_norm(
-        grads, jax.tree.map(jnp.logical_not, unpacked_mask(opt_state)))
+    # Off CPU over the mask in force before this step (the one the trainable
+    # clip uses): read beside the global norm, it costs no pass of its own (2%
+    # of a plain step's bytes on TPU, BENCHMARKS.md). XLA:CPU would copy every
+    # mask read so, the update overwriting it in place: there, the new mask.
+    # The two differ only at a refresh.
+    trainable = lambda st: jax.tree.map(jnp.logical_not, unpacked_mask(st))  # pylint: disable=unnecessary-lambda-assignment
+    trainable_grad_norm = jax.lax.platform_dependent(
+        grads, cpu=lambda g: optim.trainable_norm(g, trainable(opt_state)),
+        default=lambda g: optim.trainable_norm(g, trainable(state.opt_state)))
   new_params = optax.apply_updates(params, updates)
   new_state = TrainState(step=state.step + 1, params=new_params, opt_state=opt_state)
   loss = loss_sum / denom
