@@ -71,7 +71,11 @@ def test_flipped_bytes_checkpoint_falls_back_and_resumes_exactly(reference_run, 
   (workdir / "DONE").unlink()
   result = train(small_config(), workdir)
   err = capfd.readouterr().err
-  assert "checkpoint" in err and "checksum mismatch" in err and "resumed from step 4" in err
+  # The flipped bytes land in an array's data (a checksum mismatch) or in the
+  # file's own framing (a read error), as the writer's threads laid the file out
+  # (it varied under load in `make test`): either way the checkpoint is damaged.
+  # (The checksum itself: test_flipped_bytes_snapshot_is_refused.)
+  assert "checkpoint" in err and "is damaged" in err and "resumed from step 4" in err
   assert len(list((workdir / "checkpoints_corrupt").iterdir())) == 1  # moved aside
   assert result.step == STEPS and trainer.is_finished(workdir)
   assert losses(workdir) == losses(reference_run.workdir)
