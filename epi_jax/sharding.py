@@ -89,6 +89,20 @@ def constrain(x, specs, mesh):
   return jax.lax.with_sharding_constraint(x, shardings)
 
 
+def axis_sizes(mesh) -> dict[str, int]:
+  """``{axis: size}`` of ``mesh``, or inside ``jax.sharding.auto_axes`` of the
+  context's Auto view of it."""
+  context = jax.sharding.get_abstract_mesh()
+  on = mesh if context.empty else context
+  return dict(zip(on.axis_names, on.axis_sizes))
+
+
+def batch_axes_dividing(rows: int, sizes: Mapping[str, int]) -> tuple[str, ...] | None:
+  """The batch axes (of size > 1) that ``rows`` can be split over, or None."""
+  batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+  return batch if batch and rows % math.prod(sizes[a] for a in batch) == 0 else None
+
+
 def constrain_activation(x, mesh, last: str | None = None):
   """``x`` (``[batch, ...]``) kept with its batch over the batch axes (those of
   size > 1 that divide it) and, with ``last``, its last dimension over that
@@ -101,12 +115,8 @@ def constrain_activation(x, mesh, last: str | None = None):
   Qwen2-7B for 8 H100s). Constrained activations make it gather the weights."""
   if mesh is None or mesh.size == 1:
     return x
-  context = jax.sharding.get_abstract_mesh()  # inside auto_axes: its Auto view
-  sizes = dict(zip(*((context.axis_names, context.axis_sizes) if not context.empty
-                     else (mesh.axis_names, mesh.devices.shape))))
-  batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-  if not batch or x.shape[0] % math.prod(sizes[a] for a in batch):
-    batch = None
+  sizes = axis_sizes(mesh)
+  batch = batch_axes_dividing(x.shape[0], sizes)
   minor = last if last and sizes.get(last, 1) > 1 and x.shape[-1] % sizes[last] == 0 else None
   if batch is None and minor is None:
     return x

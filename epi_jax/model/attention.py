@@ -167,12 +167,11 @@ def _qkv_sharding(mesh, q, k):
   if mesh is None or mesh.size == 1:
     return None
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from epi_jax import sharding  # pylint: disable=g-import-not-at-top
   context = jax.sharding.get_abstract_mesh()  # inside auto_axes: its Auto view
   on = mesh if context.empty else context
-  names = dict(zip(on.axis_names, on.axis_sizes))
-  batch = tuple(a for a in ("data", "fsdp") if names.get(a, 1) > 1)
-  if not batch or q.shape[0] % math.prod(names[a] for a in batch):
-    batch = None
+  names = sharding.axis_sizes(mesh)
+  batch = sharding.batch_axes_dividing(q.shape[0], names)
   t = names.get("tensor", 1)
   heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
   return None if batch is None and heads is None else (on, P(batch, None, heads, None))
